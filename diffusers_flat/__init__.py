@@ -1,0 +1,42 @@
+"""diffusers-flat: train diffusers DDPMs toward flat minima and measure what flatness buys."""
+
+from .averaging import averaged_unet, make_ema, make_swa, resolve_swa_start, swa_due
+from .checkpointing import list_checkpoints, resolve_checkpoint, save_checkpoint, save_pipeline
+from .data import DataError, ImageTransform, StepBatchSampler, TrainingImages, load_digits_dataset, load_image_dataset
+from .input_perturbation import noisy_input_and_target
+from .models import PRESETS, build_unet, load_unet_config
+from .sam import SAM
+from .sampling import image_grid, sample_images
+from .training import MicroBatch, StepStats, diffusion_loss, draw_step_noise, train_step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "SAM",
+    "DataError",
+    "ImageTransform",
+    "MicroBatch",
+    "StepBatchSampler",
+    "StepStats",
+    "TrainingImages",
+    "averaged_unet",
+    "build_unet",
+    "diffusion_loss",
+    "draw_step_noise",
+    "image_grid",
+    "list_checkpoints",
+    "load_digits_dataset",
+    "load_image_dataset",
+    "load_unet_config",
+    "make_ema",
+    "make_swa",
+    "noisy_input_and_target",
+    "resolve_checkpoint",
+    "resolve_swa_start",
+    "sample_images",
+    "save_checkpoint",
+    "save_pipeline",
+    "swa_due",
+    "train_step",
+]

@@ -1,0 +1,261 @@
+"""Training data: the embedded digits dataset, loading any image dataset through `datasets`, and the sample stream.
+
+The sample stream is a pure function of (seed, step): which images a step trains on, how they are augmented and
+which rank sees which of them. A resumed run therefore continues exactly where it stopped, and N processes with
+batch B see the same global batch as one process with batch N*B.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, load_dataset, load_from_disk
+from datasets import Image as ImageFeature
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """A dataset that cannot be trained on, with a message that names the flag or file."""
+
+
+def load_digits_dataset() -> Dataset:
+    """scikit-learn's 1,797 real 8x8 handwritten digits as a `datasets.Dataset` with `image` and `label` columns."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # Pixel values are 0..16 (ink is high): spread them over 0..255.
+    pixels = np.round(digits.images * (255 / 16)).astype(np.uint8)
+    images = [Image.fromarray(p, mode="L") for p in pixels]
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=[str(i) for i in range(10)])})
+    return Dataset.from_dict({"image": images, "label": digits.target.tolist()}, features=features)
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are "name" or "owner/name"; anything else is meant as a local path.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def load_image_dataset(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_data_dir: str | None = None,
+    image_column: str = "image",
+    cache_dir: str | None = None,
+) -> tuple[Dataset, int]:
+    """The training split of an image dataset, with unreadable images dropped (a warning counts them), and its
+    channel count: 1 if every image is grayscale, else 3.
+
+    `dataset_name` is a Hub id, a local dataset directory (files `datasets` understands, or a `save_to_disk`
+    folder); `train_data_dir` is an image folder. With neither, the embedded digits. The image column is returned
+    undecoded (`{"bytes", "path"}`): `open_image` decodes it.
+    """
+    if dataset_name:
+        path = Path(dataset_name).expanduser()
+        if path.exists():
+            dataset = _load_local(path, dataset_config_name, cache_dir, flag="--dataset_name")
+        elif _looks_like_path(dataset_name):
+            raise DataError(f"--dataset_name: path '{dataset_name}' does not exist")
+        else:
+            try:
+                dataset = load_dataset(dataset_name, dataset_config_name, split="train", cache_dir=cache_dir)
+            except Exception as err:
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise DataError(
+                    f"--dataset_name '{dataset_name}' is not a local path and could not be loaded from the Hub: "
+                    f"{reason}"
+                ) from None
+    elif train_data_dir:
+        path = Path(train_data_dir).expanduser()
+        if not path.is_dir():
+            raise DataError(f"--train_data_dir: '{train_data_dir}' is not an existing directory")
+        if not any(p.is_file() for p in path.rglob("*")):
+            raise DataError(f"--train_data_dir: '{train_data_dir}' holds no image files")
+        dataset = _load_local(path, None, cache_dir, flag="--train_data_dir", builder="imagefolder")
+    else:
+        dataset = load_digits_dataset()
+
+    if image_column not in dataset.column_names:
+        raise DataError(
+            f"--image_column '{image_column}' is not in the dataset; its columns are: "
+            f"{', '.join(dataset.column_names)}"
+        )
+    if not isinstance(dataset.features[image_column], ImageFeature):
+        raise DataError(f"--image_column '{image_column}' holds {dataset.features[image_column]}, not images")
+    if len(dataset) == 0:
+        raise DataError("the dataset is empty: it has no training images")
+    dataset = dataset.select_columns([image_column]).cast_column(image_column, ImageFeature(decode=False))
+    return _drop_unreadable(dataset, image_column)
+
+
+def _load_local(
+    path: Path, config: str | None, cache_dir: str | None, flag: str, builder: str | None = None
+) -> Dataset:
+    try:
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            dataset = load_from_disk(str(path))
+            if isinstance(dataset, DatasetDict):
+                if "train" not in dataset:
+                    raise DataError(f"{flag}: '{path}' has no 'train' split (it has {', '.join(dataset)})")
+                dataset = dataset["train"]
+            return dataset
+        if builder:
+            return load_dataset(builder, data_dir=str(path), split="train", cache_dir=cache_dir)
+        return load_dataset(str(path), config, split="train", cache_dir=cache_dir)
+    except DataError:
+        raise
+    except Exception as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "corresponds to no data" in reason:  # how `datasets` reports a split without rows
+            raise DataError(f"{flag}: the dataset in '{path}' is empty: it has no training images") from None
+        raise DataError(f"{flag}: cannot load a dataset from '{path}': {reason}") from None
+
+
+def open_image(record: dict) -> Image.Image:
+    """Decode one undecoded `datasets` image record (`{"bytes", "path"}`)."""
+    source = io.BytesIO(record["bytes"]) if record.get("bytes") else record["path"]
+    image = Image.open(source)
+    image.load()
+    return image
+
+
+GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+
+
+def _image_modes(records: list[dict]) -> dict[str, list]:
+    modes = []
+    for record in records:
+        try:
+            modes.append(open_image(record).mode)
+        except Exception:
+            modes.append(None)
+    return {"_mode": modes}
+
+
+def _drop_unreadable(dataset: Dataset, image_column: str) -> tuple[Dataset, int]:
+    # Corrupt files are skipped (with a count) rather than failing: one bad file in a scraped folder should not
+    # stop a run, and checking up front means training never meets one half way through.
+    scanned = dataset.map(_image_modes, input_columns=image_column, batched=True, desc="Checking images")
+    kept = scanned.filter(lambda mode: mode is not None, input_columns="_mode")
+    skipped = len(dataset) - len(kept)
+    if skipped:
+        first = scanned.filter(lambda mode: mode is None, input_columns="_mode")[0][image_column]
+        logger.warning(
+            "skipped %d unreadable image%s of %d (first: %s)",
+            skipped,
+            "s" if skipped > 1 else "",
+            len(dataset),
+            first.get("path") or "<in-memory bytes>",
+        )
+    if len(kept) == 0:
+        raise DataError(f"none of the dataset's {len(dataset)} images can be read")
+    channels = 1 if set(kept.unique("_mode")) <= GRAYSCALE_MODES else 3
+    return kept.remove_columns("_mode"), channels
+
+
+class ImageTransform:
+    """diffusers' unconditional augmentation without torchvision: resize the shorter side to `resolution`
+    (bilinear), crop to a square (centre or random), optionally flip, scale to [-1, 1], CHW float tensor."""
+
+    def __init__(self, resolution: int, center_crop: bool = False, random_flip: bool = False, channels: int = 3):
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.mode = {1: "L", 3: "RGB"}[channels]
+
+    def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
+        image = image.convert(self.mode)
+        width, height = image.size
+        scale = self.resolution / min(width, height)
+        size = (max(self.resolution, round(width * scale)), max(self.resolution, round(height * scale)))
+        if size != image.size:
+            image = image.resize(size, Image.Resampling.BILINEAR)
+        if self.center_crop:
+            left, top = (size[0] - self.resolution) // 2, (size[1] - self.resolution) // 2
+        else:
+            left, top = rng.randint(0, size[0] - self.resolution), rng.randint(0, size[1] - self.resolution)
+        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+        if self.random_flip and rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        array = np.asarray(image, dtype=np.float32).reshape(self.resolution, self.resolution, -1)
+        return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+
+
+class TrainingImages(torch.utils.data.Dataset):
+    """Images looked up by `(index, augmentation_seed)` keys, as `StepBatchSampler` yields them."""
+
+    def __init__(self, dataset: Dataset, image_column: str, transform: ImageTransform):
+        self.dataset = dataset
+        self.image_column = image_column
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+        index, seed = key
+        return self.transform(open_image(self.dataset[index][self.image_column]), random.Random(seed))
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Yields this rank's micro-batches of `(index, augmentation_seed)` keys for steps `start_step..num_steps-1`.
+
+    Step s trains on positions [s*N, (s+1)*N) of an endless stream of per-epoch shuffles, N = micro_batch_size *
+    world_size * accumulation_steps. Micro-batch j of rank r is the slice starting at (j*world_size + r) *
+    micro_batch_size, so the global batch does not depend on how it is split.
+    """
+
+    def __init__(
+        self,
+        dataset_size: int,
+        micro_batch_size: int,
+        *,
+        seed: int,
+        num_steps: int,
+        start_step: int = 0,
+        accumulation_steps: int = 1,
+        world_size: int = 1,
+        rank: int = 0,
+    ):
+        self.n = dataset_size
+        self.micro_batch_size = micro_batch_size
+        self.seed = seed
+        self.num_steps = num_steps
+        self.start_step = start_step
+        self.accumulation_steps = accumulation_steps
+        self.world_size = world_size
+        self.rank = rank
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.micro_batch_size * self.world_size * self.accumulation_steps
+
+    @lru_cache(maxsize=4)  # noqa: B019 - a handful of permutations of one sampler, freed with it
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def step_keys(self, step: int) -> list[tuple[int, int]]:
+        """All `(index, augmentation_seed)` keys of step `step`, in global order."""
+        positions = np.arange(step * self.samples_per_step, (step + 1) * self.samples_per_step)
+        indices = [int(self._permutation(int(p // self.n))[p % self.n]) for p in positions]
+        aug_seeds = np.random.default_rng([self.seed, step, 1]).integers(0, 2**32, len(indices))
+        return list(zip(indices, aug_seeds.tolist()))
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        b = self.micro_batch_size
+        for step in range(self.start_step, self.num_steps):
+            keys = self.step_keys(step)
+            for j in range(self.accumulation_steps):
+                start = (j * self.world_size + self.rank) * b
+                yield keys[start : start + b]
+
+    def __len__(self) -> int:
+        return (self.num_steps - self.start_step) * self.accumulation_steps

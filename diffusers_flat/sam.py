@@ -1,0 +1,76 @@
+"""Sharpness-Aware Minimization (Foret et al. 2021) and adaptive SAM (ASAM, Kwon et al. 2021).
+
+SAM is a *perturbation* around an ordinary optimizer step, not an optimizer of its own:
+
+    g = grad L(w)              first forward/backward
+    w <- w + e(g)              SAM.ascend()
+    g' = grad L(w + e)         second forward/backward on the same batch
+    w <- w                     SAM.restore()
+    base_optimizer.step()      with g'
+
+Keeping it out of the optimizer lets `accelerate` prepare the base optimizer as usual: the learning-rate scheduler,
+gradient clipping, mixed precision and checkpointing all see the plain optimizer. The training loop that calls these
+two methods lives in `training.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+class SAM:
+    """The ascent step of SAM: moves parameters to w + e and back.
+
+    `e = rho * g / ||g||` (global L2 norm over all parameters with a gradient). With `adaptive=True` (ASAM) the
+    neighbourhood is scaled element-wise by |w|: `e = rho * w^2 g / || |w| g ||`.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], rho: float, adaptive: bool = False):
+        if not rho >= 0:
+            raise ValueError(f"rho must be >= 0, got {rho}")
+        self.params = [p for p in params if p.requires_grad]
+        self.rho = rho
+        self.adaptive = adaptive
+        self._moved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        # One copy of the parameters, allocated once and reused every step: restoring by copy (not by
+        # subtracting e) gives back w bit for bit.
+        self._backup = [torch.empty_like(p, memory_format=torch.preserve_format) for p in self.params]
+
+    @torch.no_grad()
+    def ascend(self) -> torch.Tensor:
+        """Move the parameters to w + e using their current gradients, which it consumes (sets to None).
+
+        Returns the norm that e was normalised by (||g||, or || |w| g || for ASAM).
+        """
+        if self._moved:
+            raise RuntimeError("SAM.ascend() called twice without SAM.restore()")
+        pairs = [(p, b) for p, b in zip(self.params, self._backup) if p.grad is not None]
+        if not pairs:
+            raise RuntimeError("SAM.ascend() needs gradients: run backward() first")
+        params = [p for p, _ in pairs]
+        grads = [p.grad for p in params]
+        if self.adaptive:
+            for p, g in zip(params, grads):
+                g.mul_(p.abs())
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        # e is built in place in the gradient buffers: no memory beyond the backup.
+        torch._foreach_mul_(grads, self.rho / (norm + 1e-12))
+        if self.adaptive:
+            for p, g in zip(params, grads):
+                g.mul_(p.abs())
+        torch._foreach_copy_([b for _, b in pairs], params)
+        torch._foreach_add_(params, grads)
+        for p in params:
+            p.grad = None
+        self._moved = pairs
+        return norm
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put back the parameters saved by the last `ascend()`, leaving their gradients untouched."""
+        if not self._moved:
+            raise RuntimeError("SAM.restore() called without SAM.ascend()")
+        torch._foreach_copy_([p for p, _ in self._moved], [b for _, b in self._moved])
+        self._moved = []

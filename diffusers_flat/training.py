@@ -1,0 +1,136 @@
+"""One optimisation step of a DDPM under `accelerate`: plain, or SAM's two passes, with gradient accumulation.
+
+`train_flat_ddpm.py` calls `draw_step_noise` and `train_step` once per optimizer step; they are here, not in the
+script, so the tests can run exactly the step the script runs.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import DDPMScheduler
+
+from .input_perturbation import noisy_input_and_target
+from .sam import SAM
+
+SAM_ASCENT_MODES = ("global", "local")
+
+
+@dataclass
+class MicroBatch:
+    """Everything one forward pass needs, fixed before the step so that both SAM passes see the same batch."""
+
+    clean: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    xi: torch.Tensor | None = None
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step measured, averaged over all processes."""
+
+    loss: float
+    grad_norm: float
+    sharpness: float | None = None  # SAM only: L(w + e) - L(w) on the step's batch
+
+
+def draw_step_noise(
+    seed: int,
+    step: int,
+    num_samples: int,
+    sample_shape: tuple[int, ...],
+    num_train_timesteps: int,
+    input_perturbation: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The noise, timesteps and (for IP) extra noise xi of every sample of a global step, a pure function of
+    `(seed, step)`. Each rank slices its own rows, the same way `StepBatchSampler` slices the images."""
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, 2]).generate_state(1)[0]))
+    noise = torch.randn((num_samples, *sample_shape), generator=generator)
+    timesteps = torch.randint(0, num_train_timesteps, (num_samples,), generator=generator)
+    xi = torch.randn((num_samples, *sample_shape), generator=generator) if input_perturbation else None
+    return noise, timesteps, xi
+
+
+def diffusion_loss(
+    model: torch.nn.Module, scheduler: DDPMScheduler, batch: MicroBatch, input_perturbation: float = 0.0
+) -> torch.Tensor:
+    """The denoising MSE of one micro-batch."""
+    noisy, target = noisy_input_and_target(
+        scheduler, batch.clean, batch.noise, batch.timesteps, input_perturbation, batch.xi
+    )
+    prediction = model(noisy, batch.timesteps).sample
+    return F.mse_loss(prediction.float(), target.float())
+
+
+def _accumulate_gradients(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    scheduler: DDPMScheduler,
+    micro_batches: list[MicroBatch],
+    input_perturbation: float,
+    all_reduce: bool,
+) -> torch.Tensor:
+    """Forward/backward over the micro-batches, summing gradients of their mean loss. With `all_reduce`, the
+    gradients are averaged across processes after the last micro-batch; otherwise they stay local."""
+    total = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(micro_batches):
+        sync = all_reduce and i == len(micro_batches) - 1
+        with nullcontext() if sync else accelerator.no_sync(model):
+            loss = diffusion_loss(model, scheduler, batch, input_perturbation) / len(micro_batches)
+            accelerator.backward(loss)
+        total += loss.detach()
+    return total
+
+
+def train_step(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: DDPMScheduler,
+    micro_batches: list[MicroBatch],
+    *,
+    sam: SAM | None = None,
+    sam_ascent: str = "global",
+    input_perturbation: float = 0.0,
+    max_grad_norm: float = 1.0,
+) -> StepStats:
+    """One optimizer step over `micro_batches` (gradient accumulation when there are several).
+
+    With `sam`, the ascent direction comes from the all-reduced gradient (`sam_ascent="global"`, identical to one
+    process on the global batch) or from each rank's own gradient (`"local"`, Foret et al.'s m-sharpness: no
+    all-reduce in the first pass, a different perturbation per rank). The descent pass always all-reduces, so every
+    rank takes the same step. Gradient clipping (off when `max_grad_norm <= 0`) applies to the descent gradient;
+    the ascent step normalises its gradient, so global-norm clipping could not change e.
+    """
+    if sam_ascent not in SAM_ASCENT_MODES:
+        raise ValueError(f"sam_ascent must be one of {SAM_ASCENT_MODES}, got {sam_ascent!r}")
+    loss = _accumulate_gradients(
+        accelerator,
+        model,
+        scheduler,
+        micro_batches,
+        input_perturbation,
+        all_reduce=sam is None or sam_ascent == "global",
+    )
+    sharpness = None
+    if sam is not None:
+        sam.ascend()
+        perturbed_loss = _accumulate_gradients(
+            accelerator, model, scheduler, micro_batches, input_perturbation, all_reduce=True
+        )
+    # An infinite bound measures the norm without clipping.
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
+    if sam is not None:
+        sam.restore()
+        sharpness = accelerator.reduce(perturbed_loss - loss, reduction="mean").item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepStats(
+        loss=accelerator.reduce(loss, reduction="mean").item(), grad_norm=float(grad_norm), sharpness=sharpness
+    )

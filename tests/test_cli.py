@@ -1,0 +1,260 @@
+"""The training script end to end: the paper's grid, outputs loading in plain diffusers, SWA/EMA contents, resume,
+bad input."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, micro_args, run_training
+from safetensors.torch import load_file
+
+GRID = {
+    "ADM": [],
+    "+EMA": ["--use_ema"],
+    "+SWA": ["--use_swa"],
+    "+IP": ["--input_perturbation", "0.1"],
+    "+IP+EMA": ["--input_perturbation", "0.1", "--use_ema"],
+    "+IP+SWA": ["--input_perturbation", "0.1", "--use_swa"],
+    "+SAM": ["--sam_rho", "0.1"],
+    "+SAM+EMA": ["--sam_rho", "0.1", "--use_ema"],
+    "+SAM+SWA": ["--sam_rho", "0.1", "--use_swa"],
+}
+
+LOAD_IN_PLAIN_DIFFUSERS = """
+import sys
+import numpy as np
+from diffusers import DDPMPipeline
+for path in sys.argv[1:]:
+    pipe = DDPMPipeline.from_pretrained(path)
+    images = pipe(batch_size=2, num_inference_steps=3, output_type="np").images
+    assert images.shape[0] == 2 and np.isfinite(images).all(), path
+assert not any(name.startswith("diffusers_flat") for name in sys.modules)
+print("loaded", len(sys.argv) - 1)
+"""
+
+
+def unet_weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(directory / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def checkpoint_weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(directory / "model.safetensors")
+
+
+def test_every_grid_row_trains_and_loads_in_plain_diffusers(tmp_path, micro_unet_config):
+    pipelines = []
+    for name, flags in GRID.items():
+        out = tmp_path / name.replace("+", "_")
+        run_training(*micro_args(out, micro_unet_config, "--max_train_steps", "4", "--swa_start", "0.5",
+                                 "--swa_cycle", "1", *flags))  # fmt: skip
+        args = json.loads((out / "training_args.json").read_text())
+        assert args["max_train_steps"] == 4 and args["num_processes"] == 1
+        assert (out / "sample_grid.png").is_file()
+        pipelines.append(out)
+        for sub in ("ema", "swa"):
+            assert (out / sub / "model_index.json").is_file() == (f"--use_{sub}" in flags)
+            if f"--use_{sub}" in flags:
+                pipelines.append(out / sub)
+    result = subprocess.run([sys.executable, "-c", LOAD_IN_PLAIN_DIFFUSERS, *map(str, pipelines)],
+                            capture_output=True, text=True, cwd="/")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"loaded {len(pipelines)}" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def averaged_run(tmp_path_factory, micro_unet_config):
+    """6 steps with a checkpoint after each, SWA from step 2 every 2 steps, EMA with its warm-up."""
+    out = tmp_path_factory.mktemp("averaged") / "run"
+    run_training(*micro_args(out, micro_unet_config, "--max_train_steps", "6", "--checkpointing_steps", "1",
+                             "--use_swa", "--swa_start", "2", "--swa_cycle", "2", "--use_ema", "--ema_power", "0.75",
+                             "--ema_inv_gamma", "1.0", "--sam_rho", "0.05"))  # fmt: skip
+    return out
+
+
+def test_swa_is_the_mean_of_its_snapshots(averaged_run):
+    snapshots = [checkpoint_weights(averaged_run / f"checkpoint-{s}") for s in (2, 4, 6)]
+    swa = unet_weights(averaged_run / "swa")
+    for name, value in swa.items():
+        torch.testing.assert_close(value, sum(s[name] for s in snapshots) / 3, rtol=1e-5, atol=1e-7)
+    # and it is not simply the last weights
+    assert any(not torch.allclose(swa[n], snapshots[-1][n]) for n in swa)
+
+
+def test_tensorboard_logs_loss_lr_grad_norm_and_sharpness(averaged_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (averaged_run / "logs" / "train_flat_ddpm").glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    scalars = accumulator.Tags()["scalars"]
+    for tag in ("loss", "lr", "grad_norm", "sam_sharpness", "ema_decay"):
+        assert tag in scalars, tag
+        assert [e.step for e in accumulator.Scalars(tag)] == [1, 2, 3, 4, 5, 6]
+    assert accumulator.Tags()["images"]  # the final sample grids
+
+
+def test_ema_follows_the_warmup_formula(averaged_run):
+    # diffusers' EMA with warm-up: at update n the decay is 1 - (1 + (n - 1) / inv_gamma) ** -power (0 at n = 1),
+    # capped at ema_max_decay; ema <- decay * ema + (1 - decay) * w.
+    ema = None
+    for n in range(1, 7):
+        weights = checkpoint_weights(averaged_run / f"checkpoint-{n}")
+        decay = min(0.9999, 1 - (1 + (n - 1) / 1.0) ** -0.75) if n > 1 else 0.0
+        ema = weights if ema is None else {k: decay * ema[k] + (1 - decay) * weights[k] for k in weights}
+    saved = unet_weights(averaged_run / "ema")
+    for name in saved:
+        torch.testing.assert_close(saved[name], ema[name], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_continues_as_if_never_stopped(tmp_path, micro_unet_config):
+    flags = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--sam_rho", "0.1", "--use_swa", "--swa_start",
+             "1", "--swa_cycle", "1", "--use_ema", "--input_perturbation", "0.1", "--lr_scheduler", "cosine",
+             "--lr_warmup_steps", "1", "--random_flip"]  # fmt: skip
+    straight = tmp_path / "straight"
+    run_training(*micro_args(straight, micro_unet_config, *flags))
+    # A second run that stops after step 2: only checkpoint-2 survives; it is resumed in a fresh process.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    subprocess.run(["cp", "-r", str(straight / "checkpoint-2"), str(resumed)], check=True)
+    result = run_training(*micro_args(resumed, micro_unet_config, *flags, "--resume_from_checkpoint", "latest"))
+    assert "Resumed from" in result.stderr
+    for sub in ("", "ema", "swa"):
+        a, b = unet_weights(straight / sub), unet_weights(resumed / sub)
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=f"{sub or 'model'}: {name}")
+    assert (resumed / "checkpoint-4").is_dir()
+
+
+def test_gradient_accumulation_matches_the_large_batch(tmp_path, micro_unet_config):
+    # A large Adam epsilon keeps Adam from blowing float rounding in near-zero gradients up to a full step.
+    common = ["--max_train_steps", "3", "--sam_rho", "0.1", "--max_grad_norm", "0", "--adam_epsilon", "1e-3"]
+    big, small = tmp_path / "big", tmp_path / "accumulated"
+    run_training(*micro_args(big, micro_unet_config, *common), "--train_batch_size", "12")
+    run_training(*micro_args(small, micro_unet_config, *common), "--train_batch_size", "4",
+                 "--gradient_accumulation_steps", "3")  # fmt: skip
+    a, b = unet_weights(big), unet_weights(small)
+    assert max((a[n] - b[n]).abs().max().item() for n in a) < 1e-6
+
+
+def test_image_folder_run_with_sample_grids_every_epoch(tmp_path, micro_unet_config):
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = torch.Generator().manual_seed(0)
+    for i in range(10):  # RGB, non-square, odd sizes
+        pixels = (torch.rand(11 + i, 13, 3, generator=rng) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    out = tmp_path / "run"
+    run_training(*micro_args(out, micro_unet_config, "--train_data_dir", str(folder), "--train_batch_size", "5",
+                             "--num_epochs", "3", "--save_images_epochs", "1", "--random_flip"))  # fmt: skip
+    args = json.loads((out / "training_args.json").read_text())
+    assert args["max_train_steps"] == 6 and args["dataset_size"] == 10
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000002.png", "step-000004.png",
+                                                                   "step-000006.png"]  # fmt: skip
+    assert Image.open(out / "sample_grid.png").size == (2 * 8, 2 * 8)  # 4 images of 8x8
+    assert json.loads((out / "unet" / "config.json").read_text())["in_channels"] == 3
+
+
+def tree_digest(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, micro_unet_config):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    run_training(*micro_args(out, micro_unet_config, "--max_train_steps", "2", "--checkpointing_steps", "1"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def text_dataset(tmp_path_factory):
+    from datasets import Dataset
+
+    path = tmp_path_factory.mktemp("texts") / "texts"
+    Dataset.from_dict({"caption": ["a", "b"], "label": [0, 1]}).save_to_disk(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def empty_folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("empty")
+
+
+BAD_INPUTS = {
+    "negative rho": (["--sam_rho", "-0.1"], "--sam_rho must be a number >= 0"),
+    "text rho": (["--sam_rho", "abc"], "argument --sam_rho: invalid float value: 'abc'"),
+    "swa past end": (["--use_swa", "--swa_start", "50"], "--swa_start 50 is past the end of training (2 steps)"),
+    "swa cycle": (["--use_swa", "--swa_cycle", "0"], "--swa_cycle must be >= 1"),
+    "negative ip": (["--input_perturbation", "-0.1"], "--input_perturbation must be >= 0"),
+    "missing dataset": (["--dataset_name", "./no/such/data"], "--dataset_name: path './no/such/data' does not exist"),
+    "missing folder": (["--train_data_dir", "/no/such/folder"], "--train_data_dir: '/no/such/folder' is not"),
+    "no image column": (["--dataset_name", "{text_dataset}"], "its columns are: caption, label"),
+    "empty dataset": (["--train_data_dir", "{empty_folder}"], "holds no image files"),
+    "bad resolution": (
+        ["--resolution", "9"],
+        "--resolution 9 does not fit this UNet: its 2 down blocks need a multiple of 2",
+    ),
+    "offline hub id": (
+        ["--dataset_name", "someone/no-such-dataset"],
+        "--dataset_name 'someone/no-such-dataset' is not a local path and could not be loaded from the Hub",
+    ),
+    "missing checkpoint": (["--resume_from_checkpoint", "checkpoint-99"], "no checkpoint 'checkpoint-99' in"),
+    "fp16 with sam": (["--sam_rho", "0.1", "--mixed_precision", "fp16"], "--mixed_precision fp16 cannot be"),
+    "unknown preset": (["--model_config_name_or_path", "huge"], "'huge' is neither a preset (tiny, ddpm-cifar10)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gives_one_line_error_and_keeps_outputs(case, finished_run, micro_unet_config, text_dataset,
+                                                          empty_folder):  # fmt: skip
+    flags, message = BAD_INPUTS[case]
+    flags = [f.format(text_dataset=text_dataset, empty_folder=empty_folder) for f in flags]
+    before = tree_digest(finished_run)
+    # --overwrite_output_dir: even a run allowed to replace the old one must not touch it when its input is bad.
+    base = micro_args(finished_run, micro_unet_config, "--max_train_steps", "2", "--overwrite_output_dir")
+    result = run_training(*base, *flags, check=False)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert tree_digest(finished_run) == before
+
+
+def test_an_existing_run_is_not_replaced_by_accident(finished_run, micro_unet_config):
+    before = tree_digest(finished_run)
+    result = run_training(*micro_args(finished_run, micro_unet_config, "--max_train_steps", "2"), check=False)
+    assert result.returncode != 0 and "already holds a run" in result.stderr
+    assert tree_digest(finished_run) == before
+
+
+def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, micro_unet_config):
+    out = tmp_path / "nan"
+    flags = ["--max_train_steps", "5", "--checkpointing_steps", "1", "--learning_rate", "1e30", "--lr_scheduler",
+             "constant"]  # fmt: skip
+    result = run_training(*micro_args(out, micro_unet_config, *flags), check=False)
+    assert result.returncode != 0
+    assert "the loss became" in result.stderr and "Last good checkpoint:" in result.stderr
+    kept = sorted(out.glob("checkpoint-*"))
+    assert kept, "the checkpoint written before the loss diverged must survive"
+    assert not (out / "model_index.json").exists()  # no pipeline saved from diverged weights
+    state = json.loads((kept[-1] / "training_state.json").read_text())
+    assert checkpoint_weights(kept[-1])  # loadable
+    assert state["global_step"] == int(kept[-1].name.split("-")[1])
+
+
+def test_script_help_lists_diffusers_flags():
+    result = subprocess.run([sys.executable, str(REPO / "training_scripts" / "train_flat_ddpm.py"), "--help"],
+                            capture_output=True, text=True)  # fmt: skip
+    for flag in ("--dataset_name", "--train_data_dir", "--resolution", "--train_batch_size", "--learning_rate",
+                 "--lr_scheduler", "--lr_warmup_steps", "--gradient_accumulation_steps", "--mixed_precision",
+                 "--checkpointing_steps", "--checkpoints_total_limit", "--resume_from_checkpoint", "--logger",
+                 "--output_dir", "--ddpm_num_steps", "--ddpm_beta_schedule", "--prediction_type", "--use_ema",
+                 "--ema_max_decay", "--ema_inv_gamma", "--ema_power", "--max_train_steps", "--seed",
+                 "--image_column", "--model_config_name_or_path", "--sam_rho", "--sam_adaptive", "--use_swa",
+                 "--swa_start", "--swa_cycle", "--input_perturbation"):  # fmt: skip
+        assert flag in result.stdout, flag
