@@ -7,7 +7,6 @@ import math
 import numpy as np
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-from diffusers.utils import make_image_grid
 from PIL import Image
 
 
@@ -40,10 +39,16 @@ def sample_images(
     return np.concatenate(batches)
 
 
-def image_grid(images: np.ndarray) -> Image.Image:
-    """A near-square grid of uint8 NHWC images (grayscale when they have one channel)."""
-    pictures = [Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image) for image in images]
-    cols = math.ceil(math.sqrt(len(pictures)))
-    rows = math.ceil(len(pictures) / cols)
-    pictures += [Image.new(pictures[0].mode, pictures[0].size)] * (rows * cols - len(pictures))
-    return make_image_grid(pictures, rows=rows, cols=cols)
+def image_grid(images: np.ndarray, min_cell: int = 64, padding: int = 2) -> Image.Image:
+    """A near-square grid of uint8 NHWC images on a gray background, each enlarged (nearest neighbour) to at least
+    `min_cell` pixels so that small samples can be looked at."""
+    scale = max(1, -(-min_cell // images.shape[1]))
+    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+    n, h, w, c = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    canvas = np.full((rows * (h + padding) + padding, cols * (w + padding) + padding, c), 128, dtype=np.uint8)
+    for i, image in enumerate(images):
+        top, left = padding + (i // cols) * (h + padding), padding + (i % cols) * (w + padding)
+        canvas[top : top + h, left : left + w] = image
+    return Image.fromarray(canvas.squeeze(-1) if c == 1 else canvas)

@@ -1,5 +1,8 @@
 import json
 import os
+import random
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -37,10 +40,57 @@ def micro_unet_config(tmp_path_factory) -> Path:
     return path
 
 
-def run_training(*args: str, launcher: tuple[str, ...] = (), check: bool = True) -> subprocess.CompletedProcess:
-    """Run train_flat_ddpm.py in a fresh process, as a user would."""
-    command = [*launcher, str(SCRIPT), *args] if launcher else [sys.executable, str(SCRIPT), *args]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+def run_command(command: list[str], cwd: Path = REPO, timeout: float = 600, attempts: int = 1):
+    """Run a command in its own process group; on a time-out, kill the whole group (launchers leave workers behind
+    otherwise) and, if `attempts` allows, try again."""
+    for attempt in range(attempts):
+        process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   start_new_session=True)  # fmt: skip
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+            return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            if attempt == attempts - 1:
+                raise
+
+
+def launch_two_processes(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes 2` on the CPU: two real gloo ranks.
+
+    Gloo over the sandbox's loopback has been seen to hang or abort once in dozens of launches, with no fault in the
+    program (the same launch then passes); a launch gets a 3-minute limit and one more try, so that such a stall
+    shows up as a slower test, not a stuck suite.
+    """
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()), *args]  # fmt: skip
+    result = run_command(command, cwd=cwd, timeout=180, attempts=2)
+    if result.returncode != 0 and ("SIGABRT" in result.stderr or "gloo" in result.stderr.lower()):
+        command[command.index("--main_process_port") + 1] = str(free_port())
+        result = run_command(command, cwd=cwd, timeout=180, attempts=1)
+    return result
+
+
+def free_port() -> int:
+    """A free TCP port below the kernel's ephemeral range, where gloo's own connections land."""
+    for port in random.sample(range(20000, 32000), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port")
+
+
+def run_training(*args: str, two_processes: bool = False, check: bool = True) -> subprocess.CompletedProcess:
+    """Run train_flat_ddpm.py in fresh processes, as a user would."""
+    if two_processes:
+        result = launch_two_processes(str(SCRIPT), *args)
+    else:
+        result = run_command([sys.executable, str(SCRIPT), *args])
     if check and result.returncode != 0:
         raise AssertionError(f"training failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result

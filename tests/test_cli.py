@@ -156,7 +156,7 @@ def test_image_folder_run_with_sample_grids_every_epoch(tmp_path, micro_unet_con
     assert args["max_train_steps"] == 6 and args["dataset_size"] == 10
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000002.png", "step-000004.png",
                                                                    "step-000006.png"]  # fmt: skip
-    assert Image.open(out / "sample_grid.png").size == (2 * 8, 2 * 8)  # 4 images of 8x8
+    assert Image.open(out / "sample_grid.png").size == (2 * 64 + 3 * 2,) * 2  # 4 images of 8x8, shown at 64x64
     assert json.loads((out / "unet" / "config.json").read_text())["in_channels"] == 3
 
 

@@ -1,27 +1,12 @@
 """Real multi-process runs: two gloo ranks on the CPU, started by `accelerate launch` as the README says."""
 
 import json
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, micro_args, run_training
+from conftest import REPO, launch_two_processes, micro_args, run_training
 from safetensors.torch import load_file
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def two_processes() -> tuple[str, ...]:
-    return (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(free_port()))  # fmt: skip
 
 
 def weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -43,7 +28,7 @@ def test_two_process_global_sam_matches_one_process_on_the_global_batch(tmp_path
         "1e-3",
     ]
     two, one = tmp_path / "two", tmp_path / "one"
-    run_training(*micro_args(two, micro_unet_config, *common, "--train_batch_size", "4"), launcher=two_processes())
+    run_training(*micro_args(two, micro_unet_config, *common, "--train_batch_size", "4"), two_processes=True)
     run_training(*micro_args(one, micro_unet_config, *common, "--train_batch_size", "8"))
     assert json.loads((two / "training_args.json").read_text())["num_processes"] == 2
     a, b = weights(one), weights(two)
@@ -52,8 +37,7 @@ def test_two_process_global_sam_matches_one_process_on_the_global_batch(tmp_path
 
 @pytest.mark.parametrize("mode", ["global", "local"])
 def test_sam_ranks_stay_in_sync(mode):
-    result = subprocess.run([*two_processes(), str(REPO / "tests" / "distributed_sam_check.py"), mode],
-                            capture_output=True, text=True, cwd=REPO / "tests", timeout=300)  # fmt: skip
+    result = launch_two_processes(str(REPO / "tests" / "distributed_sam_check.py"), mode, cwd=REPO / "tests")
     assert result.returncode == 0, "\n".join(line for line in result.stderr.splitlines() if "rror" in line)
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["world_size"] == 2
@@ -66,7 +50,7 @@ def test_local_ascent_mode_trains_through_the_cli_in_bf16(tmp_path, micro_unet_c
     out = tmp_path / "local"
     run_training(*micro_args(out, micro_unet_config, "--max_train_steps", "2", "--sam_rho", "0.1", "--sam_ascent",
                              "local", "--train_batch_size", "4", "--mixed_precision", "bf16"),
-                 launcher=two_processes())  # fmt: skip
+                 two_processes=True)  # fmt: skip
     args = json.loads((out / "training_args.json").read_text())
     assert args["num_processes"] == 2 and args["mixed_precision"] == "bf16"
     assert (out / "model_index.json").is_file()

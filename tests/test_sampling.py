@@ -1,0 +1,21 @@
+"""Sample grids."""
+
+import numpy as np
+
+from diffusers_flat.sampling import image_grid
+
+
+def test_grid_places_each_image_enlarged_with_padding():
+    images = np.stack([np.full((8, 8, 1), 10 * i, dtype=np.uint8) for i in range(5)])
+    grid = np.asarray(image_grid(images, min_cell=16, padding=2))
+    assert grid.shape == (2 * 18 + 2, 3 * 18 + 2)  # 3 columns, 2 rows of 16-pixel cells
+    for i in range(5):
+        top, left = 2 + (i // 3) * 18, 2 + (i % 3) * 18
+        assert (grid[top : top + 16, left : left + 16] == 10 * i).all()
+    assert (grid[2 + 18 : 2 + 18 + 16, 2 + 2 * 18 :][:, :16] == 128).all()  # the empty sixth cell
+    assert (grid[0, :] == 128).all() and (grid[:, 1] == 128).all()
+
+
+def test_rgb_grid_stays_rgb():
+    images = np.zeros((4, 16, 16, 3), dtype=np.uint8)
+    assert image_grid(images).mode == "RGB" and image_grid(images).size == (2 * 64 + 6, 2 * 64 + 6)
