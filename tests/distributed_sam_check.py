@@ -47,6 +47,8 @@ def main(mode):
         same_ascent.append(same_on_all_ranks(accelerator, sam.ascent_point))
     if accelerator.is_main_process:
         print(json.dumps({"world_size": accelerator.num_processes, "in_sync": in_sync, "same_ascent": same_ascent}))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -456,6 +456,8 @@ def main(args: argparse.Namespace) -> None:
     if accelerator.is_main_process:
         save_outputs(f"step-{global_step:06d}")
         logger.info(f"Saved the pipeline{'s' if averages else ''} and sample grids to {args.output_dir}")
+    # All processes leave together: a gloo process group torn down while its peer is still busy can hang forever.
+    accelerator.wait_for_everyone()
     accelerator.end_training()
 
 
