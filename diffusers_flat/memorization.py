@@ -1,0 +1,38 @@
+"""Memorization ratio (Yoon et al. 2023; Gu et al. 2023): a generated image counts as memorized when its nearest
+training image is closer than 1/3 of the distance to the second nearest (L2 in pixel space)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def nearest_training_images(
+    generated: np.ndarray, training: np.ndarray, batch_size: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each generated image, the indices and L2 distances of its two nearest training images (both (N, 2))."""
+    if len(training) < 2:
+        raise ValueError("the memorization ratio needs at least 2 training images")
+    train = torch.from_numpy(training.reshape(len(training), -1).astype(np.float32))
+    indices, distances = [], []
+    for start in range(0, len(generated), batch_size):
+        gen = torch.from_numpy(generated[start : start + batch_size].reshape(-1, train.shape[1]).astype(np.float32))
+        d, i = torch.cdist(gen, train).topk(2, dim=1, largest=False)
+        indices.append(i.numpy())
+        distances.append(d.numpy())
+    return np.concatenate(indices), np.concatenate(distances)
+
+
+def memorization_ratio(generated: np.ndarray, training: np.ndarray, threshold: float = 1 / 3) -> dict:
+    """The fraction of generated images whose nearest training image is closer than `threshold` times the second
+    nearest; also each image's nearest training index, for showing them side by side."""
+    indices, distances = nearest_training_images(generated, training)
+    memorized = distances[:, 0] < threshold * distances[:, 1]
+    return {
+        "memorization_ratio": float(memorized.mean()),
+        "num_generated": len(generated),
+        "num_training": len(training),
+        "threshold": threshold,
+        "nearest": indices[:, 0].tolist(),
+        "memorized": memorized.tolist(),
+    }

@@ -1,0 +1,75 @@
+"""The figures of the evaluation: the paper's Fig. 1 (loss surface), Fig. 5 (loss under perturbation) and Fig. 6
+(exposure bias), and generated images beside their nearest training images."""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig, path: str | os.PathLike) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_perturbation_curves(curves: dict[str, dict], path: str | os.PathLike) -> None:
+    """Loss vs gamma, one line per model."""
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, curve in curves.items():
+        ax.plot(curve["gamma"], curve["loss"], marker="o", label=name)
+    ax.set_xlabel(r"perturbation radius $\gamma$ (random unit directions)")
+    ax.set_ylabel("diffusion loss")
+    ax.set_title("Loss under perturbation")
+    ax.legend()
+    _save(fig, path)
+
+
+def plot_loss_surfaces(surfaces: dict[str, dict], path: str | os.PathLike) -> None:
+    """Filled contours of each model's 2-D loss surface, side by side, on one colour scale."""
+    fig, axes = plt.subplots(1, len(surfaces), figsize=(4.2 * len(surfaces), 3.8), squeeze=False)
+    grids = [np.log10(np.asarray(s["loss"])) for s in surfaces.values()]
+    levels = np.linspace(min(g.min() for g in grids), max(g.max() for g in grids), 21)
+    for ax, (name, surface), grid in zip(axes[0], surfaces.items(), grids):
+        axis = surface["axis"]
+        filled = ax.contourf(axis, axis, grid, levels=levels, cmap="viridis")
+        ax.contour(axis, axis, grid, levels=levels, colors="white", linewidths=0.4)
+        ax.set_title(name)
+        ax.set_xlabel("direction 1")
+        ax.set_ylabel("direction 2")
+    fig.colorbar(filled, ax=axes[0].tolist(), label="log10 loss")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_exposure_bias(results: dict[str, dict], path: str | os.PathLike) -> None:
+    """Mean ||eps_theta|| per timestep on ground-truth inputs (dashed) and along the sampling chain (solid)."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for i, (name, r) in enumerate(results.items()):
+        colour = f"C{i}"
+        ax.plot(r["timesteps"], r["sampling_norm"], color=colour, label=f"{name}: sampling")
+        ax.plot(r["timesteps"], r["training_norm"], color=colour, linestyle="--", label=f"{name}: training")
+    ax.invert_xaxis()
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel(r"mean $\|\epsilon_\theta(x_t, t)\|$")
+    ax.set_title("Exposure bias")
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_nearest_neighbours(generated: np.ndarray, training: np.ndarray, nearest: list[int], path, count=8) -> None:
+    """Top row: generated images; bottom row: the nearest training image of each."""
+    count = min(count, len(generated))
+    fig, axes = plt.subplots(2, count, figsize=(1.2 * count, 2.6), squeeze=False)
+    for j in range(count):
+        for row, image in ((0, generated[j]), (1, training[nearest[j]])):
+            axes[row][j].imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=255)
+            axes[row][j].axis("off")
+    axes[0][0].set_title("generated", fontsize=8, loc="left")
+    axes[1][0].set_title("nearest training image", fontsize=8, loc="left")
+    _save(fig, path)

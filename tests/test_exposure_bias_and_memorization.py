@@ -1,0 +1,46 @@
+"""Exposure bias and the memorization ratio."""
+
+import numpy as np
+import torch
+from conftest import MICRO_UNET
+from diffusers import DDPMScheduler, UNet2DModel
+
+from diffusers_flat.exposure_bias import exposure_bias
+from diffusers_flat.memorization import memorization_ratio
+
+
+def micro():
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, **MICRO_UNET)
+
+
+def test_curves_coincide_when_the_chain_is_ground_truth():
+    images = torch.rand(256, 3, 8, 8) * 2 - 1
+    result = exposure_bias(micro(), DDPMScheduler(), images, num_inference_steps=5, chain="ground_truth",
+                           show_progress=False)  # fmt: skip
+    assert result["timesteps"] == [800, 600, 400, 200, 0]
+    np.testing.assert_allclose(result["sampling_norm"], result["training_norm"], rtol=0.02)
+    model_chain = exposure_bias(micro(), DDPMScheduler(), images, num_inference_steps=5, show_progress=False)
+    assert model_chain["training_norm"] == result["training_norm"]  # same ground-truth inputs
+    assert model_chain["sampling_norm"] != result["sampling_norm"]
+    assert np.isclose(model_chain["summed_gap"], sum(model_chain["gap"]))
+
+
+def test_training_images_are_memorized_and_noise_is_not():
+    rng = np.random.default_rng(0)
+    training = rng.integers(0, 256, (50, 8, 8, 1)).astype(np.uint8)
+    assert memorization_ratio(training, training)["memorization_ratio"] == 1.0
+    noise = rng.integers(0, 256, (40, 8, 8, 1)).astype(np.uint8)
+    result = memorization_ratio(noise, training)
+    assert result["memorization_ratio"] == 0.0 and result["num_generated"] == 40
+
+
+def test_near_copies_count_and_nearest_is_right():
+    rng = np.random.default_rng(1)
+    training = rng.integers(0, 256, (30, 4, 4, 3)).astype(np.float32)
+    near = training[[3, 7]] + rng.normal(0, 1, (2, 4, 4, 3))
+    far = rng.integers(0, 256, (2, 4, 4, 3)).astype(np.float32)
+    result = memorization_ratio(np.concatenate([near, far]), training)
+    assert result["memorized"] == [True, True, False, False]
+    assert result["nearest"][:2] == [3, 7]
+    assert result["memorization_ratio"] == 0.5

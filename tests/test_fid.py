@@ -1,0 +1,114 @@
+"""FID: the Fréchet distance against its closed form, and the InceptionV3 features end to end."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import linalg
+
+from diffusers_flat.fid import (
+    FID,
+    MIN_FID_IMAGES,
+    FIDError,
+    InceptionFeatures,
+    nvidia_bilinear_resize,
+    real_statistics_cached,
+)
+
+
+class FirstPixels(torch.nn.Module):
+    """A stand-in feature extractor: the first 4 values of each image, as float."""
+
+    num_features = 4
+
+    def forward(self, images):
+        return images.flatten(1)[:, :4].double()
+
+
+def closed_form(a: np.ndarray, b: np.ndarray) -> float:
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real))
+
+
+def test_frechet_distance_matches_the_gaussian_closed_form():
+    rng = np.random.default_rng(0)
+    a = rng.multivariate_normal([10, 20, 30, 40], np.diag([4.0, 1.0, 9.0, 2.0]), size=500)
+    b = rng.multivariate_normal([12, 19, 30, 44], [[3, 1, 0, 0], [1, 2, 0, 0], [0, 0, 5, 1], [0, 0, 1, 1]], size=400)
+    as_images = lambda x: np.clip(x, 0, 255).round().astype(np.uint8).reshape(-1, 2, 2, 1)  # noqa: E731
+    fid = FID(FirstPixels(), show_progress=False)
+    fid.set_real(as_images(a))
+    got = fid.score(as_images(b))
+    expected = closed_form(as_images(a).reshape(-1, 4).astype(float), as_images(b).reshape(-1, 4).astype(float))
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert got > 10  # the two sets do differ
+
+
+def test_too_few_images_are_refused():
+    fid = FID(FirstPixels(), show_progress=False)
+    with pytest.raises(FIDError, match=f"at least {MIN_FID_IMAGES} real images"):
+        fid.set_real(np.zeros((10, 2, 2, 1), dtype=np.uint8))
+
+
+def test_resize_matches_a_hand_bilinear_on_a_ramp():
+    # TF1's resize_bilinear (no half-pixel centres): output pixel j reads input position j * w / size, linearly
+    # interpolated and clamped at the border. A ramp 0..3 resized to 8 gives 0, 0.5, ..., 3, 3.
+    ramp = torch.arange(4, dtype=torch.float32).view(1, 1, 1, 4).expand(1, 1, 4, 4)
+    out = nvidia_bilinear_resize(ramp, size=8)[0, 0, 0]
+    torch.testing.assert_close(out, (torch.arange(8) * 4 / 8).clamp(0, 3), atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def digit_images():
+    from sklearn.datasets import load_digits
+
+    digits = np.round(load_digits().images[:120] * 255 / 16).astype(np.uint8)
+    return np.repeat(np.repeat(digits, 2, axis=1), 2, axis=2)[..., None]  # 16x16 grayscale
+
+
+def test_inception_fid_is_zero_on_itself_and_grows_with_noise(digit_images):
+    fid = FID(InceptionFeatures(), show_progress=False)
+    fid.set_real(digit_images)
+    assert abs(fid.score(digit_images)) < 1e-2
+    rng = np.random.default_rng(0)
+    scores = []
+    for level in (20, 80):
+        noisy = np.clip(digit_images + rng.normal(0, level, digit_images.shape), 0, 255).astype(np.uint8)
+        scores.append(fid.score(noisy))
+    assert 1 < scores[0] < scores[1]
+
+
+def test_features_accept_grayscale_as_replicated_rgb(digit_images):
+    features = InceptionFeatures()
+    gray = torch.from_numpy(digit_images[:2]).permute(0, 3, 1, 2)
+    torch.testing.assert_close(features(gray), features(gray.expand(-1, 3, -1, -1).contiguous()))
+    with pytest.raises(FIDError, match="expected uint8 images"):
+        features(gray.float())
+
+
+class CountingFirstPixels(FirstPixels):
+    def __init__(self):
+        super().__init__()
+        self.images_seen = 0
+
+    def forward(self, images):
+        self.images_seen += len(images)
+        return super().forward(images)
+
+
+def test_real_statistics_are_cached_and_never_stale(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (120, 2, 2, 1)).astype(np.uint8)
+    key = {"dataset": "abc", "resolution": 2}
+    features = CountingFirstPixels()
+    fid = FID(features, show_progress=False)
+    first = {k: v.clone() for k, v in real_statistics_cached(fid, images, tmp_path, key).items()}
+    assert features.images_seen == 120
+    second = real_statistics_cached(FID(features, show_progress=False), images, tmp_path, key)
+    assert features.images_seen == 120  # served from the cache
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    changed = images.copy()
+    changed[0] += 1
+    third = real_statistics_cached(FID(features, show_progress=False), changed, tmp_path, key)
+    assert features.images_seen == 240 and not torch.equal(third["sum"], first["sum"])
+    real_statistics_cached(FID(features, show_progress=False), images, tmp_path, {**key, "resolution": 4})
+    assert features.images_seen == 360 and len(list(tmp_path.glob("fid-real-*.pt"))) == 3
