@@ -19,6 +19,7 @@ import torch
 from diffusers import DDPMPipeline
 
 from diffusers_flat.checkpointing import write_json
+from diffusers_flat.cli import OneLineArgumentParser, UsageError
 from diffusers_flat.data import DataError, ImageTransform, load_image_dataset, open_image
 from diffusers_flat.exposure_bias import exposure_bias
 from diffusers_flat.fid import FID, MIN_FID_IMAGES, FIDError, real_statistics_cached
@@ -35,15 +36,6 @@ from diffusers_flat.sampling import image_grid, sample_images
 METRICS = ("fid", "lpf", "perturbation", "surface", "exposure_bias", "memorization")
 VARIANTS = {"raw": "", "ema": "ema", "swa": "swa"}
 logger = logging.getLogger("evaluate_flat")
-
-
-class UsageError(ValueError):
-    """A flag value that cannot work; reported as one line."""
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

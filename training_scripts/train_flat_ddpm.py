@@ -38,6 +38,7 @@ from diffusers_flat.checkpointing import (
     save_pipeline,
     write_json,
 )
+from diffusers_flat.cli import OneLineArgumentParser, UsageError
 from diffusers_flat.data import DataError, ImageTransform, StepBatchSampler, TrainingImages, load_image_dataset
 from diffusers_flat.models import PRESETS, ModelConfigError, build_unet
 from diffusers_flat.sam import SAM
@@ -47,17 +48,8 @@ from diffusers_flat.training import SAM_ASCENT_MODES, MicroBatch, draw_step_nois
 logger = get_logger(__name__, log_level="INFO")
 
 
-class UsageError(ValueError):
-    """A flag value that cannot work; reported as one line."""
-
-
 class TrainingDiverged(RuntimeError):
     """The loss stopped being a finite number."""
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse prints the whole usage block; one line teaches more
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
