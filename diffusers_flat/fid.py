@@ -98,12 +98,20 @@ class FID:
                           leave=False):  # fmt: skip
             self.metric.update(nhwc_to_nchw(images[start : start + self.batch_size]), real=real)
 
+    def _statistics(self, which: str) -> dict[str, torch.Tensor]:
+        """The metric's running feature sum, outer-product sum and count for "real" or "fake" images."""
+        m = self.metric
+        return {
+            "sum": getattr(m, f"{which}_features_sum"),
+            "cov_sum": getattr(m, f"{which}_features_cov_sum"),
+            "n": getattr(m, f"{which}_features_num_samples"),
+        }
+
     def set_real(self, images: np.ndarray) -> None:
         """Real images, uint8 NHWC."""
         check_count(len(images), "real")
-        self.metric.real_features_sum.zero_()
-        self.metric.real_features_cov_sum.zero_()
-        self.metric.real_features_num_samples.zero_()
+        for state in self._statistics("real").values():
+            state.zero_()
         self._update(images, real=True, desc="Inception features (real)")
 
     @property
@@ -111,23 +119,19 @@ class FID:
         return int(self.metric.real_features_num_samples)
 
     def real_statistics(self) -> dict[str, torch.Tensor]:
-        m = self.metric
-        return {"sum": m.real_features_sum, "cov_sum": m.real_features_cov_sum, "n": m.real_features_num_samples}
+        return self._statistics("real")
 
     def load_real_statistics(self, statistics: dict[str, torch.Tensor]) -> None:
-        m = self.metric
-        m.real_features_sum.copy_(statistics["sum"])
-        m.real_features_cov_sum.copy_(statistics["cov_sum"])
-        m.real_features_num_samples.copy_(statistics["n"])
+        for name, state in self._statistics("real").items():
+            state.copy_(statistics[name])
 
     def score(self, images: np.ndarray) -> float:
         """FID of generated uint8 NHWC images against the real set."""
         check_count(len(images), "generated")
         if self.num_real == 0:
             raise FIDError("set the real images first")
-        self.metric.fake_features_sum.zero_()
-        self.metric.fake_features_cov_sum.zero_()
-        self.metric.fake_features_num_samples.zero_()
+        for state in self._statistics("fake").values():
+            state.zero_()
         self._update(images, real=False, desc="Inception features (generated)")
         return float(self.metric.compute())
 
