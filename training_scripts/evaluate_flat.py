@@ -7,6 +7,7 @@ exposure bias and memorization, per model and side by side.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import random
@@ -97,18 +98,20 @@ def pipeline_dir(model_path: str, variant: str) -> Path:
 def training_images(args: argparse.Namespace, training_args: dict, resolution: int, channels: int):
     """All training images as the model saw them (centre crop, no flip): uint8 NHWC, [-1, 1] NCHW, and what
     identifies them for the FID cache."""
-    source = {k: getattr(args, k) or training_args.get(k) for k in ("dataset_name", "dataset_config_name",
-                                                                   "train_data_dir", "image_column")}  # fmt: skip
-    dataset, _ = load_image_dataset(
-        source["dataset_name"],
-        source["dataset_config_name"],
-        source["train_data_dir"],
-        source["image_column"] or "image",
-    )
-    column = source["image_column"] or "image"
+    sources = ("dataset_name", "dataset_config_name", "train_data_dir", "image_column")
+    source = tuple(getattr(args, k) or training_args.get(k) for k in sources)
+    return _load_training_images(*source, resolution, channels)
+
+
+@functools.lru_cache(maxsize=2)  # models trained on the same data share one read of it
+def _load_training_images(dataset_name, dataset_config_name, train_data_dir, image_column, resolution, channels):
+    column = image_column or "image"
+    dataset, _ = load_image_dataset(dataset_name, dataset_config_name, train_data_dir, column)
     transform = ImageTransform(resolution, center_crop=True, channels=channels)
     tensors = torch.stack([transform(open_image(record), random.Random(0)) for record in dataset[column]])
     uint8 = ((tensors + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    source = {"dataset_name": dataset_name, "dataset_config_name": dataset_config_name,
+              "train_data_dir": train_data_dir, "image_column": image_column}  # fmt: skip
     key = {"dataset": dataset._fingerprint, "source": source, "resolution": resolution, "channels": channels}
     return uint8, tensors, key
 
