@@ -1,5 +1,6 @@
-"""The figures of the evaluation: the paper's Fig. 1 (loss surface), Fig. 5 (loss under perturbation) and Fig. 6
-(exposure bias), and generated images beside their nearest training images."""
+"""The figures of the evaluation: the paper's Fig. 1 (loss surface), Fig. 5 (loss under perturbation), Fig. 6
+(exposure bias), FID against weight bits (Table 4 as a curve), and generated images beside their nearest training
+images."""
 
 from __future__ import annotations
 
@@ -72,4 +73,23 @@ def plot_nearest_neighbours(generated: np.ndarray, training: np.ndarray, nearest
             axes[row][j].axis("off")
     axes[0][0].set_title("generated", fontsize=8, loc="left")
     axes[1][0].set_title("nearest training image", fontsize=8, loc="left")
+    _save(fig, path)
+
+
+def plot_fid_vs_bits(results: dict[str, dict], path: str | os.PathLike) -> None:
+    """FID against weight bits (fp32 at the right), one line per model and step count: the paper's Table 4 as a
+    curve, extended to fewer bits."""
+    bits = sorted({int(b) for r in results.values() for b in r["quantization"]["fid"]})
+    labels = [f"{b}-bit" for b in bits] + ["fp32"]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for i, (name, r) in enumerate(results.items()):
+        for j, steps in enumerate(r["fid"]):
+            fids = [r["quantization"]["fid"].get(str(b), {}).get(steps, np.nan) for b in bits] + [r["fid"][steps]]
+            ax.plot(range(len(labels)), fids, marker="o", color=f"C{i}", linestyle=["-", "--", ":", "-."][j % 4],
+                    label=f"{name}, {steps} steps")  # fmt: skip
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlabel("weights")
+    ax.set_ylabel("FID (lower is better)")
+    ax.set_title("FID under weight quantization")
+    ax.legend(fontsize=7)
     _save(fig, path)

@@ -1,16 +1,20 @@
 """Evaluate trained DDPM pipelines: FID at few and many steps, LPF, loss under perturbation, the loss surface,
-exposure bias and memorization, per model and side by side.
+exposure bias, memorization and FID under weight quantization, per model and side by side.
 
-    python training_scripts/evaluate_flat.py --model_path ddpm-flat-digits [more dirs] --output_dir eval
+    python training_scripts/evaluate_flat.py --model_path ddpm-flat-digits [more dirs] --output_dir eval [--quantize 8]
+
+Each model's results and plots are also copied into its pipeline dir (`evaluation/`) and its model card refreshed.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import json
 import logging
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,13 +30,17 @@ from diffusers_flat.exposure_bias import exposure_bias
 from diffusers_flat.fid import FID, MIN_FID_IMAGES, FIDError, real_statistics_cached
 from diffusers_flat.flatness import DiffusionLoss, loss_surface, loss_under_perturbation, lpf_flatness
 from diffusers_flat.memorization import memorization_ratio
+from diffusers_flat.model_card import ModelCardError, write_model_card
 from diffusers_flat.plots import (
     plot_exposure_bias,
+    plot_fid_vs_bits,
     plot_loss_surfaces,
     plot_nearest_neighbours,
     plot_perturbation_curves,
 )
+from diffusers_flat.quantization import GRANULARITIES, quantize_weights_
 from diffusers_flat.sampling import image_grid, sample_images
+from diffusers_flat.tables import quantization_table, results_table
 
 METRICS = ("fid", "lpf", "perturbation", "surface", "exposure_bias", "memorization")
 VARIANTS = {"raw": "", "ema": "ema", "swa": "swa"}
@@ -47,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--inference_steps", nargs="+", type=int, default=[20, 100], help="FID columns T'.")
     parser.add_argument("--num_samples", type=int, default=1000, help="Generated images per FID column.")
     parser.add_argument("--num_real", type=int, default=1000, help="At most this many real images for FID.")
+    parser.add_argument("--quantize", nargs="+", type=int, default=[],
+                        help="Also FID with weights quantized to these bits (2-8; the paper: 8), as in Table 4.")
+    parser.add_argument("--quantize_granularity", default="per_tensor", help="per_tensor or per_channel scales.")
     parser.add_argument("--output_dir", default="eval")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=250, help="Images per UNet batch.")
@@ -83,6 +94,12 @@ def check_args(args: argparse.Namespace) -> None:
         )
     if any(s < 1 for s in args.inference_steps):
         raise UsageError(f"--inference_steps must be >= 1, got {args.inference_steps}")
+    if any(not 2 <= b <= 8 for b in args.quantize):
+        raise UsageError(f"--quantize: bits must be from 2 to 8 (the paper: 8), got {args.quantize}")
+    if args.quantize and "fid" not in args.metrics:
+        raise UsageError("--quantize reports FID before -> after quantization: add fid to --metrics")
+    if args.quantize_granularity not in GRANULARITIES:
+        raise UsageError(f"--quantize_granularity {args.quantize_granularity!r}: choose {' or '.join(GRANULARITIES)}")
 
 
 def pipeline_dir(model_path: str, variant: str) -> Path:
@@ -146,6 +163,18 @@ def evaluate_model(name: str, directory: Path, args: argparse.Namespace, fid: FI
         results["fid"] = {str(steps): fid.score(images) for steps, images in samples.items()}
         results["fid_num_generated"] = args.num_samples
         results["fid_num_real"] = fid.num_real
+    if args.quantize:
+        results["quantization"] = {"granularity": args.quantize_granularity, "fid": {}}
+        for bits in args.quantize:
+            quantized = copy.deepcopy(unet)
+            quantize_weights_(quantized, bits, args.quantize_granularity)
+            fids = results["quantization"]["fid"][str(bits)] = {}
+            for steps in args.inference_steps:
+                images = sample_images(quantized, scheduler, args.num_samples, steps, seed=args.seed,
+                                       batch_size=args.batch_size)  # fmt: skip
+                image_grid(images[:64]).save(model_out / f"samples_{steps}_steps_{bits}bit.png")
+                fids[str(steps)] = fid.score(images)
+        plot_fid_vs_bits({name: results}, model_out / "fid_vs_bits.png")
     if {"lpf", "perturbation", "surface"} & set(args.metrics):
         count = min(args.loss_samples, len(real_tensors))
         loss = DiffusionLoss(scheduler, real_tensors[:count], seed=args.seed, batch_size=args.batch_size)
@@ -154,6 +183,7 @@ def evaluate_model(name: str, directory: Path, args: argparse.Namespace, fid: FI
             results["lpf"] = lpf_flatness(unet, loss, sigma=args.lpf_sigma, num_draws=args.lpf_draws, seed=args.seed)
         if "perturbation" in args.metrics:
             results["perturbation"] = loss_under_perturbation(unet, loss, args.gammas, args.directions, args.seed)
+            plot_perturbation_curves({name: results["perturbation"]}, model_out / "perturbation.png")
         if "surface" in args.metrics:
             results["surface"] = loss_surface(unet, loss, args.surface_extent, args.surface_resolution, args.seed)
     if "exposure_bias" in args.metrics:
@@ -167,26 +197,20 @@ def evaluate_model(name: str, directory: Path, args: argparse.Namespace, fid: FI
         results["memorization"] = {k: memo[k] for k in ("memorization_ratio", "num_generated", "num_training",
                                                         "threshold")}  # fmt: skip
     write_json(model_out / "eval_results.json", results)
-    (model_out / "results.md").write_text(markdown_table({name: results}, args.inference_steps))
+    (model_out / "results.md").write_text(markdown_report({name: results}, args.inference_steps))
+    # The pipeline dir keeps its latest evaluation beside the weights, for its model card, the Hub and the Space.
+    staged = directory / "evaluation.partial"
+    shutil.rmtree(staged, ignore_errors=True)
+    shutil.copytree(model_out, staged)
+    shutil.rmtree(directory / "evaluation", ignore_errors=True)
+    staged.rename(directory / "evaluation")
+    write_model_card(directory.parent if args.variant != "raw" else directory)
     return results
 
 
-def markdown_table(results: dict[str, dict], steps: list[int]) -> str:
-    """Rows per model, shaped like the paper's Tables 2/3 (FID at T' steps) with the flatness columns beside."""
-    header = ["model"] + [f"FID ({s} steps)" for s in steps] + ["LPF", "exposure gap (sq. norm)", "memorization"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, r in results.items():
-        row = [name] + [f"{r['fid'][str(s)]:.2f}" if "fid" in r else "-" for s in steps]
-        row.append(f"{r['lpf']['lpf']:.4f} ± {r['lpf']['stderr']:.4f}" if "lpf" in r else "-")
-        row.append(f"{r['exposure_bias']['squared_norm_gap']:+.3f}" if "exposure_bias" in r else "-")
-        row.append(f"{r['memorization']['memorization_ratio']:.3f}" if "memorization" in r else "-")
-        lines.append("| " + " | ".join(row) + " |")
-    first = next(iter(results.values()))
-    if "fid" in first:
-        lines.append("")
-        lines.append(f"FID from {first['fid_num_generated']} generated and {first['fid_num_real']} real images "
-                     "(the paper: 50,000 generated).")  # fmt: skip
-    return "\n".join(lines) + "\n"
+def markdown_report(results: dict[str, dict], steps: list[int]) -> str:
+    table4 = quantization_table(results)
+    return results_table(results, steps) + (f"\n{table4}" if table4 else "")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -203,13 +227,15 @@ def main(args: argparse.Namespace) -> None:
     results = {name: evaluate_model(name, directory, args, fid, out) for name, directory in directories.items()}
 
     write_json(out / "eval_results.json", results)
-    (out / "results.md").write_text(markdown_table(results, args.inference_steps))
+    (out / "results.md").write_text(markdown_report(results, args.inference_steps))
     if "perturbation" in args.metrics:
         plot_perturbation_curves({n: r["perturbation"] for n, r in results.items()}, out / "perturbation.png")
     if "surface" in args.metrics:
         plot_loss_surfaces({n: r["surface"] for n, r in results.items()}, out / "loss_surface.png")
     if "exposure_bias" in args.metrics:
         plot_exposure_bias({n: r["exposure_bias"] for n, r in results.items()}, out / "exposure_bias.png")
+    if args.quantize:
+        plot_fid_vs_bits(results, out / "fid_vs_bits.png")
     print((out / "results.md").read_text())
 
 
@@ -218,6 +244,6 @@ if __name__ == "__main__":
     arguments = parse_args()
     try:
         main(arguments)
-    except (UsageError, DataError, FIDError) as err:
+    except (UsageError, DataError, FIDError, ModelCardError) as err:
         print(f"evaluate_flat.py: error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -19,12 +19,14 @@ from pathlib import Path
 
 import datasets
 import diffusers
+import huggingface_hub
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from tqdm.auto import tqdm
 
 from diffusers_flat import __version__
@@ -40,6 +42,8 @@ from diffusers_flat.checkpointing import (
 )
 from diffusers_flat.cli import OneLineArgumentParser, UsageError
 from diffusers_flat.data import DataError, ImageTransform, StepBatchSampler, TrainingImages, load_image_dataset
+from diffusers_flat.hub import HubError, push_to_hub
+from diffusers_flat.model_card import write_model_card
 from diffusers_flat.models import PRESETS, ModelConfigError, build_unet
 from diffusers_flat.sam import SAM
 from diffusers_flat.sampling import image_grid, sample_images
@@ -169,6 +173,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--logger", type=str, default="tensorboard", choices=["tensorboard", "wandb"])
     parser.add_argument("--logging_dir", type=str, default="logs", help="Relative to --output_dir.")
     parser.add_argument("--local_rank", type=int, default=-1, help="Set by the launcher.")
+    # The Hub
+    parser.add_argument("--push_to_hub", action="store_true", help="Push the pipeline(s) and card at the end.")
+    parser.add_argument("--hub_model_id", type=str, default=None, help="Repo to push to; default: output dir name.")
+    parser.add_argument("--hub_private_repo", action="store_true", help="Create the repo private.")
+    parser.add_argument("--hub_token", type=str, default=None, help="Write token; default: stored login or HF_TOKEN.")
     return parser.parse_args(argv)
 
 
@@ -198,6 +207,12 @@ def check_args(args: argparse.Namespace) -> None:
             "--mixed_precision fp16 cannot be combined with --sam_rho: loss scaling does not survive SAM's two "
             "passes; use --mixed_precision bf16 or no"
         )
+    if args.push_to_hub and huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise UsageError("--push_to_hub: HF_HUB_OFFLINE is set, so the Hub cannot be reached; unset it or push later "
+                         "with training_scripts/push_to_hub.py")  # fmt: skip
+    if args.hub_token and args.logger == "wandb":
+        raise UsageError("--hub_token cannot be combined with --logger wandb: the token would be logged; use "
+                         "`hf auth login` instead")  # fmt: skip
     if args.ddpm_num_inference_steps > args.ddpm_num_steps:
         raise UsageError(
             f"--ddpm_num_inference_steps ({args.ddpm_num_inference_steps}) cannot exceed --ddpm_num_steps "
@@ -313,7 +328,7 @@ def main(args: argparse.Namespace) -> None:
 
     if accelerator.is_main_process:
         resolved = {
-            **vars(args),
+            **{k: v for k, v in vars(args).items() if k != "hub_token"},  # a secret: never on disk, never pushed
             "max_train_steps": max_train_steps,
             "swa_start_step": swa_start,
             "num_processes": world_size,
@@ -447,17 +462,23 @@ def main(args: argparse.Namespace) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_outputs(f"step-{global_step:06d}")
-        logger.info(f"Saved the pipeline{'s' if averages else ''} and sample grids to {args.output_dir}")
+        write_model_card(args.output_dir, args.hub_model_id)
+        logger.info(f"Saved the pipeline{'s' if averages else ''}, sample grids and model card to {args.output_dir}")
     # All processes leave together: a gloo process group torn down while its peer is still busy can hang forever.
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if args.push_to_hub and accelerator.is_main_process:
+        repo_id = args.hub_model_id or Path(args.output_dir).resolve().name
+        url = push_to_hub(args.output_dir, repo_id, private=args.hub_private_repo, token=args.hub_token)
+        logger.info(f"Pushed {args.output_dir} to {url}")
 
 
 if __name__ == "__main__":
     arguments = parse_args()
     try:
         main(arguments)
-    except (UsageError, DataError, ModelConfigError, CheckpointError, TrainingDiverged) as err:
+    except (UsageError, DataError, ModelConfigError, CheckpointError, TrainingDiverged, HubError, HfHubHTTPError,
+            OfflineModeIsEnabled) as err:  # fmt: skip
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"train_flat_ddpm.py: error: {err}", file=sys.stderr)
+            print(f"train_flat_ddpm.py: error: {str(err).splitlines()[0]}", file=sys.stderr)
         sys.exit(1)

@@ -1,0 +1,47 @@
+"""Markdown tables of evaluation results, shaped like the paper's: Tables 2/3 (FID at T' steps, with the flatness
+columns beside) and Table 4 (FID before -> after weight quantization). Shared by evaluate_flat.py and model cards."""
+
+from __future__ import annotations
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def results_table(results: dict[str, dict], steps: list[int]) -> str:
+    """One row per model: FID at each of `steps`, LPF, the exposure-bias gap and the memorization ratio."""
+    header = ["model"] + [f"FID ({s} steps)" for s in steps] + ["LPF", "exposure gap (sq. norm)", "memorization"]
+    lines = [_row(header), "|" + "---|" * len(header)]
+    for name, r in results.items():
+        row = [name] + [f"{r['fid'][str(s)]:.2f}" if str(s) in r.get("fid", {}) else "-" for s in steps]
+        row.append(f"{r['lpf']['lpf']:.4f} ± {r['lpf']['stderr']:.4f}" if "lpf" in r else "-")
+        row.append(f"{r['exposure_bias']['squared_norm_gap']:+.3f}" if "exposure_bias" in r else "-")
+        row.append(f"{r['memorization']['memorization_ratio']:.3f}" if "memorization" in r else "-")
+        lines.append(_row(row))
+    with_fid = [r for r in results.values() if "fid" in r]
+    if with_fid:
+        lines += ["", f"FID from {with_fid[0]['fid_num_generated']} generated and {with_fid[0]['fid_num_real']} real "
+                      "images (the paper: 50,000 generated)."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def quantization_table(results: dict[str, dict]) -> str:
+    """One row per model and step count: FID with fp32 weights -> FID with b-bit weights (change), for every b
+    evaluated. Empty when no model was evaluated quantized."""
+    quantized = {name: r for name, r in results.items() if "quantization" in r}
+    if not quantized:
+        return ""
+    bits = sorted({int(b) for r in quantized.values() for b in r["quantization"]["fid"]}, reverse=True)
+    header = ["model", "steps", "FID fp32"] + [f"{b}-bit weights" for b in bits]
+    lines = [_row(header), "|" + "---|" * len(header)]
+    for name, r in quantized.items():
+        for steps, before in r["fid"].items():
+            row = [name, steps, f"{before:.2f}"]
+            for b in bits:
+                after = r["quantization"]["fid"].get(str(b), {}).get(steps)
+                row.append("-" if after is None else f"{before:.2f} → {after:.2f} ({after - before:+.2f})")
+            lines.append(_row(row))
+    granularity = next(iter(quantized.values()))["quantization"]["granularity"].replace("_", "-")
+    lines += ["", f"Direct post-training quantization of every Conv2d and Linear weight ({granularity} scales), "
+                  "no fine-tuning, as in the paper's Table 4."]  # fmt: skip
+    return "\n".join(lines) + "\n"
