@@ -1,10 +1,12 @@
 """evaluate_flat.py end to end on two tiny trained pipelines, and its bad-input errors."""
 
 import json
+import shutil
 import sys
 
 import pytest
 from conftest import REPO, micro_args, run_command, run_training
+from huggingface_hub import ModelCard
 from PIL import Image
 
 SCRIPT = REPO / "training_scripts" / "evaluate_flat.py"
@@ -50,6 +52,33 @@ def test_two_models_get_json_table_and_every_plot(two_models, tmp_path):
     assert "100 generated and 100 real images" in table
 
 
+def test_quantized_fid_gives_table_4_plots_and_card(two_models, tmp_path):
+    model = tmp_path / "sam"
+    shutil.copytree(two_models[1], model)
+    out = tmp_path / "eval"
+    result = evaluate("--model_path", model, "--metrics", "fid", "--num_samples", 100, "--num_real", 100,
+                      "--inference_steps", 2, "--quantize", 8, 4, "--quantize_granularity", "per_channel",
+                      "--output_dir", out)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = json.loads((out / "eval_results.json").read_text())["sam"]
+    assert r["quantization"]["granularity"] == "per_channel"
+    fp32, q8, q4 = r["fid"]["2"], r["quantization"]["fid"]["8"]["2"], r["quantization"]["fid"]["4"]["2"]
+    assert min(fp32, q8, q4) > 0
+    cells = [f"{fp32:.2f} → {q:.2f} ({q - fp32:+.2f})" for q in (q8, q4)]
+    row = f"| sam | 2 | {fp32:.2f} | {cells[0]} | {cells[1]} |"
+    assert row in (out / "results.md").read_text()
+    for png in (out / "fid_vs_bits.png", out / "sam" / "fid_vs_bits.png", out / "sam" / "samples_2_steps_4bit.png"):
+        Image.open(png).verify()
+    # The pipeline dir keeps the evaluation, and its card now reports it.
+    assert json.loads((model / "evaluation" / "eval_results.json").read_text()) == r
+    Image.open(model / "evaluation" / "fid_vs_bits.png").verify()
+    card = ModelCard.load(model / "README.md")
+    metrics = {m.metric_name: m.metric_value for m in card.data.eval_results}
+    assert metrics["FID (2 steps, 8-bit weights)"] == pytest.approx(q8, abs=1e-4)
+    assert metrics["FID (2 steps, 100 samples)"] == pytest.approx(fp32, abs=1e-4)
+    assert row in card.text and "![FID against weight bits](evaluation/fid_vs_bits.png)" in card.text
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -60,6 +89,12 @@ def test_two_models_get_json_table_and_every_plot(two_models, tmp_path):
             ["--model_path", "{adm}", "--num_samples", "10"],
             "--num_samples 10 is too few for a meaningful FID: use at least 100",
         ),
+        (["--model_path", "{adm}", "--quantize", "9"], "--quantize: bits must be from 2 to 8 (the paper: 8), got [9]"),
+        (
+            ["--model_path", "{adm}", "--metrics", "lpf", "--quantize", "8"],
+            "--quantize reports FID before -> after quantization: add fid to --metrics",
+        ),
+        (["--model_path", "{adm}", "--quantize_granularity", "row"], "--quantize_granularity 'row': choose"),
     ],
 )
 def test_bad_input(two_models, tmp_path, flags, message):
