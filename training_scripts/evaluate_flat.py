@@ -15,7 +15,6 @@ import json
 import logging
 import random
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 from diffusers import DDPMPipeline
 
 from diffusers_flat.checkpointing import write_json
-from diffusers_flat.cli import OneLineArgumentParser, UsageError
+from diffusers_flat.cli import OneLineArgumentParser, UsageError, run_main
 from diffusers_flat.data import DataError, ImageTransform, load_image_dataset, open_image
 from diffusers_flat.exposure_bias import exposure_bias
 from diffusers_flat.fid import FID, MIN_FID_IMAGES, FIDError, real_statistics_cached
@@ -241,9 +240,4 @@ def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    arguments = parse_args()
-    try:
-        main(arguments)
-    except (UsageError, DataError, FIDError, ModelCardError) as err:
-        print(f"evaluate_flat.py: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main, parse_args(), (UsageError, DataError, FIDError, ModelCardError))

@@ -9,11 +9,10 @@ logs or the token. The token comes from --hub_token, else from `hf auth login` /
 from __future__ import annotations
 
 import argparse
-import sys
 
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-from diffusers_flat.cli import OneLineArgumentParser
+from diffusers_flat.cli import OneLineArgumentParser, run_main
 from diffusers_flat.hub import HubError, push_to_hub
 from diffusers_flat.model_card import ModelCardError
 
@@ -33,9 +32,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    arguments = parse_args()
-    try:
-        main(arguments)
-    except (HubError, ModelCardError, OfflineModeIsEnabled, HfHubHTTPError) as err:
-        print(f"push_to_hub.py: error: {str(err).splitlines()[0]}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main, parse_args(), (HubError, ModelCardError, OfflineModeIsEnabled, HfHubHTTPError))

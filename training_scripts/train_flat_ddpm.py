@@ -14,7 +14,6 @@ import math
 import os
 import platform
 import shutil
-import sys
 from pathlib import Path
 
 import datasets
@@ -40,7 +39,7 @@ from diffusers_flat.checkpointing import (
     save_pipeline,
     write_json,
 )
-from diffusers_flat.cli import OneLineArgumentParser, UsageError
+from diffusers_flat.cli import OneLineArgumentParser, UsageError, run_main
 from diffusers_flat.data import DataError, ImageTransform, StepBatchSampler, TrainingImages, load_image_dataset
 from diffusers_flat.hub import HubError, push_to_hub
 from diffusers_flat.model_card import write_model_card
@@ -474,11 +473,6 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    arguments = parse_args()
-    try:
-        main(arguments)
-    except (UsageError, DataError, ModelConfigError, CheckpointError, TrainingDiverged, HubError, HfHubHTTPError,
-            OfflineModeIsEnabled) as err:  # fmt: skip
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"train_flat_ddpm.py: error: {str(err).splitlines()[0]}", file=sys.stderr)
-        sys.exit(1)
+    errors = (UsageError, DataError, ModelConfigError, CheckpointError, TrainingDiverged, HubError, HfHubHTTPError,
+              OfflineModeIsEnabled)  # fmt: skip
+    run_main(main, parse_args(), errors)
