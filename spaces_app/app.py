@@ -52,6 +52,11 @@ def load_unet(name: str, precision: str) -> UNet2DModel:
     return unet
 
 
+@functools.lru_cache(maxsize=8)
+def scheduler_config(name: str) -> dict:
+    return DDPMScheduler.load_config(model_dir(name), subfolder="scheduler")
+
+
 def check_inputs(model: str, seed, steps, precision: str, num_images) -> tuple[int, int, int]:
     """Raise gr.Error with a one-line message for anything outside what the Space serves."""
     if model not in MODELS:
@@ -74,7 +79,7 @@ def check_inputs(model: str, seed, steps, precision: str, num_images) -> tuple[i
 def timed_samples(name: str, precision: str, seed: int, steps: int, num_images: int) -> tuple[np.ndarray, float]:
     unet = load_unet(name, precision)
     # A scheduler per request: set_timesteps mutates it, and requests run concurrently.
-    scheduler = DDPMScheduler.from_pretrained(model_dir(name), subfolder="scheduler")
+    scheduler = DDPMScheduler.from_config(scheduler_config(name))
     start = time.perf_counter()
     images = sample_images(unet, scheduler, num_images, steps, seed=seed, batch_size=num_images, show_progress=False)
     return images, time.perf_counter() - start
