@@ -39,20 +39,26 @@ def main() -> None:
     fp32.eval().requires_grad_(False)
     int8 = quantize_for_deployment(copy.deepcopy(fp32))
     config = fp32.config
-    print(f"UNet: {sum(p.numel() for p in fp32.parameters()) / 1e6:.2f}M parameters, "
-          f"{config.sample_size}x{config.sample_size}x{config.in_channels}, batch {args.batch_size}, "
-          f"{torch.get_num_threads()} threads")  # fmt: skip
+    print(
+        f"UNet: {sum(p.numel() for p in fp32.parameters()) / 1e6:.2f}M parameters, "
+        f"{config.sample_size}x{config.sample_size}x{config.in_channels}, batch {args.batch_size}, "
+        f"{torch.get_num_threads()} threads"
+    )
 
     memory = model_size_bytes(int8) / model_size_bytes(fp32)
-    print(f"in memory: fp32 {model_size_bytes(fp32) / 2**20:.2f} MiB, int8 {model_size_bytes(int8) / 2**20:.2f} MiB, "
-          f"int8/fp32 = {memory:.3f} (target <= 0.30)")  # fmt: skip
+    print(
+        f"in memory: fp32 {model_size_bytes(fp32) / 2**20:.2f} MiB, int8 {model_size_bytes(int8) / 2**20:.2f} MiB, "
+        f"int8/fp32 = {memory:.3f} (target <= 0.30)"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         fp32.save_pretrained(Path(tmp) / "fp32")
         save_quantized(int8, Path(tmp) / "int8")
         disk32 = (Path(tmp) / "fp32" / "diffusion_pytorch_model.safetensors").stat().st_size
         disk8 = (Path(tmp) / "int8" / QUANTIZED_WEIGHTS).stat().st_size
-    print(f"on disk: fp32 {disk32 / 2**20:.2f} MiB, int8 {disk8 / 2**20:.2f} MiB, "
-          f"int8/fp32 = {disk8 / disk32:.3f} (target <= 0.30)")  # fmt: skip
+    print(
+        f"on disk: fp32 {disk32 / 2**20:.2f} MiB, int8 {disk8 / 2**20:.2f} MiB, "
+        f"int8/fp32 = {disk8 / disk32:.3f} (target <= 0.30)"
+    )
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch_size, config.in_channels, config.sample_size, config.sample_size, generator=generator)
@@ -66,8 +72,10 @@ def main() -> None:
                 model(x, t)
                 times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(values) for name, values in times.items()}
-    print(f"one UNet forward: fp32 {medians['fp32'] * 1e3:.1f} ms, int8 {medians['int8'] * 1e3:.1f} ms (medians of "
-          f"{args.repeats}), int8/fp32 latency = {medians['int8'] / medians['fp32']:.3f}")  # fmt: skip
+    print(
+        f"one UNet forward: fp32 {medians['fp32'] * 1e3:.1f} ms, int8 {medians['int8'] * 1e3:.1f} ms (medians of "
+        f"{args.repeats}), int8/fp32 latency = {medians['int8'] / medians['fp32']:.3f}"
+    )
     error = (outputs["int8"] - outputs["fp32"]).pow(2).mean().sqrt() / outputs["fp32"].pow(2).mean().sqrt()
     print(f"int8 output vs fp32: relative RMS difference {error:.4f}")
 

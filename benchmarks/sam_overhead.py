@@ -43,8 +43,13 @@ def main() -> None:
     scheduler = DDPMScheduler()
     shape = (3, args.resolution, args.resolution)
     noise, timesteps, _ = draw_step_noise(0, 0, args.batch_size, shape, 1000)
-    batch = [MicroBatch(torch.rand(args.batch_size, *shape, device=accelerator.device) * 2 - 1,
-                        noise.to(accelerator.device), timesteps.to(accelerator.device))]  # fmt: skip
+    batch = [
+        MicroBatch(
+            torch.rand(args.batch_size, *shape, device=accelerator.device) * 2 - 1,
+            noise.to(accelerator.device),
+            timesteps.to(accelerator.device),
+        )
+    ]
     params = [p for p in model.parameters() if p.requires_grad]
     sam = SAM(params, rho=args.rho)
 
@@ -68,13 +73,17 @@ def main() -> None:
     extra = tensor_bytes(sam._backup)
     param_bytes = tensor_bytes(params)
     ratio = statistics.median(with_sam) / statistics.median(plain)
-    print(f"device: {accelerator.device}, model: {args.preset} ({sum(p.numel() for p in params):,} parameters), "
-          f"batch {args.batch_size} at {args.resolution}x{args.resolution}, {args.steps} steps each")  # fmt: skip
+    print(
+        f"device: {accelerator.device}, model: {args.preset} ({sum(p.numel() for p in params):,} parameters), "
+        f"batch {args.batch_size} at {args.resolution}x{args.resolution}, {args.steps} steps each"
+    )
     print(f"plain step: {statistics.median(plain) * 1000:.1f} ms (median)")
     print(f"SAM step:   {statistics.median(with_sam) * 1000:.1f} ms (median)")
     print(f"SAM / plain step time: {ratio:.3f}  (floor 2.0, target <= 2.05)")
-    print(f"SAM extra memory: {extra / param_bytes:.2f} copies of the trainable parameters "
-          f"({extra / 2**20:.1f} MiB; target <= 1)")  # fmt: skip
+    print(
+        f"SAM extra memory: {extra / param_bytes:.2f} copies of the trainable parameters "
+        f"({extra / 2**20:.1f} MiB; target <= 1)"
+    )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         timed(False)

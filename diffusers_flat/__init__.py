@@ -1,65 +1,65 @@
-"""diffusers-flat: train diffusers DDPMs toward flat minima and measure what flatness buys."""
+"""diffusers-flat: train diffusers DDPMs toward flat minima and measure what flatness buys.
 
-from .averaging import averaged_unet, make_ema, make_swa, resolve_swa_start, swa_due
-from .checkpointing import list_checkpoints, resolve_checkpoint, save_checkpoint, save_pipeline
-from .data import DataError, ImageTransform, StepBatchSampler, TrainingImages, load_digits_dataset, load_image_dataset
-from .exposure_bias import exposure_bias
-from .fid import FID, InceptionFeatures
-from .flatness import DiffusionLoss, loss_surface, loss_under_perturbation, lpf_flatness
-from .hub import files_to_push, push_to_hub
-from .input_perturbation import noisy_input_and_target
-from .memorization import memorization_ratio
-from .model_card import build_model_card, write_model_card
-from .models import PRESETS, build_unet, load_unet_config
-from .quantization import load_quantized, quantize_for_deployment, quantize_weights_, save_quantized
-from .sam import SAM
-from .sampling import image_grid, sample_images
-from .training import MicroBatch, StepStats, diffusion_loss, draw_step_noise, train_step
+Importing the package imports nothing heavy: each name below is loaded from its module on first use (as diffusers
+does), so `import diffusers_flat.quantization` pulls in torch, diffusers and torchao only, not datasets, accelerate,
+torchmetrics or matplotlib.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "FID",
-    "PRESETS",
-    "SAM",
-    "DataError",
-    "DiffusionLoss",
-    "InceptionFeatures",
-    "ImageTransform",
-    "MicroBatch",
-    "StepBatchSampler",
-    "StepStats",
-    "TrainingImages",
-    "averaged_unet",
-    "build_model_card",
-    "build_unet",
-    "diffusion_loss",
-    "draw_step_noise",
-    "exposure_bias",
-    "files_to_push",
-    "image_grid",
-    "list_checkpoints",
-    "load_digits_dataset",
-    "load_image_dataset",
-    "load_quantized",
-    "load_unet_config",
-    "loss_surface",
-    "loss_under_perturbation",
-    "lpf_flatness",
-    "make_ema",
-    "make_swa",
-    "memorization_ratio",
-    "noisy_input_and_target",
-    "push_to_hub",
-    "quantize_for_deployment",
-    "quantize_weights_",
-    "resolve_checkpoint",
-    "resolve_swa_start",
-    "sample_images",
-    "save_checkpoint",
-    "save_pipeline",
-    "save_quantized",
-    "swa_due",
-    "train_step",
-    "write_model_card",
-]
+# public name -> the module (file) it lives in
+_EXPORTS = {
+    "averaging": ["averaged_unet", "make_ema", "make_swa", "resolve_swa_start", "swa_due"],
+    "checkpointing": ["save_checkpoint", "save_pipeline"],
+    "data": [
+        "DataError",
+        "ImageTransform",
+        "StepBatchSampler",
+        "TrainingImages",
+        "load_digits_dataset",
+        "load_image_dataset",
+    ],
+    "errors": ["FlatError"],
+    "evaluation": [
+        "METRICS",
+        "Evaluation",
+        "EvaluationResult",
+        "EvaluationSettings",
+        "RealImages",
+        "evaluate",
+        "load_real_images",
+        "set_fid_reference",
+    ],
+    "exposure_bias": ["exposure_bias"],
+    "fid": ["FID", "InceptionFeatures"],
+    "flatness": ["DiffusionLoss", "loss_surface", "loss_under_perturbation", "lpf_flatness"],
+    "hub": ["push_to_hub"],
+    "input_perturbation": ["noisy_input_and_target"],
+    "memorization": ["memorization_ratio"],
+    "model_card": ["build_model_card", "write_model_card"],
+    "models": ["PRESETS", "build_unet", "load_unet_config"],
+    "quantization": ["load_quantized", "quantize_for_deployment", "quantize_weights_", "save_quantized"],
+    "run_directory": ["DataSource", "RunDirectory", "TrainingRecord", "write_atomically", "write_json"],
+    "sam": ["SAM"],
+    "sampling": ["image_grid", "sample_images"],
+    "training": ["MicroBatch", "StepStats", "diffusion_loss", "draw_step_noise", "train_step"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'diffusers_flat' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

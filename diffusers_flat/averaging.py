@@ -9,16 +9,22 @@ from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 from torch.optim.swa_utils import AveragedModel
 
+from .errors import FlatError
+
 
 def resolve_swa_start(swa_start: float, max_train_steps: int) -> int:
     """The optimizer step from which SWA averages: `swa_start` is a fraction of training if below 1, else a step."""
-    if swa_start < 0:
-        raise ValueError(f"--swa_start must be >= 0 (a step, or a fraction of training below 1), got {swa_start}")
+    if not swa_start >= 0:  # also catches nan
+        raise FlatError(
+            f"swa_start must be >= 0 (a step, or a fraction of training below 1), got {swa_start}",
+            parameter="swa_start",
+        )
     step = round(swa_start * max_train_steps) if swa_start < 1 else int(swa_start)
     if step > max_train_steps or (swa_start >= 1 and swa_start != int(swa_start)):
-        raise ValueError(
-            f"--swa_start {swa_start:g} is past the end of training ({max_train_steps} steps) or not a whole step; "
-            f"use a step in [1, {max_train_steps}] or a fraction in [0, 1)"
+        raise FlatError(
+            f"swa_start {swa_start:g} is past the end of training ({max_train_steps} steps) or not a whole step; "
+            f"use a step in [1, {max_train_steps}] or a fraction in [0, 1)",
+            parameter="swa_start",
         )
     return step
 

@@ -1,4 +1,4 @@
-"""What the command-line scripts share: errors reported as one line."""
+"""What the command-line scripts share: errors reported as one line that names the flag."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import FlatError
 
-class UsageError(ValueError):
-    """A flag value that cannot work; reported as one line."""
+
+class UsageError(FlatError):
+    """A flag value that cannot work, found by a script's own argument checks (its message names the flag)."""
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -20,12 +22,35 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def run_main(main: Callable[[argparse.Namespace], None], args: argparse.Namespace, expected: tuple[type, ...]) -> None:
-    """Call `main(args)`; an `expected` error becomes one line on stderr (from the first process only, when several
-    run) and exit status 1, instead of a traceback."""
+def flag_message(err: FlatError, flags: dict[str, str] | None = None) -> str:
+    """The first line of a library error, with the parameter it starts with shown as the script's flag: `--name`, or
+    `flags[name]` where the flag is called otherwise."""
+    message = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if err.parameter and message.startswith(err.parameter):
+        flag = (flags or {}).get(err.parameter, f"--{err.parameter}")
+        return flag + message[len(err.parameter) :]
+    return message
+
+
+def run_main(
+    main: Callable[[argparse.Namespace], None],
+    args: argparse.Namespace,
+    also_expected: tuple[type[Exception], ...] = (),
+    flags: dict[str, str] | None = None,
+) -> None:
+    """Call `main(args)`; a FlatError (or an `also_expected` error) becomes one line on stderr, from the first process
+    only when several run, and exit status 1, instead of a traceback.
+
+    Args:
+        main: the script's main function.
+        args: its parsed arguments.
+        also_expected: other errors that are the user's to fix (e.g. the Hub refusing a request).
+        flags: library parameter -> the script's flag, where the flag is not `--parameter`.
+    """
     try:
         main(args)
-    except expected as err:
+    except (FlatError, *also_expected) as err:
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"{Path(sys.argv[0]).name}: error: {str(err).splitlines()[0]}", file=sys.stderr)
+            message = flag_message(err, flags) if isinstance(err, FlatError) else str(err).splitlines()[0]
+            print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
         sys.exit(1)

@@ -20,11 +20,13 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, load_dataset, l
 from datasets import Image as ImageFeature
 from PIL import Image
 
+from .errors import FlatError
+
 logger = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
-    """A dataset that cannot be trained on, with a message that names the flag or file."""
+class DataError(FlatError):
+    """A dataset that cannot be trained on, with a message that names the parameter or file."""
 
 
 def load_digits_dataset() -> Dataset:
@@ -61,35 +63,39 @@ def load_image_dataset(
     if dataset_name:
         path = Path(dataset_name).expanduser()
         if path.exists():
-            dataset = _load_local(path, dataset_config_name, cache_dir, flag="--dataset_name")
+            dataset = _load_local(path, dataset_config_name, cache_dir, parameter="dataset_name")
         elif _looks_like_path(dataset_name):
-            raise DataError(f"--dataset_name: path '{dataset_name}' does not exist")
+            raise DataError(f"dataset_name: path '{dataset_name}' does not exist", parameter="dataset_name")
         else:
             try:
                 dataset = load_dataset(dataset_name, dataset_config_name, split="train", cache_dir=cache_dir)
             except Exception as err:
                 reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise DataError(
-                    f"--dataset_name '{dataset_name}' is not a local path and could not be loaded from the Hub: "
-                    f"{reason}"
+                    f"dataset_name '{dataset_name}' is not a local path and could not be loaded from the Hub: "
+                    f"{reason}",
+                    parameter="dataset_name",
                 ) from None
     elif train_data_dir:
         path = Path(train_data_dir).expanduser()
         if not path.is_dir():
-            raise DataError(f"--train_data_dir: '{train_data_dir}' is not an existing directory")
+            raise DataError(f"train_data_dir: '{train_data_dir}' is not an existing directory", "train_data_dir")
         if not any(p.is_file() for p in path.rglob("*")):
-            raise DataError(f"--train_data_dir: '{train_data_dir}' holds no image files")
-        dataset = _load_local(path, None, cache_dir, flag="--train_data_dir", builder="imagefolder")
+            raise DataError(f"train_data_dir: '{train_data_dir}' holds no image files", "train_data_dir")
+        dataset = _load_local(path, None, cache_dir, parameter="train_data_dir", builder="imagefolder")
     else:
         dataset = load_digits_dataset()
 
     if image_column not in dataset.column_names:
         raise DataError(
-            f"--image_column '{image_column}' is not in the dataset; its columns are: "
-            f"{', '.join(dataset.column_names)}"
+            f"image_column '{image_column}' is not in the dataset; its columns are: {', '.join(dataset.column_names)}",
+            parameter="image_column",
         )
     if not isinstance(dataset.features[image_column], ImageFeature):
-        raise DataError(f"--image_column '{image_column}' holds {dataset.features[image_column]}, not images")
+        raise DataError(
+            f"image_column '{image_column}' holds {dataset.features[image_column]}, not images",
+            parameter="image_column",
+        )
     if len(dataset) == 0:
         raise DataError("the dataset is empty: it has no training images")
     dataset = dataset.select_columns([image_column]).cast_column(image_column, ImageFeature(decode=False))
@@ -97,14 +103,18 @@ def load_image_dataset(
 
 
 def _load_local(
-    path: Path, config: str | None, cache_dir: str | None, flag: str, builder: str | None = None
+    path: Path, config: str | None, cache_dir: str | None, parameter: str, builder: str | None = None
 ) -> Dataset:
+    """A local dataset: a `save_to_disk` folder, files `datasets` understands, or an image folder (`builder`).
+    Errors name `parameter`, the argument that gave the path."""
     try:
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             dataset = load_from_disk(str(path))
             if isinstance(dataset, DatasetDict):
                 if "train" not in dataset:
-                    raise DataError(f"{flag}: '{path}' has no 'train' split (it has {', '.join(dataset)})")
+                    raise DataError(
+                        f"{parameter}: '{path}' has no 'train' split (it has {', '.join(dataset)})", parameter
+                    )
                 dataset = dataset["train"]
             return dataset
         if builder:
@@ -115,8 +125,10 @@ def _load_local(
     except Exception as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if "corresponds to no data" in reason:  # how `datasets` reports a split without rows
-            raise DataError(f"{flag}: the dataset in '{path}' is empty: it has no training images") from None
-        raise DataError(f"{flag}: cannot load a dataset from '{path}': {reason}") from None
+            raise DataError(
+                f"{parameter}: the dataset in '{path}' is empty: it has no training images", parameter
+            ) from None
+        raise DataError(f"{parameter}: cannot load a dataset from '{path}': {reason}", parameter) from None
 
 
 def open_image(record: dict) -> Image.Image:

@@ -3,10 +3,23 @@ own sampling chain, at every respaced timestep."""
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
+
+from .errors import FlatError
+
+
+class ExposureBiasResult(TypedDict):
+    timesteps: list[int]
+    training_norm: list[float]  # mean ||eps_theta(x_t, t)|| on q_sample(x0, t), per respaced step
+    sampling_norm: list[float]  # the same along the model's own chain
+    gap: list[float]  # sampling - training, per step
+    squared_norm_gap: float  # mean over steps of E||eps||^2 (sampling) - E||eps||^2 (training): Table 1's figure
+    summed_gap: float  # the sum of `gap`
 
 
 @torch.no_grad()
@@ -19,7 +32,7 @@ def exposure_bias(
     chain: str = "model",
     batch_size: int = 256,
     show_progress: bool = True,
-) -> dict[str, list[float] | float]:
+) -> ExposureBiasResult:
     """Mean ||eps_theta(x_t, t)|| per respaced timestep, with x_t = q_sample(real x0, t) ("training") and with x_t
     from DDPM sampling started at N(0, I) ("sampling"), one chain per real image.
 
@@ -29,9 +42,12 @@ def exposure_bias(
     summed gap of the norms.
     """
     if chain not in ("model", "ground_truth"):
-        raise ValueError(f"chain must be 'model' or 'ground_truth', got {chain!r}")
+        raise FlatError(f"chain must be 'model' or 'ground_truth', got {chain!r}", parameter="chain")
     if scheduler.config.prediction_type != "epsilon":
-        raise ValueError(f"exposure bias needs an epsilon-prediction model, not {scheduler.config.prediction_type}")
+        raise FlatError(
+            f"scheduler: exposure bias needs an epsilon-prediction model, not {scheduler.config.prediction_type}",
+            parameter="scheduler",
+        )
     scheduler = DDPMScheduler.from_config(scheduler.config)
     scheduler.set_timesteps(num_inference_steps)
     unet = unet.eval()

@@ -17,13 +17,17 @@ import torch.nn.functional as F
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
 
+from .errors import FlatError
+from .run_directory import write_atomically
+
 INCEPTION_SIZE = 299
 FEATURE_DIM = 2048
-# Below this many images per set the 2048x2048 covariance is rank-deficient and FID is dominated by that bias.
+# The 2048x2048 covariance is rank-deficient for any N <= 2048 and FID is biased upward at small N; below this many
+# images per set the bias swamps differences between models.
 MIN_FID_IMAGES = 100
 
 
-class FIDError(ValueError):
+class FIDError(FlatError):
     """FID cannot be computed as asked."""
 
 
@@ -94,8 +98,9 @@ class FID:
         self.metric = FrechetInceptionDistance(feature=self.features, reset_real_features=False, normalize=False)
 
     def _update(self, images: np.ndarray, real: bool, desc: str) -> None:
-        for start in tqdm(range(0, len(images), self.batch_size), desc=desc, disable=not self.show_progress,
-                          leave=False):  # fmt: skip
+        for start in tqdm(
+            range(0, len(images), self.batch_size), desc=desc, disable=not self.show_progress, leave=False
+        ):
             self.metric.update(nhwc_to_nchw(images[start : start + self.batch_size]), real=real)
 
     def _statistics(self, which: str) -> dict[str, torch.Tensor]:
@@ -109,7 +114,7 @@ class FID:
 
     def set_real(self, images: np.ndarray) -> None:
         """Real images, uint8 NHWC."""
-        check_count(len(images), "real")
+        check_count(len(images))
         for state in self._statistics("real").values():
             state.zero_()
         self._update(images, real=True, desc="Inception features (real)")
@@ -127,7 +132,7 @@ class FID:
 
     def score(self, images: np.ndarray) -> float:
         """FID of generated uint8 NHWC images against the real set."""
-        check_count(len(images), "generated")
+        check_count(len(images))
         if self.num_real == 0:
             raise FIDError("set the real images first")
         for state in self._statistics("fake").values():
@@ -136,11 +141,13 @@ class FID:
         return float(self.metric.compute())
 
 
-def check_count(n: int, which: str) -> None:
+def check_count(n: int, parameter: str = "images") -> None:
+    """FID needs at least MIN_FID_IMAGES images per set; `parameter` names the argument that gave `n`."""
     if n < MIN_FID_IMAGES:
         raise FIDError(
-            f"FID needs at least {MIN_FID_IMAGES} {which} images (2,048-d features; 10,000-50,000 is the reference "
-            f"practice), got {n}"
+            f"{parameter} {n} is too few for a meaningful FID: use at least {MIN_FID_IMAGES} images (2,048-d "
+            "features; the paper uses 50,000)",
+            parameter,
         )
 
 
@@ -160,7 +167,6 @@ def real_statistics_cached(
     else:
         fid.set_real(images)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".partial")
-        torch.save({k: v.clone() for k, v in fid.real_statistics().items()}, tmp)
-        os.replace(tmp, path)
+        statistics = {k: v.clone() for k, v in fid.real_statistics().items()}
+        write_atomically(path, lambda tmp: torch.save(statistics, tmp))
     return fid.real_statistics()

@@ -12,6 +12,7 @@ import copy
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -21,6 +22,23 @@ from tqdm.auto import tqdm
 from .input_perturbation import noisy_input_and_target
 
 LossFn = Callable[[torch.nn.Module], float]
+
+
+class LPFResult(TypedDict):
+    lpf: float  # the mean loss over the draws
+    stderr: float  # its standard error
+    num_draws: int
+    sigma: float
+
+
+class PerturbationCurve(TypedDict):
+    gamma: list[float]
+    loss: list[float]  # the mean loss over the directions, at each gamma
+
+
+class LossSurface(TypedDict):
+    axis: list[float]
+    loss: list[list[float]]  # loss[i][j] at w + axis[j] d1 + axis[i] d2
 
 
 class DiffusionLoss:
@@ -108,7 +126,7 @@ def lpf_flatness(
     seed: int = 0,
     filter_normalized: bool = True,
     show_progress: bool = True,
-) -> dict[str, float]:
+) -> LPFResult:
     """LPF: the mean loss at w + sigma * n over `num_draws` draws of `lpf_noise`. Lower is flatter. Returns the mean,
     its standard error, K and sigma."""
     model = copy.deepcopy(model).eval()
@@ -134,7 +152,7 @@ def loss_under_perturbation(
     num_directions: int = 5,
     seed: int = 0,
     show_progress: bool = True,
-) -> dict[str, list[float]]:
+) -> PerturbationCurve:
     """SWAD's flatness curve: the loss at w + gamma * d for random unit directions d (||d|| = 1 over all
     parameters), averaged over the directions, for each gamma."""
     model = copy.deepcopy(model).eval()
@@ -157,7 +175,7 @@ def loss_surface(
     resolution: int = 11,
     seed: int = 0,
     show_progress: bool = True,
-) -> dict[str, list]:
+) -> LossSurface:
     """Li et al.'s picture: the loss on the plane w + a d1 + b d2, with filter-normalised random d1, d2 and
     a, b in [-extent, extent]."""
     model = copy.deepcopy(model).eval()

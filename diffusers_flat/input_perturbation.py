@@ -5,27 +5,24 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMScheduler
 
+from .errors import FlatError
+
 
 def noisy_input_and_target(
     scheduler: DDPMScheduler,
     clean: torch.Tensor,
     noise: torch.Tensor,
     timesteps: torch.Tensor,
-    input_perturbation: float = 0.0,
-    xi: torch.Tensor | None = None,
+    perturbation: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return `(x_t, target)` for one batch of the denoising loss.
 
-    `x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) (noise + input_perturbation * xi)`; the target ignores the
-    perturbation: `noise` for epsilon-prediction, `clean` for sample-prediction, the velocity of `(clean, noise)` for
-    v-prediction.
+    `x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) (noise + perturbation)`, with DDPM-IP's `perturbation = gamma * xi`
+    (drawn already scaled, see `training.draw_step_noise`) or None; the target ignores the perturbation: `noise` for
+    epsilon-prediction, `clean` for sample-prediction, the velocity of `(clean, noise)` for v-prediction.
     """
-    if input_perturbation:
-        if xi is None:
-            raise ValueError("input_perturbation > 0 needs the extra Gaussian noise `xi`")
-        noisy = scheduler.add_noise(clean, noise + input_perturbation * xi, timesteps)
-    else:
-        noisy = scheduler.add_noise(clean, noise, timesteps)
+    # DDPM-IP: the network sees eps + gamma * xi, the target stays eps.
+    noisy = scheduler.add_noise(clean, noise if perturbation is None else noise + perturbation, timesteps)
     prediction_type = scheduler.config.prediction_type
     if prediction_type == "epsilon":
         target = noise
@@ -34,5 +31,8 @@ def noisy_input_and_target(
     elif prediction_type == "v_prediction":
         target = scheduler.get_velocity(clean, noise, timesteps)
     else:
-        raise ValueError(f"unknown prediction_type {prediction_type!r}; use epsilon, sample or v_prediction")
+        raise FlatError(
+            f"prediction_type {prediction_type!r} is unknown; use epsilon, sample or v_prediction",
+            parameter="prediction_type",
+        )
     return noisy, target

@@ -3,8 +3,12 @@ training image is closer than 1/3 of the distance to the second nearest (L2 in p
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import numpy as np
 import torch
+
+from .errors import FlatError
 
 
 def nearest_training_images(
@@ -12,7 +16,7 @@ def nearest_training_images(
 ) -> tuple[np.ndarray, np.ndarray]:
     """For each generated image, the indices and L2 distances of its two nearest training images (both (N, 2))."""
     if len(training) < 2:
-        raise ValueError("the memorization ratio needs at least 2 training images")
+        raise FlatError("training: the memorization ratio needs at least 2 training images", parameter="training")
     train = torch.from_numpy(training.reshape(len(training), -1).astype(np.float32))
     indices, distances = [], []
     for start in range(0, len(generated), batch_size):
@@ -21,6 +25,13 @@ def nearest_training_images(
         indices.append(i.numpy())
         distances.append(d.numpy())
     return np.concatenate(indices), np.concatenate(distances)
+
+
+class MemorizationResult(TypedDict):
+    memorization_ratio: float
+    num_generated: int
+    num_training: int
+    threshold: float
 
 
 def memorization_ratio(generated: np.ndarray, training: np.ndarray, threshold: float = 1 / 3) -> dict:

@@ -1,63 +1,54 @@
-"""Model cards for trained output dirs: Hub metadata (library, pipeline tag, license, method tags, datasets,
-model-index with the evaluation results), the training configuration, samples, a plain-diffusers loading snippet and
-the quantization table, rendered from `model_cards/ddpm_flat.md` with huggingface_hub's ModelCard tools."""
+"""Model cards for run directories: Hub metadata (library, pipeline tag, license, method tags, datasets, model-index
+with the evaluation results), the training configuration, samples, a plain-diffusers loading snippet and the
+quantization table, rendered with huggingface_hub's ModelCard tools from a Jinja template (by default
+`templates/model_card.md`, shipped inside the package)."""
 
 from __future__ import annotations
 
-import json
 import os
+from importlib import resources
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .errors import FlatError
+from .run_directory import RunDirectory, TrainingRecord, write_atomically
 from .tables import quantization_table, results_table
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "ddpm_flat.md"
-VARIANTS = {"": "", "ema": "EMA", "swa": "SWA"}  # pipeline subdir -> label
 TASK = "unconditional-image-generation"
-CONFIGURATION = ["resolution", "model_config_name_or_path", "num_parameters", "max_train_steps", "total_batch_size",
-                 "num_processes", "mixed_precision", "learning_rate", "lr_scheduler", "lr_warmup_steps", "adam_beta1",
-                 "adam_beta2", "adam_weight_decay", "max_grad_norm", "ddpm_num_steps", "ddpm_beta_schedule",
-                 "prediction_type", "sam_rho", "sam_adaptive", "sam_ascent", "use_ema", "ema_max_decay", "use_swa",
-                 "swa_start_step", "swa_cycle", "input_perturbation", "seed"]  # fmt: skip
+LABELS = {"raw": "", "ema": "EMA", "swa": "SWA"}
 
 
-class ModelCardError(ValueError):
-    """The directory is not a trained pipeline the card can describe."""
+class ModelCardError(FlatError):
+    """The directory is not a trained pipeline the card can describe, or the template cannot be read."""
 
 
-def methods(training_args: dict) -> list[tuple[str, str]]:
+def default_template() -> Path:
+    """The card template that ships with the package."""
+    return Path(str(resources.files(__package__).joinpath("templates", "model_card.md")))
+
+
+def methods(record: TrainingRecord) -> list[tuple[str, str]]:
     """(tag, description) of each flat-minima method the run used."""
     used = []
-    if training_args.get("sam_rho", 0) > 0:
-        name = "asam" if training_args.get("sam_adaptive") else "sam"
-        used.append((name, f"{name.upper()} (rho = {training_args['sam_rho']}, {training_args.get('sam_ascent')})"))
-    if training_args.get("input_perturbation", 0) > 0:
-        used.append(("input-perturbation", f"input perturbation (gamma = {training_args['input_perturbation']})"))
-    if training_args.get("use_ema"):
-        used.append(("ema", f"EMA (max decay {training_args.get('ema_max_decay')})"))
-    if training_args.get("use_swa"):
-        used.append(("swa", f"SWA (from step {training_args.get('swa_start_step')}, every "
-                            f"{training_args.get('swa_cycle')} steps)"))  # fmt: skip
+    if record.sam_rho > 0:
+        name = "asam" if record.sam_adaptive else "sam"
+        used.append((name, f"{name.upper()} (rho = {record.sam_rho}, {record.sam_ascent})"))
+    if record.input_perturbation > 0:
+        used.append(("input-perturbation", f"input perturbation (gamma = {record.input_perturbation})"))
+    if record.ema_max_decay is not None:
+        used.append(("ema", f"EMA (max decay {record.ema_max_decay})"))
+    if record.swa_cycle is not None:
+        used.append(("swa", f"SWA (from step {record.swa_start_step}, every {record.swa_cycle} steps)"))
     return used
 
 
-def read_evaluations(output_dir: str | os.PathLike) -> dict[str, dict]:
-    """The latest evaluate_flat.py results of each pipeline in the dir, keyed by '', 'ema', 'swa'."""
-    found = {}
-    for subdir in VARIANTS:
-        path = Path(output_dir, subdir, "evaluation", "eval_results.json")
-        if path.is_file():
-            found[subdir] = json.loads(path.read_text())
-    return found
-
-
-def _dataset(training_args: dict) -> tuple[str | None, str, str]:
+def _dataset(record: TrainingRecord) -> tuple[str | None, str, str]:
     """(Hub dataset id or None, model-index dataset type, human-readable description)."""
-    if training_args.get("dataset_name"):
-        name = training_args["dataset_name"]
-        return name, name, f"the `{name}` dataset"
-    if training_args.get("train_data_dir"):
+    data = record.data
+    if data.dataset_name:
+        return data.dataset_name, data.dataset_name, f"the `{data.dataset_name}` dataset"
+    if data.train_data_dir:
         return None, "imagefolder", "a local image folder"
     return None, "digits", "scikit-learn's bundled handwritten digits (1,797 UCI optdigits images, 8x8, upscaled)"
 
@@ -66,11 +57,12 @@ def _eval_results(evaluations: dict[str, dict], dataset_type: str, dataset_name:
     results = []
 
     def add(metric_type: str, value: float, name: str) -> None:
-        results.append(EvalResult(TASK, dataset_type, dataset_name, metric_type, round(float(value), 4),
-                                  metric_name=name))  # fmt: skip
+        results.append(
+            EvalResult(TASK, dataset_type, dataset_name, metric_type, round(float(value), 4), metric_name=name)
+        )
 
-    for subdir, r in evaluations.items():
-        weights = f", {VARIANTS[subdir]} weights" if subdir else ""
+    for variant, r in evaluations.items():
+        weights = f", {LABELS[variant]} weights" if LABELS[variant] else ""
         for steps, fid in r.get("fid", {}).items():
             add("fid", fid, f"FID ({steps} steps, {r['fid_num_generated']} samples{weights})")
         for bits, fids in r.get("quantization", {}).get("fid", {}).items():
@@ -84,19 +76,31 @@ def _eval_results(evaluations: dict[str, dict], dataset_type: str, dataset_name:
 
 
 def build_model_card(
-    output_dir: str | os.PathLike, repo_id: str | None = None, license: str = "apache-2.0"
+    output_dir: str | os.PathLike,
+    repo_id: str | None = None,
+    license: str = "apache-2.0",
+    template: str | os.PathLike | None = None,
 ) -> ModelCard:
-    """The card of a train_flat_ddpm.py output dir, with whatever evaluation results it holds."""
-    output_dir = Path(output_dir)
-    if not (output_dir / "model_index.json").is_file():
-        raise ModelCardError(f"{output_dir}: not a DDPMPipeline directory (no model_index.json)")
-    args_path = output_dir / "training_args.json"
-    training_args = json.loads(args_path.read_text()) if args_path.is_file() else {}
-    repo_id = repo_id or training_args.get("hub_model_id") or output_dir.resolve().name
-    hub_dataset, dataset_type, dataset_description = _dataset(training_args)
-    used = methods(training_args)
-    evaluations = read_evaluations(output_dir)
-    named = {f"{repo_id}{'-' + subdir if subdir else ''}": r for subdir, r in evaluations.items()}
+    """The card of a run directory, with whatever evaluation results it holds.
+
+    Args:
+        output_dir: the run directory.
+        repo_id: the Hub repo the card names (default: the record's hub_model_id, else the directory's name).
+        license: the license in the card's metadata.
+        template: a Jinja card template (default: the run's recorded model_card_template, else the package's).
+    """
+    run = RunDirectory(output_dir)
+    if not (run.path / "model_index.json").is_file():
+        raise ModelCardError(f"{run.path}: not a DDPMPipeline directory (no model_index.json)")
+    record = run.read_record()
+    template = Path(template or record.model_card_template or default_template())
+    if not template.is_file():
+        raise ModelCardError(f"template: no card template at {template}", parameter="template")
+    repo_id = repo_id or record.hub_model_id or run.name
+    hub_dataset, dataset_type, dataset_description = _dataset(record)
+    used = methods(record)
+    evaluations = run.read_evaluations()
+    named = {f"{repo_id}{'-' + variant if variant != 'raw' else ''}": r for variant, r in evaluations.items()}
     steps = sorted({int(s) for r in evaluations.values() for s in r.get("fid", {})})
 
     card_data = ModelCardData(
@@ -109,37 +113,37 @@ def build_model_card(
         eval_results=_eval_results(evaluations, dataset_type, dataset_description) or None,
     )
     plots = []
-    for subdir in evaluations:
-        for file, title in (("fid_vs_bits.png", "FID against weight bits"),
-                            ("perturbation.png", "Loss under random weight perturbation")):  # fmt: skip
-            if Path(output_dir, subdir, "evaluation", file).is_file():
-                label = f" ({VARIANTS[subdir]} weights)" if subdir else ""
-                plots.append((title + label, "/".join(filter(None, [subdir, "evaluation", file]))))
-    has_grid = (output_dir / "sample_grid.png").is_file()
+    for variant in evaluations:
+        for file, title in (
+            ("fid_vs_bits.png", "FID against weight bits"),
+            ("perturbation.png", "Loss under random weight perturbation"),
+        ):
+            if (run.evaluation_path(variant) / file).is_file():
+                label = f" ({LABELS[variant]} weights)" if LABELS[variant] else ""
+                plots.append((title + label, (run.evaluation_path(variant) / file).relative_to(run.path).as_posix()))
     return ModelCard.from_template(
         card_data,
-        template_path=str(TEMPLATE),
+        template_path=str(template),
         model_name=repo_id,
         repo_id=repo_id,
-        ddpm_num_steps=training_args.get("ddpm_num_steps", 1000),
+        ddpm_num_steps=record.num_train_timesteps,
         dataset_description=dataset_description,
         methods=", ".join(d for _, d in used) or "no flat-minima method (the ADM baseline)",
-        sample_grid="sample_grid.png" if has_grid else None,
-        sample_caption=f"{training_args.get('ddpm_num_inference_steps', '?')} DDPM sampling steps, seed "
-                       f"{training_args.get('seed', '?')}, at the end of training.",  # fmt: skip
-        averaged=[s for s in ("ema", "swa") if (output_dir / s / "model_index.json").is_file()],
-        configuration=[(key, training_args[key]) for key in CONFIGURATION if key in training_args],
+        sample_grid=run.sample_grid_path().name if run.sample_grid_path().is_file() else None,
+        sample_caption=f"{record.sample_grid_steps or '?'} DDPM sampling steps, seed "
+        f"{'?' if record.seed is None else record.seed}, at the end of training.",
+        averaged=[v for v in run.variants() if v != "raw"],
+        configuration=record.configuration(),
         evaluation=results_table(named, steps) if named else "",
         quantization=quantization_table(named),
         plots=plots,
     )
 
 
-def write_model_card(output_dir: str | os.PathLike, repo_id: str | None = None) -> Path:
-    """Write (or refresh) `README.md` in the output dir; the old card is replaced only once the new one is complete."""
-    card = build_model_card(output_dir, repo_id)
-    path = Path(output_dir) / "README.md"
-    partial = path.with_name("README.md.partial")
-    partial.write_text(str(card), encoding="utf-8")
-    os.replace(partial, path)
-    return path
+def write_model_card(
+    output_dir: str | os.PathLike, repo_id: str | None = None, template: str | os.PathLike | None = None
+) -> Path:
+    """Write (or refresh) the run directory's card (`README.md`); the old card is replaced only once the new one is
+    complete."""
+    card = str(build_model_card(output_dir, repo_id, template=template))
+    return write_atomically(RunDirectory(output_dir).card_path, lambda tmp: tmp.write_text(card, encoding="utf-8"))

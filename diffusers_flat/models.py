@@ -8,6 +8,8 @@ from typing import Any
 
 from diffusers import UNet2DModel
 
+from .errors import FlatError
+
 # Each preset is a plain UNet2DModel config; `sample_size`, `in_channels` and `out_channels` come from the data.
 PRESETS: dict[str, dict[str, Any]] = {
     # ~1.1M parameters: makes recognisable 16x16 digits from the embedded dataset in minutes on a CPU.
@@ -36,46 +38,46 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(FlatError):
     """A UNet config that cannot be used as asked."""
 
 
-def load_unet_config(name_or_path: str) -> dict[str, Any]:
+def load_unet_config(config: str) -> dict[str, Any]:
     """A UNet2DModel config from a preset name, a config JSON file, or a directory (model or pipeline) holding one."""
-    if name_or_path in PRESETS:
-        return dict(PRESETS[name_or_path])
-    path = Path(name_or_path)
+    if config in PRESETS:
+        return dict(PRESETS[config])
+    path = Path(config)
     for candidate in (path, path / "config.json", path / "unet" / "config.json"):
         if candidate.is_file():
             try:
                 return json.loads(candidate.read_text())
             except json.JSONDecodeError as err:
-                raise ModelConfigError(f"--model_config_name_or_path: {candidate} is not valid JSON ({err})") from None
+                raise ModelConfigError(f"config: {candidate} is not valid JSON ({err})", "config") from None
     raise ModelConfigError(
-        f"--model_config_name_or_path: '{name_or_path}' is neither a preset ({', '.join(PRESETS)}) "
-        "nor a UNet2DModel config file or directory"
+        f"config: '{config}' is neither a preset ({', '.join(PRESETS)}) nor a UNet2DModel config file or directory",
+        parameter="config",
     )
 
 
-def build_unet(name_or_path: str, resolution: int, channels: int = 3) -> UNet2DModel:
-    """A freshly initialised UNet2DModel for square `resolution`-pixel images with `channels` channels, unless a
-    config file sets `in_channels` itself (the images are then converted to that)."""
-    config = {k: v for k, v in load_unet_config(name_or_path).items() if not k.startswith("_")}
-    config["sample_size"] = resolution
-    in_channels = config.setdefault("in_channels", channels)
-    if in_channels not in (1, 3) or config.setdefault("out_channels", in_channels) != in_channels:
-        raise ModelConfigError(
-            "--model_config_name_or_path: in_channels and out_channels must both be 1 (grayscale) or 3 (RGB)"
-        )
+def build_unet(config: str, resolution: int, channels: int = 3) -> UNet2DModel:
+    """A freshly initialised UNet2DModel for square `resolution`-pixel images with `channels` channels, unless the
+    config (a preset name, a config file or a directory) sets `in_channels` itself (the images are then converted
+    to that)."""
+    settings = {k: v for k, v in load_unet_config(config).items() if not k.startswith("_")}
+    settings["sample_size"] = resolution
+    in_channels = settings.setdefault("in_channels", channels)
+    if in_channels not in (1, 3) or settings.setdefault("out_channels", in_channels) != in_channels:
+        raise ModelConfigError("config: in_channels and out_channels must both be 1 (grayscale) or 3 (RGB)", "config")
     try:
-        unet = UNet2DModel.from_config(config)
+        unet = UNet2DModel.from_config(settings)
     except (ValueError, TypeError) as err:
-        raise ModelConfigError(f"--model_config_name_or_path: UNet2DModel rejects this config ({err})") from None
+        raise ModelConfigError(f"config: UNet2DModel rejects this config ({err})", "config") from None
     # Every down block but the last halves the image.
     factor = 2 ** (len(unet.config.down_block_types) - 1)
     if resolution < factor or resolution % factor:
         raise ModelConfigError(
-            f"--resolution {resolution} does not fit this UNet: its {len(unet.config.down_block_types)} down blocks "
-            f"need a multiple of {factor}"
+            f"resolution {resolution} does not fit this UNet: its {len(unet.config.down_block_types)} down blocks "
+            f"need a multiple of {factor}",
+            parameter="resolution",
         )
     return unet

@@ -6,22 +6,23 @@ from __future__ import annotations
 
 import os
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure  # figures without pyplot: no backend switch, no global state
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+
+def _figure(figsize: tuple[float, float], rows: int = 1, cols: int = 1):
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(rows, cols, squeeze=False)
 
 
 def _save(fig, path: str | os.PathLike) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_perturbation_curves(curves: dict[str, dict], path: str | os.PathLike) -> None:
     """Loss vs gamma, one line per model."""
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ((ax,),) = _figure((5, 4))
     for name, curve in curves.items():
         ax.plot(curve["gamma"], curve["loss"], marker="o", label=name)
     ax.set_xlabel(r"perturbation radius $\gamma$ (random unit directions)")
@@ -33,7 +34,7 @@ def plot_perturbation_curves(curves: dict[str, dict], path: str | os.PathLike) -
 
 def plot_loss_surfaces(surfaces: dict[str, dict], path: str | os.PathLike) -> None:
     """Filled contours of each model's 2-D loss surface, side by side, on one colour scale."""
-    fig, axes = plt.subplots(1, len(surfaces), figsize=(4.2 * len(surfaces), 3.8), squeeze=False)
+    fig, axes = _figure((4.2 * len(surfaces), 3.8), 1, len(surfaces))
     grids = [np.log10(np.asarray(s["loss"])) for s in surfaces.values()]
     levels = np.linspace(min(g.min() for g in grids), max(g.max() for g in grids), 21)
     for ax, (name, surface), grid in zip(axes[0], surfaces.items(), grids):
@@ -45,12 +46,11 @@ def plot_loss_surfaces(surfaces: dict[str, dict], path: str | os.PathLike) -> No
         ax.set_ylabel("direction 2")
     fig.colorbar(filled, ax=axes[0].tolist(), label="log10 loss")
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_exposure_bias(results: dict[str, dict], path: str | os.PathLike) -> None:
     """Mean ||eps_theta|| per timestep on ground-truth inputs (dashed) and along the sampling chain (solid)."""
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ((ax,),) = _figure((5.5, 4))
     for i, (name, r) in enumerate(results.items()):
         colour = f"C{i}"
         ax.plot(r["timesteps"], r["sampling_norm"], color=colour, label=f"{name}: sampling")
@@ -66,7 +66,7 @@ def plot_exposure_bias(results: dict[str, dict], path: str | os.PathLike) -> Non
 def plot_nearest_neighbours(generated: np.ndarray, training: np.ndarray, nearest: list[int], path, count=8) -> None:
     """Top row: generated images; bottom row: the nearest training image of each."""
     count = min(count, len(generated))
-    fig, axes = plt.subplots(2, count, figsize=(1.2 * count, 2.6), squeeze=False)
+    fig, axes = _figure((1.2 * count, 2.6), 2, count)
     for j in range(count):
         for row, image in ((0, generated[j]), (1, training[nearest[j]])):
             axes[row][j].imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=255)
@@ -81,12 +81,18 @@ def plot_fid_vs_bits(results: dict[str, dict], path: str | os.PathLike) -> None:
     curve, extended to fewer bits."""
     bits = sorted({int(b) for r in results.values() for b in r["quantization"]["fid"]})
     labels = [f"{b}-bit" for b in bits] + ["fp32"]
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ((ax,),) = _figure((5.5, 4))
     for i, (name, r) in enumerate(results.items()):
         for j, steps in enumerate(r["fid"]):
             fids = [r["quantization"]["fid"].get(str(b), {}).get(steps, np.nan) for b in bits] + [r["fid"][steps]]
-            ax.plot(range(len(labels)), fids, marker="o", color=f"C{i}", linestyle=["-", "--", ":", "-."][j % 4],
-                    label=f"{name}, {steps} steps")  # fmt: skip
+            ax.plot(
+                range(len(labels)),
+                fids,
+                marker="o",
+                color=f"C{i}",
+                linestyle=["-", "--", ":", "-."][j % 4],
+                label=f"{name}, {steps} steps",
+            )
     ax.set_xticks(range(len(labels)), labels)
     ax.set_xlabel("weights")
     ax.set_ylabel("FID (lower is better)")

@@ -22,7 +22,8 @@ from diffusers import UNet2DModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpointing import write_json
+from .errors import FlatError
+from .run_directory import write_json
 
 GRANULARITIES = ("per_tensor", "per_channel")
 QUANTIZED_TYPES = (nn.Conv2d, nn.Linear)
@@ -30,13 +31,18 @@ QUANTIZED_WEIGHTS = "diffusion_pytorch_model.int8.safetensors"
 QUANTIZATION_CONFIG = "quantization_config.json"
 
 
-class QuantizationError(ValueError):
+class QuantizationError(FlatError):
     """Unsupported bits, granularity or model; the message names what is allowed."""
 
 
 def check_bits(bits: int) -> None:
     if not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise QuantizationError(f"bits must be an integer from 2 to 8, got {bits!r}")
+        raise QuantizationError(f"bits must be an integer from 2 to 8, got {bits!r}", "bits")
+
+
+def check_granularity(granularity: str) -> None:
+    if granularity not in GRANULARITIES:
+        raise QuantizationError(f"granularity {granularity!r}: choose {' or '.join(GRANULARITIES)}", "granularity")
 
 
 def quantize_tensor(
@@ -45,8 +51,7 @@ def quantize_tensor(
     """Symmetric quantization of `weight` to `bits` bits: int8 codes in [-(2^(b-1)-1), 2^(b-1)-1] and the scale
     (one value, or one per output channel shaped to broadcast) such that `codes * scale` approximates `weight`."""
     check_bits(bits)
-    if granularity not in GRANULARITIES:
-        raise QuantizationError(f"granularity {granularity!r}: choose {' or '.join(GRANULARITIES)}")
+    check_granularity(granularity)
     qmax = 2 ** (bits - 1) - 1
     weight = weight.detach().float()
     if granularity == "per_tensor":
@@ -139,8 +144,15 @@ def save_quantized(model: UNet2DModel, directory: str | os.PathLike) -> None:
             tensors[name] = tensor
     save_file({k: v.contiguous() for k, v in tensors.items()}, directory / QUANTIZED_WEIGHTS)
     model.save_config(directory)
-    write_json(directory / QUANTIZATION_CONFIG, {"method": "int8 weight-only", "conv": "Int8Conv2d per_channel",
-                                                 "linear": "torchao Int8WeightOnlyConfig", "torchao_linear": linear})
+    write_json(
+        directory / QUANTIZATION_CONFIG,
+        {
+            "method": "int8 weight-only",
+            "conv": "Int8Conv2d per_channel",
+            "linear": "torchao Int8WeightOnlyConfig",
+            "torchao_linear": linear,
+        },
+    )
 
 
 @torch.no_grad()

@@ -19,6 +19,14 @@ from collections.abc import Iterable
 
 import torch
 
+from .errors import FlatError
+
+
+def check_rho(rho: float) -> None:
+    """SAM's radius must be a number >= 0 (0 turns SAM off; the paper uses 0.1 for diffusion)."""
+    if not rho >= 0:  # also catches nan
+        raise FlatError(f"rho must be a number >= 0 (0 turns SAM off), got {rho}", parameter="rho")
+
 
 class SAM:
     """The ascent step of SAM: moves parameters to w + e and back.
@@ -28,8 +36,7 @@ class SAM:
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter], rho: float, adaptive: bool = False):
-        if not rho >= 0:
-            raise ValueError(f"rho must be >= 0, got {rho}")
+        check_rho(rho)
         self.params = [p for p in params if p.requires_grad]
         self.rho = rho
         self.adaptive = adaptive

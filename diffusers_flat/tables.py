@@ -20,8 +20,11 @@ def results_table(results: dict[str, dict], steps: list[int]) -> str:
         lines.append(_row(row))
     with_fid = [r for r in results.values() if "fid" in r]
     if with_fid:
-        lines += ["", f"FID from {with_fid[0]['fid_num_generated']} generated and {with_fid[0]['fid_num_real']} real "
-                      "images (the paper: 50,000 generated)."]  # fmt: skip
+        lines += [
+            "",
+            f"FID from {with_fid[0]['fid_num_generated']} generated and {with_fid[0]['fid_num_real']} real "
+            "images (the paper: 50,000 generated).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -42,6 +45,9 @@ def quantization_table(results: dict[str, dict]) -> str:
                 row.append("-" if after is None else f"{before:.2f} → {after:.2f} ({after - before:+.2f})")
             lines.append(_row(row))
     granularity = next(iter(quantized.values()))["quantization"]["granularity"].replace("_", "-")
-    lines += ["", f"Direct post-training quantization of every Conv2d and Linear weight ({granularity} scales), "
-                  "no fine-tuning, as in the paper's Table 4."]  # fmt: skip
+    lines += [
+        "",
+        f"Direct post-training quantization of every Conv2d and Linear weight ({granularity} scales), "
+        "no fine-tuning, as in the paper's Table 4.",
+    ]
     return "\n".join(lines) + "\n"

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
 
+from .errors import FlatError
 from .input_perturbation import noisy_input_and_target
 from .sam import SAM
 
@@ -28,7 +29,7 @@ class MicroBatch:
     clean: torch.Tensor
     noise: torch.Tensor
     timesteps: torch.Tensor
-    xi: torch.Tensor | None = None
+    perturbation: torch.Tensor | None = None  # DDPM-IP's gamma * xi, or None
 
 
 @dataclass
@@ -48,22 +49,21 @@ def draw_step_noise(
     num_train_timesteps: int,
     input_perturbation: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The noise, timesteps and (for IP) extra noise xi of every sample of a global step, a pure function of
-    `(seed, step)`. Each rank slices its own rows, the same way `StepBatchSampler` slices the images."""
+    """The noise, timesteps and (for IP, `input_perturbation` = gamma > 0) the input perturbation gamma * xi of every
+    sample of a global step, a pure function of `(seed, step)`. Each rank slices its own rows, the same way
+    `StepBatchSampler` slices the images."""
     generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, 2]).generate_state(1)[0]))
     noise = torch.randn((num_samples, *sample_shape), generator=generator)
     timesteps = torch.randint(0, num_train_timesteps, (num_samples,), generator=generator)
-    xi = torch.randn((num_samples, *sample_shape), generator=generator) if input_perturbation else None
-    return noise, timesteps, xi
+    if not input_perturbation:
+        return noise, timesteps, None
+    # DDPM-IP: xi ~ N(0, I), independent of eps, scaled by gamma once, here.
+    return noise, timesteps, input_perturbation * torch.randn((num_samples, *sample_shape), generator=generator)
 
 
-def diffusion_loss(
-    model: torch.nn.Module, scheduler: DDPMScheduler, batch: MicroBatch, input_perturbation: float = 0.0
-) -> torch.Tensor:
+def diffusion_loss(model: torch.nn.Module, scheduler: DDPMScheduler, batch: MicroBatch) -> torch.Tensor:
     """The denoising MSE of one micro-batch."""
-    noisy, target = noisy_input_and_target(
-        scheduler, batch.clean, batch.noise, batch.timesteps, input_perturbation, batch.xi
-    )
+    noisy, target = noisy_input_and_target(scheduler, batch.clean, batch.noise, batch.timesteps, batch.perturbation)
     prediction = model(noisy, batch.timesteps).sample
     return F.mse_loss(prediction.float(), target.float())
 
@@ -73,7 +73,6 @@ def _accumulate_gradients(
     model: torch.nn.Module,
     scheduler: DDPMScheduler,
     micro_batches: list[MicroBatch],
-    input_perturbation: float,
     all_reduce: bool,
 ) -> torch.Tensor:
     """Forward/backward over the micro-batches, summing gradients of their mean loss. With `all_reduce`, the
@@ -82,7 +81,7 @@ def _accumulate_gradients(
     for i, batch in enumerate(micro_batches):
         sync = all_reduce and i == len(micro_batches) - 1
         with nullcontext() if sync else accelerator.no_sync(model):
-            loss = diffusion_loss(model, scheduler, batch, input_perturbation) / len(micro_batches)
+            loss = diffusion_loss(model, scheduler, batch) / len(micro_batches)
             accelerator.backward(loss)
         total += loss.detach()
     return total
@@ -97,7 +96,6 @@ def train_step(
     *,
     sam: SAM | None = None,
     sam_ascent: str = "global",
-    input_perturbation: float = 0.0,
     max_grad_norm: float = 1.0,
 ) -> StepStats:
     """One optimizer step over `micro_batches` (gradient accumulation when there are several).
@@ -109,21 +107,14 @@ def train_step(
     the ascent step normalises its gradient, so global-norm clipping could not change e.
     """
     if sam_ascent not in SAM_ASCENT_MODES:
-        raise ValueError(f"sam_ascent must be one of {SAM_ASCENT_MODES}, got {sam_ascent!r}")
+        raise FlatError(f"sam_ascent must be one of {SAM_ASCENT_MODES}, got {sam_ascent!r}", parameter="sam_ascent")
     loss = _accumulate_gradients(
-        accelerator,
-        model,
-        scheduler,
-        micro_batches,
-        input_perturbation,
-        all_reduce=sam is None or sam_ascent == "global",
+        accelerator, model, scheduler, micro_batches, all_reduce=sam is None or sam_ascent == "global"
     )
     sharpness = None
     if sam is not None:
         sam.ascend()
-        perturbed_loss = _accumulate_gradients(
-            accelerator, model, scheduler, micro_batches, input_perturbation, all_reduce=True
-        )
+        perturbed_loss = _accumulate_gradients(accelerator, model, scheduler, micro_batches, all_reduce=True)
     # An infinite bound measures the norm without clipping.
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
     if sam is not None:

@@ -19,6 +19,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from huggingface_hub import snapshot_download
 
 from diffusers_flat.quantization import quantize_for_deployment, quantize_weights_
+from diffusers_flat.run_directory import RunDirectory, hub_download_patterns
 from diffusers_flat.sampling import image_grid, sample_images
 
 MODELS = [m.strip() for m in os.environ.get("FLAT_MODELS", "ddpm-flat-digits").split(",") if m.strip()]
@@ -29,22 +30,21 @@ PRECISIONS = {
 STEPS = (20, 100)
 MAX_SEED = 2**32 - 1
 MAX_IMAGES = 16
-# What a Space needs from a model repo: configs, safetensors weights and evaluation plots. Never *.bin or *.py.
-ALLOWED_FILES = ["model_index.json", "unet/config.json", "unet/*.safetensors", "scheduler/*.json", "evaluation/*.png"]
 PLOTS = {"fid_vs_bits.png": "FID against weight bits", "perturbation.png": "Loss under random weight perturbation"}
 
 
 @functools.lru_cache(maxsize=8)
-def model_dir(name: str) -> Path:
-    """A local pipeline dir as given, else the Hub repo's allowed files, downloaded once."""
+def model_dir(name: str) -> RunDirectory:
+    """A local run dir as given, else the Hub repo's configs, safetensors weights and evaluation plots (never pickles
+    or code), downloaded once."""
     if Path(name).is_dir():
-        return Path(name)
-    return Path(snapshot_download(name, allow_patterns=ALLOWED_FILES))
+        return RunDirectory(name)
+    return RunDirectory(snapshot_download(name, allow_patterns=hub_download_patterns()))
 
 
 @functools.lru_cache(maxsize=16)
 def load_unet(name: str, precision: str) -> UNet2DModel:
-    unet = UNet2DModel.from_pretrained(model_dir(name), subfolder="unet", use_safetensors=True).eval()
+    unet = UNet2DModel.from_pretrained(model_dir(name).pipeline_path(), subfolder="unet", use_safetensors=True).eval()
     if precision == "8-bit":
         return quantize_for_deployment(unet)
     if precision == "4-bit":
@@ -54,7 +54,7 @@ def load_unet(name: str, precision: str) -> UNet2DModel:
 
 @functools.lru_cache(maxsize=8)
 def scheduler_config(name: str) -> dict:
-    return DDPMScheduler.load_config(model_dir(name), subfolder="scheduler")
+    return DDPMScheduler.load_config(model_dir(name).pipeline_path(), subfolder="scheduler")
 
 
 def check_inputs(model: str, seed, steps, precision: str, num_images) -> tuple[int, int, int]:
@@ -92,17 +92,19 @@ def generate(model: str, seed, steps, precision: str, num_images):
     quantized, quantized_seconds = timed_samples(model, precision, seed, steps, num_images)
     difference = np.abs(fp32.astype(np.int16) - quantized.astype(np.int16))
     per_image = difference.reshape(num_images, -1).mean(axis=1)
-    summary = "\n".join([
-        f"**fp32**: {fp32_seconds:.2f} s · **{precision}**: {quantized_seconds:.2f} s "
-        f"({num_images} images, {steps} DDPM steps, seed {seed})",
-        "",
-        f"Mean absolute pixel difference per image (0-255): {', '.join(f'{d:.1f}' for d in per_image)}; "
-        f"overall {per_image.mean():.2f}",
-    ])  # fmt: skip
+    summary = "\n".join(
+        [
+            f"**fp32**: {fp32_seconds:.2f} s · **{precision}**: {quantized_seconds:.2f} s "
+            f"({num_images} images, {steps} DDPM steps, seed {seed})",
+            "",
+            f"Mean absolute pixel difference per image (0-255): {', '.join(f'{d:.1f}' for d in per_image)}; "
+            f"overall {per_image.mean():.2f}",
+        ]
+    )
     # Differences are small: stretched x4 so that they can be seen.
     difference_grid = image_grid(np.clip(difference * 4, 0, 255).astype(np.uint8))
-    plots = [(str(path), title) for file, title in PLOTS.items() if (path := model_dir(model) / "evaluation" / file)
-             .is_file()]  # fmt: skip
+    evaluation = model_dir(model).evaluation_path()
+    plots = [(str(evaluation / file), title) for file, title in PLOTS.items() if (evaluation / file).is_file()]
     return image_grid(fp32), image_grid(quantized), difference_grid, summary, plots
 
 
@@ -138,7 +140,8 @@ def build_demo() -> gr.Blocks:
 if __name__ == "__main__":
     missing = [m for m in MODELS if not Path(m).is_dir() and m.count("/") != 1]
     if missing:
-        raise SystemExit(f"app.py: error: FLAT_MODELS: {', '.join(missing)} is neither a local pipeline dir nor a "
-                         "Hub repo id (user/name); train one with training_scripts/train_flat_ddpm.py")  # fmt: skip
+        raise SystemExit(
+            f"app.py: error: FLAT_MODELS: {', '.join(missing)} is neither a local pipeline dir nor a "
+            "Hub repo id (user/name); train one with training_scripts/train_flat_ddpm.py"
+        )
     build_demo().launch()
-

@@ -1,16 +1,19 @@
 import json
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "training_scripts" / "train_flat_ddpm.py"
+# The scripts import as modules, so that bad input can be tested in this process through their cli(argv).
+sys.path.insert(0, str(REPO / "training_scripts"))
 
 # No outbound attempts, and caches inside the test session's temp space.
 os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", GRADIO_ANALYTICS_ENABLED="False")
@@ -40,25 +43,73 @@ def micro_unet_config(tmp_path_factory) -> Path:
     return path
 
 
-def run_command(command: list[str], cwd: Path = REPO, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run a command in its own process group; on a time-out, kill the whole group, since launchers leave their
-    workers behind otherwise."""
-    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)  # fmt: skip
+TREE_MARKER = "DIFFUSERS_FLAT_TEST_TREE"
+
+
+def kill_tree(marker: str) -> int:
+    """Kill every process whose environment carries `marker`, however far down the tree and in whatever session:
+    torch's elastic agent (behind `accelerate launch`) starts each worker in a session of its own, so killing the
+    launcher's process group leaves the workers alive, holding the test's pipes open. Returns how many were killed."""
+    killed = 0
+    for process in psutil.process_iter():
+        try:
+            if process.pid != os.getpid() and process.environ().get(TREE_MARKER) == marker:
+                process.kill()
+                killed += 1
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return killed
+
+
+def run_command(
+    command: list[str], cwd: Path = REPO, timeout: float = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run a command with every wait bounded: on a time-out, the whole process tree is killed (found by a marker in
+    the environment every descendant inherits) and the test fails with what the command printed so far. A descendant
+    still alive after the command returned is killed too."""
+    marker = uuid.uuid4().hex
+    env = {**(os.environ if env is None else env), TREE_MARKER: marker}
+    process = subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        raise
+        kill_tree(marker)
+        stdout, stderr = process.communicate(timeout=30)
+        raise AssertionError(f"timed out after {timeout:.0f} s: {' '.join(command)}\n{stderr[-3000:]}") from None
+    finally:
+        kill_tree(marker)
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def run_script(name: str, *args, **kwargs) -> subprocess.CompletedProcess:
+    """Run `training_scripts/<name>.py` with `args` in a fresh interpreter, as a user would (`run_command`'s
+    keywords apply)."""
+    return run_command([sys.executable, str(REPO / "training_scripts" / f"{name}.py"), *map(str, args)], **kwargs)
 
 
 def launch_two_processes(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """`accelerate launch --multi_gpu --num_processes 2` on the CPU: two real gloo ranks, bounded to 3 minutes."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()), *args]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        str(free_port()),
+        *args,
+    ]
     return run_command(command, cwd=cwd, timeout=180)
 
 
@@ -88,7 +139,41 @@ def run_training(*args: str, two_processes: bool = False, check: bool = True) ->
 def micro_args(output_dir: Path, config: Path, *extra: str) -> list[str]:
     """Flags for a seconds-long run of the micro UNet on the embedded digits at 8x8."""
     return [
-        "--output_dir", str(output_dir), "--model_config_name_or_path", str(config), "--resolution", "8",
-        "--train_batch_size", "8", "--eval_batch_size", "4", "--ddpm_num_inference_steps", "4",
-        "--lr_warmup_steps", "0", "--learning_rate", "1e-3", *extra,
-    ]  # fmt: skip
+        "--output_dir",
+        str(output_dir),
+        "--model_config_name_or_path",
+        str(config),
+        "--resolution",
+        "8",
+        "--train_batch_size",
+        "8",
+        "--eval_batch_size",
+        "4",
+        "--ddpm_num_inference_steps",
+        "4",
+        "--lr_warmup_steps",
+        "0",
+        "--learning_rate",
+        "1e-3",
+        *extra,
+    ]
+
+
+def run_cli(script, argv: list[str], capsys) -> tuple[int, str]:
+    """Run a script module's `cli(argv)` in this process, as its command line would: the exit status and stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        script.cli(list(map(str, argv)))
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="session")
+def two_models(tmp_path_factory, micro_unet_config) -> tuple[Path, Path]:
+    """Two 3-step micro runs with EMA, ADM and SAM, shared by every test that evaluates or serves a model: a test
+    that writes into one works on a copy."""
+    root = tmp_path_factory.mktemp("models")
+    run_training(*micro_args(root / "adm", micro_unet_config, "--max_train_steps", "3", "--use_ema"))
+    run_training(
+        *micro_args(root / "sam", micro_unet_config, "--max_train_steps", "3", "--use_ema", "--sam_rho", "0.1")
+    )
+    return root / "adm", root / "sam"

@@ -6,13 +6,17 @@ from accelerate import Accelerator
 from conftest import MICRO_UNET
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from diffusers_flat.checkpointing import (
-    CheckpointError,
-    list_checkpoints,
-    resolve_checkpoint,
-    save_checkpoint,
-    save_pipeline,
-)
+from diffusers_flat.checkpointing import save_checkpoint, save_pipeline
+from diffusers_flat.errors import FlatError
+from diffusers_flat.run_directory import RunDirectory
+
+
+def list_checkpoints(path):
+    return RunDirectory(path).checkpoints()
+
+
+def resolve_checkpoint(path, name):
+    return RunDirectory(path).resolve_checkpoint(name)
 
 
 @pytest.fixture
@@ -65,7 +69,7 @@ def test_resolve_names_paths_and_missing(tmp_path, prepared):
     path = save_checkpoint(accelerator, tmp_path, 4, {})
     assert resolve_checkpoint(tmp_path, "checkpoint-4") == path
     assert resolve_checkpoint(tmp_path / "elsewhere", str(path)) == path
-    with pytest.raises(CheckpointError, match=r"no checkpoint 'checkpoint-5' in .* \(available: checkpoint-4"):
+    with pytest.raises(FlatError, match=r"checkpoint: no checkpoint 'checkpoint-5' in .* \(available: checkpoint-4"):
         resolve_checkpoint(tmp_path, "checkpoint-5")
 
 

@@ -3,25 +3,24 @@ bad input."""
 
 import hashlib
 import json
-import subprocess
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, micro_args, run_training
+import train_flat_ddpm
+from conftest import micro_args, run_cli, run_command, run_training
 from safetensors.torch import load_file
 
+# The paper's nine rows (ADM, +EMA, +SWA, +IP, +IP+EMA, +IP+SWA, +SAM, +SAM+EMA, +SAM+SWA) come from three
+# trainings with EMA and SWA on, as in the paper: each yields the raw, EMA and SWA pipelines. A fourth, plain run
+# checks that averages are saved only when asked for.
 GRID = {
-    "ADM": [],
-    "+EMA": ["--use_ema"],
-    "+SWA": ["--use_swa"],
-    "+IP": ["--input_perturbation", "0.1"],
-    "+IP+EMA": ["--input_perturbation", "0.1", "--use_ema"],
-    "+IP+SWA": ["--input_perturbation", "0.1", "--use_swa"],
-    "+SAM": ["--sam_rho", "0.1"],
-    "+SAM+EMA": ["--sam_rho", "0.1", "--use_ema"],
-    "+SAM+SWA": ["--sam_rho", "0.1", "--use_swa"],
+    "ADM": ["--use_ema", "--use_swa"],
+    "+IP": ["--input_perturbation", "0.1", "--use_ema", "--use_swa"],
+    "+SAM": ["--sam_rho", "0.1", "--use_ema", "--use_swa"],
+    "plain": [],
 }
 
 LOAD_IN_PLAIN_DIFFUSERS = """
@@ -45,12 +44,16 @@ def checkpoint_weights(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(directory / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_every_grid_row_trains_and_loads_in_plain_diffusers(tmp_path, micro_unet_config):
     pipelines = []
     for name, flags in GRID.items():
         out = tmp_path / name.replace("+", "_")
-        run_training(*micro_args(out, micro_unet_config, "--max_train_steps", "4", "--swa_start", "0.5",
-                                 "--swa_cycle", "1", *flags))  # fmt: skip
+        run_training(
+            *micro_args(
+                out, micro_unet_config, "--max_train_steps", "4", "--swa_start", "0.5", "--swa_cycle", "1", *flags
+            )
+        )
         args = json.loads((out / "training_args.json").read_text())
         assert args["max_train_steps"] == 4 and args["num_processes"] == 1
         assert (out / "sample_grid.png").is_file()
@@ -59,8 +62,8 @@ def test_every_grid_row_trains_and_loads_in_plain_diffusers(tmp_path, micro_unet
             assert (out / sub / "model_index.json").is_file() == (f"--use_{sub}" in flags)
             if f"--use_{sub}" in flags:
                 pipelines.append(out / sub)
-    result = subprocess.run([sys.executable, "-c", LOAD_IN_PLAIN_DIFFUSERS, *map(str, pipelines)],
-                            capture_output=True, text=True, cwd="/")  # fmt: skip
+    assert len(pipelines) == 10  # the nine rows and the plain run
+    result = run_command([sys.executable, "-c", LOAD_IN_PLAIN_DIFFUSERS, *map(str, pipelines)], Path("/"), 300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"loaded {len(pipelines)}" in result.stdout
 
@@ -69,12 +72,32 @@ def test_every_grid_row_trains_and_loads_in_plain_diffusers(tmp_path, micro_unet
 def averaged_run(tmp_path_factory, micro_unet_config):
     """6 steps with a checkpoint after each, SWA from step 2 every 2 steps, EMA with its warm-up."""
     out = tmp_path_factory.mktemp("averaged") / "run"
-    run_training(*micro_args(out, micro_unet_config, "--max_train_steps", "6", "--checkpointing_steps", "1",
-                             "--use_swa", "--swa_start", "2", "--swa_cycle", "2", "--use_ema", "--ema_power", "0.75",
-                             "--ema_inv_gamma", "1.0", "--sam_rho", "0.05"))  # fmt: skip
+    run_training(
+        *micro_args(
+            out,
+            micro_unet_config,
+            "--max_train_steps",
+            "6",
+            "--checkpointing_steps",
+            "1",
+            "--use_swa",
+            "--swa_start",
+            "2",
+            "--swa_cycle",
+            "2",
+            "--use_ema",
+            "--ema_power",
+            "0.75",
+            "--ema_inv_gamma",
+            "1.0",
+            "--sam_rho",
+            "0.05",
+        )
+    )
     return out
 
 
+@pytest.mark.slow
 def test_swa_is_the_mean_of_its_snapshots(averaged_run):
     snapshots = [checkpoint_weights(averaged_run / f"checkpoint-{s}") for s in (2, 4, 6)]
     swa = unet_weights(averaged_run / "swa")
@@ -84,6 +107,7 @@ def test_swa_is_the_mean_of_its_snapshots(averaged_run):
     assert any(not torch.allclose(swa[n], snapshots[-1][n]) for n in swa)
 
 
+@pytest.mark.slow
 def test_tensorboard_logs_loss_lr_grad_norm_and_sharpness(averaged_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -97,6 +121,7 @@ def test_tensorboard_logs_loss_lr_grad_norm_and_sharpness(averaged_run):
     assert accumulator.Tags()["images"]  # the final sample grids
 
 
+@pytest.mark.slow
 def test_ema_follows_the_warmup_formula(averaged_run):
     # diffusers' EMA with warm-up: at update n the decay is 1 - (1 + (n - 1) / inv_gamma) ** -power (0 at n = 1),
     # capped at ema_max_decay; ema <- decay * ema + (1 - decay) * w.
@@ -110,16 +135,35 @@ def test_ema_follows_the_warmup_formula(averaged_run):
         torch.testing.assert_close(saved[name], ema[name], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_continues_as_if_never_stopped(tmp_path, micro_unet_config):
-    flags = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--sam_rho", "0.1", "--use_swa", "--swa_start",
-             "1", "--swa_cycle", "1", "--use_ema", "--input_perturbation", "0.1", "--lr_scheduler", "cosine",
-             "--lr_warmup_steps", "1", "--random_flip"]  # fmt: skip
+    flags = [
+        "--max_train_steps",
+        "4",
+        "--checkpointing_steps",
+        "2",
+        "--sam_rho",
+        "0.1",
+        "--use_swa",
+        "--swa_start",
+        "1",
+        "--swa_cycle",
+        "1",
+        "--use_ema",
+        "--input_perturbation",
+        "0.1",
+        "--lr_scheduler",
+        "cosine",
+        "--lr_warmup_steps",
+        "1",
+        "--random_flip",
+    ]
     straight = tmp_path / "straight"
     run_training(*micro_args(straight, micro_unet_config, *flags))
     # A second run that stops after step 2: only checkpoint-2 survives; it is resumed in a fresh process.
     resumed = tmp_path / "resumed"
     resumed.mkdir()
-    subprocess.run(["cp", "-r", str(straight / "checkpoint-2"), str(resumed)], check=True)
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
     result = run_training(*micro_args(resumed, micro_unet_config, *flags, "--resume_from_checkpoint", "latest"))
     assert "Resumed from" in result.stderr
     for sub in ("", "ema", "swa"):
@@ -129,17 +173,20 @@ def test_resume_continues_as_if_never_stopped(tmp_path, micro_unet_config):
     assert (resumed / "checkpoint-4").is_dir()
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_the_large_batch(tmp_path, micro_unet_config):
     # A large Adam epsilon keeps Adam from blowing float rounding in near-zero gradients up to a full step.
     common = ["--max_train_steps", "3", "--sam_rho", "0.1", "--max_grad_norm", "0", "--adam_epsilon", "1e-3"]
     big, small = tmp_path / "big", tmp_path / "accumulated"
     run_training(*micro_args(big, micro_unet_config, *common), "--train_batch_size", "12")
-    run_training(*micro_args(small, micro_unet_config, *common), "--train_batch_size", "4",
-                 "--gradient_accumulation_steps", "3")  # fmt: skip
+    run_training(
+        *micro_args(small, micro_unet_config, *common), "--train_batch_size", "4", "--gradient_accumulation_steps", "3"
+    )
     a, b = unet_weights(big), unet_weights(small)
     assert max((a[n] - b[n]).abs().max().item() for n in a) < 1e-6
 
 
+@pytest.mark.slow
 def test_image_folder_run_with_sample_grids_every_epoch(tmp_path, micro_unet_config):
     from PIL import Image
 
@@ -150,19 +197,38 @@ def test_image_folder_run_with_sample_grids_every_epoch(tmp_path, micro_unet_con
         pixels = (torch.rand(11 + i, 13, 3, generator=rng) * 255).to(torch.uint8).numpy()
         Image.fromarray(pixels).save(folder / f"{i}.png")
     out = tmp_path / "run"
-    run_training(*micro_args(out, micro_unet_config, "--train_data_dir", str(folder), "--train_batch_size", "5",
-                             "--num_epochs", "3", "--save_images_epochs", "1", "--random_flip"))  # fmt: skip
+    run_training(
+        *micro_args(
+            out,
+            micro_unet_config,
+            "--train_data_dir",
+            str(folder),
+            "--train_batch_size",
+            "5",
+            "--num_epochs",
+            "3",
+            "--save_images_epochs",
+            "1",
+            "--random_flip",
+        )
+    )
     args = json.loads((out / "training_args.json").read_text())
     assert args["max_train_steps"] == 6 and args["dataset_size"] == 10
-    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000002.png", "step-000004.png",
-                                                                   "step-000006.png"]  # fmt: skip
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [
+        "step-000002.png",
+        "step-000004.png",
+        "step-000006.png",
+    ]
     assert Image.open(out / "sample_grid.png").size == (2 * 64 + 3 * 2,) * 2  # 4 images of 8x8, shown at 64x64
     assert json.loads((out / "unet" / "config.json").read_text())["in_channels"] == 3
 
 
 def tree_digest(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -207,35 +273,57 @@ BAD_INPUTS = {
     "missing checkpoint": (["--resume_from_checkpoint", "checkpoint-99"], "no checkpoint 'checkpoint-99' in"),
     "fp16 with sam": (["--sam_rho", "0.1", "--mixed_precision", "fp16"], "--mixed_precision fp16 cannot be"),
     "unknown preset": (["--model_config_name_or_path", "huge"], "'huge' is neither a preset (tiny, ddpm-cifar10)"),
+    "missing card template": (["--model_card_template", "/no/card.md"], "--model_card_template: no file /no/card.md"),
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_gives_one_line_error_and_keeps_outputs(case, finished_run, micro_unet_config, text_dataset,
-                                                          empty_folder):  # fmt: skip
-    flags, message = BAD_INPUTS[case]
-    flags = [f.format(text_dataset=text_dataset, empty_folder=empty_folder) for f in flags]
-    before = tree_digest(finished_run)
+def bad_input_args(case, finished_run, micro_unet_config, text_dataset, empty_folder) -> list[str]:
+    flags = [f.format(text_dataset=text_dataset, empty_folder=empty_folder) for f in BAD_INPUTS[case][0]]
     # --overwrite_output_dir: even a run allowed to replace the old one must not touch it when its input is bad.
-    base = micro_args(finished_run, micro_unet_config, "--max_train_steps", "2", "--overwrite_output_dir")
-    result = run_training(*base, *flags, check=False)
+    return [*micro_args(finished_run, micro_unet_config, "--max_train_steps", "2", "--overwrite_output_dir"), *flags]
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gives_one_line_error_and_keeps_outputs(
+    case, finished_run, micro_unet_config, text_dataset, empty_folder, capsys
+):
+    """In this process, through the script's own cli(argv)."""
+    before = tree_digest(finished_run)
+    status, stderr = run_cli(
+        train_flat_ddpm, bad_input_args(case, finished_run, micro_unet_config, text_dataset, empty_folder), capsys
+    )
+    assert status != 0
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and BAD_INPUTS[case][1] in errors[0], stderr[-2000:]
+    assert tree_digest(finished_run) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["text rho", "negative rho", "missing checkpoint"])
+def test_bad_input_end_to_end(case, finished_run, micro_unet_config, text_dataset, empty_folder):
+    """The same, as a user meets it: a fresh interpreter, one line on stderr, a non-zero exit."""
+    before = tree_digest(finished_run)
+    args = bad_input_args(case, finished_run, micro_unet_config, text_dataset, empty_folder)
+    result = run_training(*args, check=False)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert len(errors) == 1 and BAD_INPUTS[case][1] in errors[0], result.stderr[-2000:]
     assert tree_digest(finished_run) == before
 
 
-def test_an_existing_run_is_not_replaced_by_accident(finished_run, micro_unet_config):
+def test_an_existing_run_is_not_replaced_by_accident(finished_run, micro_unet_config, capsys):
     before = tree_digest(finished_run)
-    result = run_training(*micro_args(finished_run, micro_unet_config, "--max_train_steps", "2"), check=False)
-    assert result.returncode != 0 and "already holds a run" in result.stderr
+    status, stderr = run_cli(
+        train_flat_ddpm, micro_args(finished_run, micro_unet_config, "--max_train_steps", "2"), capsys
+    )
+    assert status != 0 and "already holds a run" in stderr
     assert tree_digest(finished_run) == before
 
 
+@pytest.mark.slow
 def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, micro_unet_config):
     out = tmp_path / "nan"
-    flags = ["--max_train_steps", "5", "--checkpointing_steps", "1", "--learning_rate", "1e30", "--lr_scheduler",
-             "constant"]  # fmt: skip
+    flags = "--max_train_steps 5 --checkpointing_steps 1 --learning_rate 1e30 --lr_scheduler constant".split()
     result = run_training(*micro_args(out, micro_unet_config, *flags), check=False)
     assert result.returncode != 0
     assert "the loss became" in result.stderr and "Last good checkpoint:" in result.stderr
@@ -247,14 +335,15 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, micro
     assert state["global_step"] == int(kept[-1].name.split("-")[1])
 
 
-def test_script_help_lists_diffusers_flags():
-    result = subprocess.run([sys.executable, str(REPO / "training_scripts" / "train_flat_ddpm.py"), "--help"],
-                            capture_output=True, text=True)  # fmt: skip
-    for flag in ("--dataset_name", "--train_data_dir", "--resolution", "--train_batch_size", "--learning_rate",
-                 "--lr_scheduler", "--lr_warmup_steps", "--gradient_accumulation_steps", "--mixed_precision",
-                 "--checkpointing_steps", "--checkpoints_total_limit", "--resume_from_checkpoint", "--logger",
-                 "--output_dir", "--ddpm_num_steps", "--ddpm_beta_schedule", "--prediction_type", "--use_ema",
-                 "--ema_max_decay", "--ema_inv_gamma", "--ema_power", "--max_train_steps", "--seed",
-                 "--image_column", "--model_config_name_or_path", "--sam_rho", "--sam_adaptive", "--use_swa",
-                 "--swa_start", "--swa_cycle", "--input_perturbation"):  # fmt: skip
-        assert flag in result.stdout, flag
+def test_script_help_lists_diffusers_flags(capsys):
+    with pytest.raises(SystemExit):
+        train_flat_ddpm.parse_args(["--help"])
+    help_text = capsys.readouterr().out
+    flags = """--dataset_name --train_data_dir --resolution --train_batch_size --learning_rate --lr_scheduler
+        --lr_warmup_steps --gradient_accumulation_steps --mixed_precision --checkpointing_steps
+        --checkpoints_total_limit --resume_from_checkpoint --logger --output_dir --ddpm_num_steps --ddpm_beta_schedule
+        --prediction_type --use_ema --ema_max_decay --ema_inv_gamma --ema_power --max_train_steps --seed --image_column
+        --model_config_name_or_path --sam_rho --sam_adaptive --use_swa --swa_start --swa_cycle --input_perturbation
+        --model_card_template"""
+    for flag in flags.split():
+        assert flag in help_text, flag

@@ -42,8 +42,9 @@ def make_image_folder(root, sizes_and_modes):
 
 
 def test_image_folder_with_mixed_modes_and_odd_sizes(tmp_path):
-    folder = make_image_folder(tmp_path / "imgs", [((17, 9), "RGB"), ((5, 31), "RGBA"), ((12, 12), "L"),
-                                                   ((33, 33), "RGB")])  # fmt: skip
+    folder = make_image_folder(
+        tmp_path / "imgs", [((17, 9), "RGB"), ((5, 31), "RGBA"), ((12, 12), "L"), ((33, 33), "RGB")]
+    )
     dataset, channels = load_image_dataset(train_data_dir=str(folder))
     assert len(dataset) == 4 and channels == 3
     images = TrainingImages(dataset, "image", ImageTransform(8, center_crop=False, random_flip=True, channels=3))
@@ -105,10 +106,10 @@ def test_corrupt_images_are_skipped_with_a_count(tmp_path, caplog):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"dataset_name": "./no/such/dir"}, "--dataset_name: path './no/such/dir' does not exist"),
-        ({"train_data_dir": "/no/such/dir"}, "--train_data_dir: '/no/such/dir' is not an existing directory"),
-        ({"image_column": "img"}, "--image_column 'img' is not in the dataset; its columns are: image, label"),
-        ({"image_column": "label"}, "--image_column 'label' holds"),
+        ({"dataset_name": "./no/such/dir"}, "dataset_name: path './no/such/dir' does not exist"),
+        ({"train_data_dir": "/no/such/dir"}, "train_data_dir: '/no/such/dir' is not an existing directory"),
+        ({"image_column": "img"}, "image_column 'img' is not in the dataset; its columns are: image, label"),
+        ({"image_column": "label"}, "image_column 'label' holds"),
     ],
 )
 def test_bad_datasets_raise_one_line_errors(kwargs, message):
@@ -121,7 +122,7 @@ def test_empty_and_all_corrupt_datasets(tmp_path):
     empty = Dataset.from_dict({"image": []}, features=Features({"image": ImageFeature()}))
     (tmp_path / "empty").mkdir()
     empty.to_parquet(str(tmp_path / "empty" / "train.parquet"))
-    with pytest.raises(DataError, match="--dataset_name: the dataset in .* is empty"):
+    with pytest.raises(DataError, match="dataset_name: the dataset in .* is empty"):
         load_image_dataset(dataset_name=str(tmp_path / "empty"))
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n junk")

@@ -8,6 +8,8 @@ import torch
 from conftest import REPO, launch_two_processes, micro_args, run_training
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # real gloo process groups
+
 
 def weights(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(directory / "unet" / "diffusion_pytorch_model.safetensors")
@@ -48,9 +50,23 @@ def test_sam_ranks_stay_in_sync(mode):
 
 def test_local_ascent_mode_trains_through_the_cli_in_bf16(tmp_path, micro_unet_config):
     out = tmp_path / "local"
-    run_training(*micro_args(out, micro_unet_config, "--max_train_steps", "2", "--sam_rho", "0.1", "--sam_ascent",
-                             "local", "--train_batch_size", "4", "--mixed_precision", "bf16"),
-                 two_processes=True)  # fmt: skip
+    run_training(
+        *micro_args(
+            out,
+            micro_unet_config,
+            "--max_train_steps",
+            "2",
+            "--sam_rho",
+            "0.1",
+            "--sam_ascent",
+            "local",
+            "--train_batch_size",
+            "4",
+            "--mixed_precision",
+            "bf16",
+        ),
+        two_processes=True,
+    )
     args = json.loads((out / "training_args.json").read_text())
     assert args["num_processes"] == 2 and args["mixed_precision"] == "bf16"
     assert (out / "model_index.json").is_file()

@@ -1,69 +1,176 @@
-"""evaluate_flat.py end to end on two tiny trained pipelines, and its bad-input errors."""
+"""evaluate_flat.py on two tiny trained pipelines, in this process with a stand-in feature network, each figure checked
+against an independent computation (FID, quantized FID, memorization), and its bad-input errors. The real InceptionV3
+runs end to end in test_fid.py; evaluate_flat.py runs as a command in test_hub.py and in CI."""
 
 import json
 import shutil
-import sys
 
+import evaluate_flat
+import numpy as np
 import pytest
-from conftest import REPO, micro_args, run_command, run_training
+import torch
+from conftest import run_cli
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from huggingface_hub import ModelCard
 from PIL import Image
+from scipy import linalg
+from sklearn.datasets import load_digits
 
-SCRIPT = REPO / "training_scripts" / "evaluate_flat.py"
-
-
-@pytest.fixture(scope="module")
-def two_models(tmp_path_factory, micro_unet_config):
-    root = tmp_path_factory.mktemp("models")
-    run_training(*micro_args(root / "adm", micro_unet_config, "--max_train_steps", "3", "--use_ema"))
-    run_training(*micro_args(root / "sam", micro_unet_config, "--max_train_steps", "3", "--use_ema", "--sam_rho",
-                             "0.1"))  # fmt: skip
-    return root / "adm", root / "sam"
+from diffusers_flat.fid import FID
 
 
-def evaluate(*args):
-    return run_command([sys.executable, str(SCRIPT), *map(str, args)])
+class PooledPixels(torch.nn.Module):
+    """A stand-in for InceptionV3: each 8x8 image average-pooled to 2x2, 4 features."""
+
+    num_features = 4
+
+    def forward(self, images):
+        return torch.nn.functional.avg_pool2d(images.double(), 4).flatten(1)
 
 
-def test_two_models_get_json_table_and_every_plot(two_models, tmp_path):
+def pooled(images: np.ndarray) -> np.ndarray:
+    """The same features, by hand in numpy, from uint8 NHWC 8x8x1 images."""
+    return images[..., 0].astype(float).reshape(-1, 2, 4, 2, 4).mean(axis=(2, 4)).reshape(-1, 4)
+
+
+def frechet(a: np.ndarray, b: np.ndarray) -> float:
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real))
+
+
+def digits_8x8() -> np.ndarray:
+    """The embedded training set as the 8x8 models see it: uint8 NHWC."""
+    return np.round(load_digits().images * 255 / 16).astype(np.uint8)[..., None]
+
+
+def plain_diffusers_samples(path, steps: int, count: int, seed: int = 0) -> np.ndarray:
+    pipeline = DDPMPipeline.from_pretrained(path)
+    generator = torch.Generator().manual_seed(seed)
+    images = pipeline(batch_size=count, generator=generator, num_inference_steps=steps, output_type="np").images
+    return np.round(images * 255).astype(np.uint8)
+
+
+def test_two_models_get_json_table_and_every_plot(two_models, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(evaluate_flat, "FID", lambda batch_size: FID(PooledPixels(), batch_size, show_progress=False))
     out = tmp_path / "eval"
-    small = ["--num_samples", 100, "--inference_steps", 2, 4, "--num_real", 100, "--lpf_draws", 3, "--gammas", 0,
-             5, 10, "--directions", 2, "--surface_resolution", 3, "--exposure_samples", 8, "--loss_samples",
-             32]  # fmt: skip
-    result = evaluate("--model_path", *two_models, "--variant", "ema", "--output_dir", out, *small)
-    assert result.returncode == 0, result.stderr[-3000:]
+    small = [
+        "--num_samples",
+        100,
+        "--inference_steps",
+        2,
+        4,
+        "--num_real",
+        100,
+        "--lpf_draws",
+        3,
+        "--gammas",
+        0,
+        5,
+        10,
+        "--directions",
+        2,
+        "--surface_resolution",
+        3,
+        "--exposure_samples",
+        8,
+        "--loss_samples",
+        32,
+        "--batch_size",
+        100,
+    ]
+    models = [shutil.copytree(m, tmp_path / m.name) for m in two_models]
+    evaluate_flat.main(
+        evaluate_flat.parse_args(
+            ["--model_path", *map(str, models), "--variant", "ema", "--output_dir", str(out), *map(str, small)]
+        )
+    )
     results = json.loads((out / "eval_results.json").read_text())
     assert list(results) == ["adm-ema", "sam-ema"]
-    for name, r in results.items():
-        assert set(r["fid"]) == {"2", "4"} and all(v > 0 for v in r["fid"].values())
+    # The real images FID compares with: a fixed random 100 of the 1,797 digits (seed 0), in dataset order.
+    real = pooled(digits_8x8()[np.sort(np.random.default_rng(0).permutation(1797)[:100])])
+    training = digits_8x8().reshape(1797, -1).astype(float)
+    for model, (name, r) in zip(models, results.items()):
+        for steps in (2, 4):
+            generated = plain_diffusers_samples(model / "ema", steps, 100)
+            assert r["fid"][str(steps)] == pytest.approx(frechet(real, pooled(generated)), rel=1e-6)
         assert r["fid_num_generated"] == 100 and r["fid_num_real"] == 100
-        assert r["lpf"]["num_draws"] == 3 and r["lpf"]["lpf"] > 0
+        # Memorization of the 4-step samples, by hand: nearest training image closer than 1/3 of the second nearest.
+        distances = np.sqrt(((generated.reshape(100, -1)[:, None].astype(float) - training[None]) ** 2).sum(-1))
+        two = np.sort(distances, axis=1)[:, :2]
+        assert r["memorization"]["memorization_ratio"] == pytest.approx(np.mean(two[:, 0] < two[:, 1] / 3))
+        assert r["lpf"]["num_draws"] == 3 and r["lpf"]["sigma"] == 0.01
         assert r["perturbation"]["gamma"] == [0.0, 5.0, 10.0] and r["perturbation"]["loss"][0] == r["loss"]
-        assert len(r["exposure_bias"]["timesteps"]) == 4
-        assert 0 <= r["memorization"]["memorization_ratio"] <= 1
+        assert r["perturbation"]["loss"][2] > r["loss"]  # a weight step of norm 10 must cost something
+        assert r["exposure_bias"]["timesteps"] == [750, 500, 250, 0]
         assert json.loads((out / name / "eval_results.json").read_text()) == r
-        assert f"| {name} |" in (out / name / "results.md").read_text()
+        assert json.loads((model / "ema" / "evaluation" / "eval_results.json").read_text()) == r
+        assert f"| {name} | {r['fid']['2']:.2f} | {r['fid']['4']:.2f} |" in (out / name / "results.md").read_text()
         for png in ("memorization.png", "samples_2_steps.png", "samples_4_steps.png"):
             Image.open(out / name / png).verify()
+    assert results["adm-ema"]["fid"] != results["sam-ema"]["fid"]
     for png in ("perturbation.png", "loss_surface.png", "exposure_bias.png"):
         Image.open(out / png).verify()
     table = (out / "results.md").read_text()
     assert "| adm-ema |" in table and "| sam-ema |" in table and "FID (2 steps)" in table
     assert "100 generated and 100 real images" in table
+    assert table in capsys.readouterr().out
 
 
-def test_quantized_fid_gives_table_4_plots_and_card(two_models, tmp_path):
-    model = tmp_path / "sam"
-    shutil.copytree(two_models[1], model)
+def quantized_by_hand(path, bits: int):
+    """The UNet with every Conv2d/Linear weight on a symmetric per-output-channel grid of 2^(b-1) - 1 levels."""
+    unet = UNet2DModel.from_pretrained(path, subfolder="unet")
+    qmax = 2 ** (bits - 1) - 1
+    with torch.no_grad():
+        for module in unet.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                w = module.weight
+                scale = w.abs().flatten(1).max(dim=1).values.clamp_min(1e-30) / qmax
+                scale = scale.view(-1, *[1] * (w.ndim - 1))
+                w.copy_((w / scale).round().clamp(-qmax, qmax) * scale)
+    return unet
+
+
+def test_quantized_fid_gives_table_4_plots_and_card(two_models, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate_flat, "FID", lambda batch_size: FID(PooledPixels(), batch_size, show_progress=False))
+    model = shutil.copytree(two_models[1], tmp_path / "sam")
     out = tmp_path / "eval"
-    result = evaluate("--model_path", model, "--metrics", "fid", "--num_samples", 100, "--num_real", 100,
-                      "--inference_steps", 2, "--quantize", 8, 4, "--quantize_granularity", "per_channel",
-                      "--output_dir", out)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    evaluate_flat.main(
+        evaluate_flat.parse_args(
+            [
+                "--model_path",
+                str(model),
+                "--metrics",
+                "fid",
+                "--num_samples",
+                "100",
+                "--num_real",
+                "100",
+                "--inference_steps",
+                "2",
+                "--quantize",
+                "8",
+                "4",
+                "--quantize_granularity",
+                "per_channel",
+                "--output_dir",
+                str(out),
+            ]
+        )
+    )
     r = json.loads((out / "eval_results.json").read_text())["sam"]
     assert r["quantization"]["granularity"] == "per_channel"
+    real = pooled(digits_8x8()[np.sort(np.random.default_rng(0).permutation(1797)[:100])])
+    scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    expected = {}
+    for bits in (8, 4):
+        pipeline = DDPMPipeline(unet=quantized_by_hand(model, bits), scheduler=scheduler)
+        images = pipeline(
+            batch_size=100, generator=torch.Generator().manual_seed(0), num_inference_steps=2, output_type="np"
+        ).images
+        expected[bits] = frechet(real, pooled(np.round(images * 255).astype(np.uint8)))
     fp32, q8, q4 = r["fid"]["2"], r["quantization"]["fid"]["8"]["2"], r["quantization"]["fid"]["4"]["2"]
-    assert min(fp32, q8, q4) > 0
+    assert (q8, q4) == (pytest.approx(expected[8], rel=1e-6), pytest.approx(expected[4], rel=1e-6))
+    assert q4 != fp32  # 4-bit weights change the samples
     cells = [f"{fp32:.2f} → {q:.2f} ({q - fp32:+.2f})" for q in (q8, q4)]
     row = f"| sam | 2 | {fp32:.2f} | {cells[0]} | {cells[1]} |"
     assert row in (out / "results.md").read_text()
@@ -82,24 +189,28 @@ def test_quantized_fid_gives_table_4_plots_and_card(two_models, tmp_path):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--model_path", "{tmp}"], "not a DDPMPipeline directory"),
+        (["--model_path", "{tmp}"], "--model_path {tmp}: not a DDPMPipeline directory"),
         (["--model_path", "{adm}", "--metrics", "fid", "sharpness"], "--metrics: unknown sharpness"),
-        (["--model_path", "{adm}", "--variant", "swa"], "--variant swa: {adm} was trained without --use_swa"),
+        (["--model_path", "{adm}", "--variant", "swa"], "--variant swa: {adm} was trained without use_swa"),
         (
             ["--model_path", "{adm}", "--num_samples", "10"],
             "--num_samples 10 is too few for a meaningful FID: use at least 100",
         ),
-        (["--model_path", "{adm}", "--quantize", "9"], "--quantize: bits must be from 2 to 8 (the paper: 8), got [9]"),
+        (["--model_path", "{adm}", "--quantize", "9"], "--quantize must be an integer from 2 to 8, got 9"),
         (
             ["--model_path", "{adm}", "--metrics", "lpf", "--quantize", "8"],
-            "--quantize reports FID before -> after quantization: add fid to --metrics",
+            "--quantize reports FID before -> after quantization: add fid to metrics",
         ),
         (["--model_path", "{adm}", "--quantize_granularity", "row"], "--quantize_granularity 'row': choose"),
+        (["--model_path", "{adm}", "--inference_steps", "0"], "--inference_steps must be >= 1, got [0]"),
     ],
 )
-def test_bad_input(two_models, tmp_path, flags, message):
+def test_bad_input(two_models, tmp_path, flags, message, capsys):
     fill = {"tmp": tmp_path, "adm": two_models[0]}
-    result = evaluate(*[f.format(**fill) for f in flags], "--output_dir", tmp_path / "out")
-    assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and message.format(**fill) in errors[0], result.stderr[-2000:]
+    status, stderr = run_cli(
+        evaluate_flat, [f.format(**fill) for f in flags] + ["--output_dir", tmp_path / "out"], capsys
+    )
+    assert status != 0
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message.format(**fill) in errors[0], stderr[-2000:]
+    assert not (tmp_path / "out").exists()  # nothing written

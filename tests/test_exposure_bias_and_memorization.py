@@ -16,8 +16,9 @@ def micro():
 
 def test_curves_coincide_when_the_chain_is_ground_truth():
     images = torch.rand(256, 3, 8, 8) * 2 - 1
-    result = exposure_bias(micro(), DDPMScheduler(), images, num_inference_steps=5, chain="ground_truth",
-                           show_progress=False)  # fmt: skip
+    result = exposure_bias(
+        micro(), DDPMScheduler(), images, num_inference_steps=5, chain="ground_truth", show_progress=False
+    )
     assert result["timesteps"] == [800, 600, 400, 200, 0]
     np.testing.assert_allclose(result["sampling_norm"], result["training_norm"], rtol=0.02)
     model_chain = exposure_bias(micro(), DDPMScheduler(), images, num_inference_steps=5, show_progress=False)

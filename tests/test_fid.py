@@ -45,7 +45,7 @@ def test_frechet_distance_matches_the_gaussian_closed_form():
 
 def test_too_few_images_are_refused():
     fid = FID(FirstPixels(), show_progress=False)
-    with pytest.raises(FIDError, match=f"at least {MIN_FID_IMAGES} real images"):
+    with pytest.raises(FIDError, match=f"images 10 is too few for a meaningful FID: use at least {MIN_FID_IMAGES}"):
         fid.set_real(np.zeros((10, 2, 2, 1), dtype=np.uint8))
 
 
@@ -61,12 +61,40 @@ def test_resize_matches_a_hand_bilinear_on_a_ramp():
 def digit_images():
     from sklearn.datasets import load_digits
 
-    digits = np.round(load_digits().images[:120] * 255 / 16).astype(np.uint8)
+    digits = np.round(load_digits().images[:MIN_FID_IMAGES] * 255 / 16).astype(np.uint8)
     return np.repeat(np.repeat(digits, 2, axis=1), 2, axis=2)[..., None]  # 16x16 grayscale
 
 
-def test_inception_fid_is_zero_on_itself_and_grows_with_noise(digit_images):
-    fid = FID(InceptionFeatures(), show_progress=False)
+class CachedFeatures(torch.nn.Module):
+    """The real InceptionV3 features, each image computed once per session and served from memory after."""
+
+    num_features = 2048
+
+    def __init__(self):
+        super().__init__()
+        self.network = InceptionFeatures()
+        self.cache: dict[bytes, torch.Tensor] = {}
+        self.computed = 0
+
+    def forward(self, images):
+        keys = [image.numpy().tobytes() + bytes(image.shape) for image in images]
+        missing = [i for i, key in enumerate(keys) if key not in self.cache]
+        if missing:
+            for i, feature in zip(missing, self.network(images[missing])):
+                self.cache[keys[i]] = feature
+            self.computed += len(missing)
+        return torch.stack([self.cache[key] for key in keys])
+
+
+@pytest.fixture(scope="session")
+def inception():
+    return CachedFeatures()
+
+
+@pytest.mark.slow
+def test_inception_fid_is_zero_on_itself_and_grows_with_noise(digit_images, inception):
+    """The one end-to-end FID with the real network (300 images at 299x299; about a minute on 2 cores)."""
+    fid = FID(inception, show_progress=False)
     fid.set_real(digit_images)
     assert abs(fid.score(digit_images)) < 1e-2
     rng = np.random.default_rng(0)
@@ -75,10 +103,11 @@ def test_inception_fid_is_zero_on_itself_and_grows_with_noise(digit_images):
         noisy = np.clip(digit_images + rng.normal(0, level, digit_images.shape), 0, 255).astype(np.uint8)
         scores.append(fid.score(noisy))
     assert 1 < scores[0] < scores[1]
+    assert inception.computed == 3 * len(digit_images)  # the self-comparison came from the cache
 
 
-def test_features_accept_grayscale_as_replicated_rgb(digit_images):
-    features = InceptionFeatures()
+def test_features_accept_grayscale_as_replicated_rgb(digit_images, inception):
+    features = inception.network
     gray = torch.from_numpy(digit_images[:2]).permute(0, 3, 1, 2)
     torch.testing.assert_close(features(gray), features(gray.expand(-1, 3, -1, -1).contiguous()))
     with pytest.raises(FIDError, match="expected uint8 images"):

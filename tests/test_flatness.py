@@ -34,8 +34,9 @@ def toy(scale: float = 1.0) -> Quadratic:
 
 def test_lpf_isotropic_matches_half_sigma_squared_trace():
     model, sigma = toy(), 0.3
-    result = lpf_flatness(model, quadratic_loss, sigma=sigma, num_draws=4000, filter_normalized=False,
-                          show_progress=False)  # fmt: skip
+    result = lpf_flatness(
+        model, quadratic_loss, sigma=sigma, num_draws=4000, filter_normalized=False, show_progress=False
+    )
     trace = model.h_weight.sum().item() + model.h_bias.sum().item()
     expected = model.loss() + sigma**2 / 2 * trace
     assert result["lpf"] == pytest.approx(expected, abs=4 * result["stderr"])

@@ -20,10 +20,12 @@ def implied_noise(noisy, clean, t):
 @pytest.mark.parametrize("gamma", [0.1, 0.15])
 def test_noisy_input_carries_gamma_xi_and_target_stays_eps(gamma):
     n, t = 4096, 500
-    noise, _, xi = draw_step_noise(0, 7, n, (1, 4, 4), 1000, gamma)
+    noise, _, perturbation = draw_step_noise(0, 7, n, (1, 4, 4), 1000, gamma)
+    xi = perturbation / gamma  # drawn already scaled by gamma
+    assert abs(xi.std().item() - 1) < 0.005
     clean = torch.full((n, 1, 4, 4), 0.3)
     timesteps = torch.full((n,), t)
-    noisy, target = noisy_input_and_target(DDPMScheduler(), clean, noise, timesteps, gamma, xi)
+    noisy, target = noisy_input_and_target(DDPMScheduler(), clean, noise, timesteps, perturbation)
     assert torch.equal(target, noise)
     residual = implied_noise(noisy, clean, t) - noise  # should be gamma * xi
     torch.testing.assert_close(residual, gamma * xi, rtol=1e-3, atol=1e-4)
@@ -35,8 +37,8 @@ def test_noisy_input_carries_gamma_xi_and_target_stays_eps(gamma):
 
 
 def test_no_perturbation_is_plain_ddpm():
-    noise, timesteps, xi = draw_step_noise(0, 1, 64, (3, 4, 4), 1000, 0.0)
-    assert xi is None
+    noise, timesteps, perturbation = draw_step_noise(0, 1, 64, (3, 4, 4), 1000, 0.0)
+    assert perturbation is None
     clean = torch.rand(64, 3, 4, 4)
     noisy, target = noisy_input_and_target(DDPMScheduler(), clean, noise, timesteps)
     for i in range(64):
@@ -53,7 +55,7 @@ def test_perturbation_does_not_change_noise_or_timesteps():
 
 
 def test_sample_prediction_target_is_clean_image():
-    noise, timesteps, xi = draw_step_noise(0, 0, 8, (3, 4, 4), 1000, 0.1)
+    noise, timesteps, perturbation = draw_step_noise(0, 0, 8, (3, 4, 4), 1000, 0.1)
     clean = torch.rand(8, 3, 4, 4)
-    _, target = noisy_input_and_target(DDPMScheduler(prediction_type="sample"), clean, noise, timesteps, 0.1, xi)
+    _, target = noisy_input_and_target(DDPMScheduler(prediction_type="sample"), clean, noise, timesteps, perturbation)
     assert torch.equal(target, clean)

@@ -24,8 +24,13 @@ def test_tiny_preset_follows_the_data_channels():
 
 
 def test_config_file_and_directory(tmp_path):
-    config = {"block_out_channels": [8, 16], "down_block_types": ["DownBlock2D", "DownBlock2D"],
-              "up_block_types": ["UpBlock2D", "UpBlock2D"], "norm_num_groups": 4, "in_channels": 3}  # fmt: skip
+    config = {
+        "block_out_channels": [8, 16],
+        "down_block_types": ["DownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "UpBlock2D"],
+        "norm_num_groups": 4,
+        "in_channels": 3,
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
     from_file = build_unet(str(tmp_path / "config.json"), 8, 1)
     assert from_file.config.in_channels == 3  # the config decides; images get converted
@@ -35,8 +40,8 @@ def test_config_file_and_directory(tmp_path):
 @pytest.mark.parametrize(
     ("name", "resolution", "message"),
     [
-        ("tiny", 18, "--resolution 18 does not fit this UNet: its 3 down blocks need a multiple of 4"),
-        ("ddpm-cifar10", 4, "--resolution 4 does not fit this UNet: its 4 down blocks need a multiple of 8"),
+        ("tiny", 18, "resolution 18 does not fit this UNet: its 3 down blocks need a multiple of 4"),
+        ("ddpm-cifar10", 4, "resolution 4 does not fit this UNet: its 4 down blocks need a multiple of 8"),
         ("nope", 16, "'nope' is neither a preset (tiny, ddpm-cifar10)"),
     ],
 )

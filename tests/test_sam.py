@@ -21,9 +21,9 @@ def micro_unet() -> UNet2DModel:
 
 
 def fixed_batch(input_perturbation: float = 0.0) -> MicroBatch:
-    noise, timesteps, xi = draw_step_noise(3, 0, 6, (3, 8, 8), 1000, input_perturbation)
+    noise, timesteps, perturbation = draw_step_noise(3, 0, 6, (3, 8, 8), 1000, input_perturbation)
     clean = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    return MicroBatch(clean, noise, timesteps, xi)
+    return MicroBatch(clean, noise, timesteps, perturbation)
 
 
 def hand_loss(model, params: dict, batch: MicroBatch) -> torch.Tensor:
@@ -124,7 +124,7 @@ def test_both_passes_see_the_same_inputs(micro_batches):
     for i, b in enumerate(batches):
         b.clean = b.clean.roll(i, 0)  # distinct micro-batches
     sam = SAM(recorder.parameters(), rho=0.1)
-    stats = train_step(accelerator, prepared, optimizer, DDPMScheduler(), batches, sam=sam, input_perturbation=0.1)
+    stats = train_step(accelerator, prepared, optimizer, DDPMScheduler(), batches, sam=sam)
     first, second = recorder.calls[:micro_batches], recorder.calls[micro_batches:]
     assert len(second) == micro_batches
     for (x1, t1), (x2, t2) in zip(first, second):

@@ -13,9 +13,11 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, free_port, micro_args, run_command, run_training
+from conftest import REPO, free_port, run_script
 from diffusers import DDPMPipeline
 from PIL import Image
+
+pytestmark = pytest.mark.slow  # a real server, gradio_client and Chromium
 
 gradio_client = pytest.importorskip("gradio_client")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -23,25 +25,35 @@ ARTIFACTS = os.environ.get("TEST_ARTIFACTS", REPO / "test-artifacts")
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory, micro_unet_config):
+def model(tmp_path_factory, two_models):
     """A micro model with evaluation plots in its dir."""
     out = tmp_path_factory.mktemp("space") / "micro"
-    run_training(*micro_args(out, micro_unet_config, "--max_train_steps", "3"))
-    evaluate = [sys.executable, str(REPO / "training_scripts" / "evaluate_flat.py"), "--model_path", str(out),
-                "--metrics", "perturbation", "--gammas", "0", "5", "--directions", "1", "--loss_samples", "16",
-                "--output_dir", str(out.parent / "eval")]  # fmt: skip
-    assert run_command(evaluate).returncode == 0
+    shutil.copytree(two_models[0], out)
+    small = "--metrics perturbation --gammas 0 5 --directions 1 --loss_samples 16"
+    result = run_script("evaluate_flat", "--model_path", out, *small.split(), "--output_dir", out.parent / "eval")
+    assert result.returncode == 0, result.stderr[-3000:]
     return out
 
 
 @pytest.fixture(scope="module")
 def server(model, tmp_path_factory):
     port = free_port()
-    env = dict(os.environ, FLAT_MODELS=str(model), GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
-               GRADIO_TEMP_DIR=str(tmp_path_factory.mktemp("gradio")))  # fmt: skip
+    env = dict(
+        os.environ,
+        FLAT_MODELS=str(model),
+        GRADIO_SERVER_NAME="127.0.0.1",
+        GRADIO_SERVER_PORT=str(port),
+        GRADIO_TEMP_DIR=str(tmp_path_factory.mktemp("gradio")),
+    )
     log = open(tmp_path_factory.mktemp("log") / "app.log", "w+")
-    process = subprocess.Popen([sys.executable, str(REPO / "spaces_app" / "app.py")], cwd=REPO, env=env, stdout=log,
-                               stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "spaces_app" / "app.py")],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 180
     while True:
@@ -78,8 +90,9 @@ def grid_cells(path, count: int, size: int) -> np.ndarray:
 def reference_samples(model, seed: int, steps: int, count: int) -> np.ndarray:
     """Plain diffusers, nothing of ours: the fp32 images the app should show."""
     pipeline = DDPMPipeline.from_pretrained(model)
-    images = pipeline(batch_size=count, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps,
-                      output_type="np").images  # fmt: skip
+    images = pipeline(
+        batch_size=count, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps, output_type="np"
+    ).images
     return np.round(images[..., 0] * 255).astype(np.uint8)
 
 
@@ -151,7 +164,7 @@ def test_page_renders_controls_and_images_in_chromium(server):
         expect(page.get_by_role("button", name="Generate")).to_be_visible()
         # The page generates once on load: fp32 and quantized grids (and the difference) appear as images.
         generated = "img[src*='gradio_api/file']"
-        loaded = f"[...document.querySelectorAll(\"{generated}\")].filter(i => i.complete && i.naturalWidth > 0)"
+        loaded = f'[...document.querySelectorAll("{generated}")].filter(i => i.complete && i.naturalWidth > 0)'
         page.wait_for_function(f"{loaded}.length >= 3", timeout=120_000)
         widths = page.eval_on_selector_all(generated, "images => images.map(i => i.naturalWidth)")
         assert widths.count(266) == 3  # fp32, quantized, difference: 4x4 grids (16 images) of 64-pixel cells
@@ -162,7 +175,13 @@ def test_page_renders_controls_and_images_in_chromium(server):
 
 def test_app_refuses_a_model_that_is_neither_dir_nor_repo_id(tmp_path):
     env = dict(os.environ, FLAT_MODELS=str(tmp_path / "missing"), GRADIO_SERVER_PORT=str(free_port()))
-    result = subprocess.run([sys.executable, str(REPO / "spaces_app" / "app.py")], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(REPO / "spaces_app" / "app.py")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0
     assert "FLAT_MODELS:" in result.stderr.strip().splitlines()[-1] and "missing" in result.stderr

@@ -13,8 +13,7 @@ import argparse
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
 from diffusers_flat.cli import OneLineArgumentParser, run_main
-from diffusers_flat.hub import HubError, push_to_hub
-from diffusers_flat.model_card import ModelCardError
+from diffusers_flat.hub import push_to_hub
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -23,13 +22,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hub_model_id", required=True, help="The repo to create or update: 'user/name'.")
     parser.add_argument("--hub_private_repo", action="store_true", help="Create the repo private.")
     parser.add_argument("--hub_token", default=None, help="A write token; default: the stored login or HF_TOKEN.")
+    parser.add_argument(
+        "--model_card_template",
+        default=None,
+        help="A Jinja card template of your own (see model_cards/); default: the run's.",
+    )
     return parser.parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> None:
-    url = push_to_hub(args.model_path, args.hub_model_id, private=args.hub_private_repo, token=args.hub_token)
+    url = push_to_hub(
+        args.model_path,
+        args.hub_model_id,
+        private=args.hub_private_repo,
+        token=args.hub_token,
+        template=args.model_card_template,
+    )
     print(f"Pushed {args.model_path} to {url}")
 
 
+def cli(argv: list[str] | None = None) -> None:
+    """The command line: parse `argv`, push, and report what stops the push as one line (exit status 1)."""
+    run_main(main, parse_args(argv), (OfflineModeIsEnabled, HfHubHTTPError), {"template": "--model_card_template"})
+
+
 if __name__ == "__main__":
-    run_main(main, parse_args(), (HubError, ModelCardError, OfflineModeIsEnabled, HfHubHTTPError))
+    cli()

@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import platform
-import shutil
 from pathlib import Path
 
 import datasets
@@ -30,28 +29,22 @@ from tqdm.auto import tqdm
 
 from diffusers_flat import __version__
 from diffusers_flat.averaging import averaged_unet, make_ema, make_swa, resolve_swa_start, swa_due
-from diffusers_flat.checkpointing import (
-    CheckpointError,
-    list_checkpoints,
-    read_training_state,
-    resolve_checkpoint,
-    save_checkpoint,
-    save_pipeline,
-    write_json,
-)
+from diffusers_flat.checkpointing import read_training_state, save_checkpoint, save_pipeline
 from diffusers_flat.cli import OneLineArgumentParser, UsageError, run_main
-from diffusers_flat.data import DataError, ImageTransform, StepBatchSampler, TrainingImages, load_image_dataset
-from diffusers_flat.hub import HubError, push_to_hub
+from diffusers_flat.data import ImageTransform, StepBatchSampler, TrainingImages, load_image_dataset
+from diffusers_flat.errors import FlatError
+from diffusers_flat.hub import push_to_hub
 from diffusers_flat.model_card import write_model_card
-from diffusers_flat.models import PRESETS, ModelConfigError, build_unet
-from diffusers_flat.sam import SAM
+from diffusers_flat.models import PRESETS, build_unet
+from diffusers_flat.run_directory import RunDirectory, remove_entry
+from diffusers_flat.sam import SAM, check_rho
 from diffusers_flat.sampling import image_grid, sample_images
 from diffusers_flat.training import SAM_ASCENT_MODES, MicroBatch, draw_step_noise, train_step
 
 logger = get_logger(__name__, log_level="INFO")
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(FlatError):
     """The loss stopped being a finite number."""
 
 
@@ -177,28 +170,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hub_model_id", type=str, default=None, help="Repo to push to; default: output dir name.")
     parser.add_argument("--hub_private_repo", action="store_true", help="Create the repo private.")
     parser.add_argument("--hub_token", type=str, default=None, help="Write token; default: stored login or HF_TOKEN.")
+    parser.add_argument(
+        "--model_card_template",
+        type=str,
+        default=None,
+        help="A Jinja model card template of your own (see model_cards/); default: the one diffusers_flat ships.",
+    )
     return parser.parse_args(argv)
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Reject flag values that cannot work, before anything is loaded or written."""
-    positive = ["resolution", "train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "ddpm_num_steps",
-                "ddpm_num_inference_steps", "num_epochs", "save_images_epochs", "save_model_epochs",
-                "checkpointing_steps"]  # fmt: skip
+    positive = [
+        "resolution",
+        "train_batch_size",
+        "eval_batch_size",
+        "gradient_accumulation_steps",
+        "ddpm_num_steps",
+        "ddpm_num_inference_steps",
+        "num_epochs",
+        "save_images_epochs",
+        "save_model_epochs",
+        "checkpointing_steps",
+    ]
     for name in positive:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
     for name in ("max_train_steps", "checkpoints_total_limit", "num_cpu_threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if not args.sam_rho >= 0:  # also catches nan
-        raise UsageError(f"--sam_rho must be a number >= 0 (0 turns SAM off), got {args.sam_rho}")
+    check_rho(args.sam_rho)
     if not args.input_perturbation >= 0:
         raise UsageError(f"--input_perturbation must be >= 0 (paper: 0.1), got {args.input_perturbation}")
     if args.swa_cycle < 1:
         raise UsageError(f"--swa_cycle must be >= 1 (paper: 100), got {args.swa_cycle}")
-    if not args.swa_start >= 0:
-        raise UsageError(f"--swa_start must be a step or a fraction of training in [0, 1), got {args.swa_start}")
+    if args.model_card_template and not Path(args.model_card_template).is_file():
+        raise UsageError(f"--model_card_template: no file {args.model_card_template}")
     if not args.learning_rate > 0:
         raise UsageError(f"--learning_rate must be > 0, got {args.learning_rate}")
     if args.sam_rho > 0 and args.mixed_precision == "fp16":
@@ -207,11 +214,15 @@ def check_args(args: argparse.Namespace) -> None:
             "passes; use --mixed_precision bf16 or no"
         )
     if args.push_to_hub and huggingface_hub.constants.HF_HUB_OFFLINE:
-        raise UsageError("--push_to_hub: HF_HUB_OFFLINE is set, so the Hub cannot be reached; unset it or push later "
-                         "with training_scripts/push_to_hub.py")  # fmt: skip
+        raise UsageError(
+            "--push_to_hub: HF_HUB_OFFLINE is set, so the Hub cannot be reached; unset it or push later "
+            "with training_scripts/push_to_hub.py"
+        )
     if args.hub_token and args.logger == "wandb":
-        raise UsageError("--hub_token cannot be combined with --logger wandb: the token would be logged; use "
-                         "`hf auth login` instead")  # fmt: skip
+        raise UsageError(
+            "--hub_token cannot be combined with --logger wandb: the token would be logged; use "
+            "`hf auth login` instead"
+        )
     if args.ddpm_num_inference_steps > args.ddpm_num_steps:
         raise UsageError(
             f"--ddpm_num_inference_steps ({args.ddpm_num_inference_steps}) cannot exceed --ddpm_num_steps "
@@ -219,15 +230,13 @@ def check_args(args: argparse.Namespace) -> None:
         )
 
 
-def check_output_dir(args: argparse.Namespace) -> None:
+def check_output_dir(run: RunDirectory, overwrite: bool) -> None:
     """Refuse to start a fresh run on top of another one unless asked to."""
-    out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--output_dir: '{out}' exists and is not a directory")
-    holds_run = any((out / name).exists() for name in ("training_args.json", "model_index.json"))
-    if (holds_run or list_checkpoints(out)) and not args.overwrite_output_dir:
+    if run.path.exists() and not run.path.is_dir():
+        raise UsageError(f"--output_dir: '{run.path}' exists and is not a directory")
+    if run.holds_run() and not overwrite:
         raise UsageError(
-            f"--output_dir '{out}' already holds a run; pass --resume_from_checkpoint latest to continue it or "
+            f"--output_dir '{run.path}' already holds a run; pass --resume_from_checkpoint latest to continue it or "
             "--overwrite_output_dir to replace it"
         )
 
@@ -272,23 +281,21 @@ def main(args: argparse.Namespace) -> None:
     samples_per_step = args.train_batch_size * world_size * args.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(dataset) / samples_per_step)
     max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
-    try:
-        swa_start = resolve_swa_start(args.swa_start, max_train_steps) if args.use_swa else None
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    swa_start = resolve_swa_start(args.swa_start, max_train_steps) if args.use_swa else None
 
+    run = RunDirectory(args.output_dir)
     resume_from = None
     if args.resume_from_checkpoint:
-        resume_from = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+        resume_from = run.resolve_checkpoint(args.resume_from_checkpoint)
         if resume_from is None:
             logger.warning(f"No checkpoint in {args.output_dir} yet: starting a new training run.")
     if resume_from is None:
-        check_output_dir(args)
+        check_output_dir(run, args.overwrite_output_dir)
 
     # Nothing has been written so far. From here on the run owns output_dir.
     if accelerator.is_main_process and resume_from is None and args.overwrite_output_dir:
-        for stale in list_checkpoints(args.output_dir):
-            shutil.rmtree(stale)
+        for stale in run.checkpoints():
+            remove_entry(stale)
     os.makedirs(args.output_dir, exist_ok=True)
 
     optimizer = torch.optim.AdamW(
@@ -317,7 +324,7 @@ def main(args: argparse.Namespace) -> None:
     if resume_from is not None:
         state = read_training_state(resume_from)
         if state.get("averages", []) != list(averages):
-            raise CheckpointError(
+            raise UsageError(
                 f"--resume_from_checkpoint: {resume_from.name} was saved with averages {state.get('averages')} but "
                 f"this run keeps {list(averages)}; resume with the same --use_ema/--use_swa flags"
             )
@@ -328,6 +335,8 @@ def main(args: argparse.Namespace) -> None:
     if accelerator.is_main_process:
         resolved = {
             **{k: v for k, v in vars(args).items() if k != "hub_token"},  # a secret: never on disk, never pushed
+            # an absolute path: the card is refreshed later from wherever evaluate_flat.py runs
+            "model_card_template": args.model_card_template and str(Path(args.model_card_template).resolve()),
             "max_train_steps": max_train_steps,
             "swa_start_step": swa_start,
             "num_processes": world_size,
@@ -342,7 +351,7 @@ def main(args: argparse.Namespace) -> None:
             },
             "python": platform.python_version(),
         }
-        write_json(Path(args.output_dir) / "training_args.json", resolved)
+        run.write_record(resolved)
         accelerator.init_trackers("train_flat_ddpm")
 
     channels = unet.config.in_channels
@@ -357,37 +366,46 @@ def main(args: argparse.Namespace) -> None:
         rank=accelerator.process_index,
     )
     train_dataloader = torch.utils.data.DataLoader(
-        TrainingImages(dataset, args.image_column, ImageTransform(args.resolution, args.center_crop,
-                                                                  args.random_flip, channels)),
+        TrainingImages(
+            dataset, args.image_column, ImageTransform(args.resolution, args.center_crop, args.random_flip, channels)
+        ),
         batch_sampler=sampler,
         num_workers=args.dataloader_num_workers,
-    )  # fmt: skip
+    )
 
     logger.info("***** Running training *****")
     logger.info(f"  Num examples = {len(dataset)}")
     logger.info(f"  Num processes = {world_size}")
     logger.info(f"  Total batch size (w. parallel & accumulation) = {samples_per_step}")
     logger.info(f"  Total optimization steps = {max_train_steps} ({steps_per_epoch} per epoch)")
-    logger.info(f"  Methods: SAM rho={args.sam_rho}{' (adaptive)' if args.sam_adaptive else ''}, "
-                f"IP gamma={args.input_perturbation}, EMA={args.use_ema}, SWA={args.use_swa}")  # fmt: skip
+    logger.info(
+        f"  Methods: SAM rho={args.sam_rho}{' (adaptive)' if args.sam_adaptive else ''}, "
+        f"IP gamma={args.input_perturbation}, EMA={args.use_ema}, SWA={args.use_swa}"
+    )
 
     def save_outputs(samples_name: str | None) -> None:
         """Save the pipelines (trained, EMA, SWA) and, if named, a sample grid of each."""
-        for subdir, weights in [("", unet)] + [(name, averaged_unet(unet, avg)) for name, avg in averages.items()]:
-            if subdir == "swa" and swa.n_averaged.item() == 0:
+        for variant, weights in [("raw", unet)] + [(name, averaged_unet(unet, avg)) for name, avg in averages.items()]:
+            if variant == "swa" and swa.n_averaged.item() == 0:
                 continue
-            directory = Path(args.output_dir, subdir)
-            save_pipeline(weights, noise_scheduler, directory)
+            save_pipeline(weights, noise_scheduler, run.pipeline_path(variant))
             if samples_name is not None:
-                images = sample_images(weights, noise_scheduler, args.eval_batch_size, args.ddpm_num_inference_steps,
-                                       seed=args.seed, show_progress=False)  # fmt: skip
+                images = sample_images(
+                    weights,
+                    noise_scheduler,
+                    args.eval_batch_size,
+                    args.ddpm_num_inference_steps,
+                    seed=args.seed,
+                    show_progress=False,
+                )
                 grid = image_grid(images)
-                (directory / "samples").mkdir(exist_ok=True)
-                grid.save(directory / "samples" / f"{samples_name}.png")
-                grid.save(directory / "sample_grid.png")
+                run.samples_path(variant).mkdir(exist_ok=True)
+                grid.save(run.samples_path(variant) / f"{samples_name}.png")
+                grid.save(run.sample_grid_path(variant))
                 if args.logger == "tensorboard":
                     writer = accelerator.get_tracker("tensorboard").writer
-                    writer.add_images(f"samples/{subdir or 'model'}", images.transpose(0, 3, 1, 2), global_step)
+                    tag = "model" if variant == "raw" else variant
+                    writer.add_images(f"samples/{tag}", images.transpose(0, 3, 1, 2), global_step)
 
     progress_bar = tqdm(
         total=max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
@@ -396,7 +414,7 @@ def main(args: argparse.Namespace) -> None:
     micro_batch_iterator = iter(train_dataloader)
     model.train()
     while global_step < max_train_steps:
-        noise, timesteps, xi = draw_step_noise(
+        noise, timesteps, perturbation = draw_step_noise(
             args.seed, global_step, samples_per_step, sample_shape, args.ddpm_num_steps, args.input_perturbation
         )
         micro_batches = []
@@ -408,7 +426,7 @@ def main(args: argparse.Namespace) -> None:
                     clean=next(micro_batch_iterator).to(accelerator.device),
                     noise=noise[rows].to(accelerator.device),
                     timesteps=timesteps[rows].to(accelerator.device),
-                    xi=None if xi is None else xi[rows].to(accelerator.device),
+                    perturbation=None if perturbation is None else perturbation[rows].to(accelerator.device),
                 )
             )
         stats = train_step(
@@ -419,11 +437,10 @@ def main(args: argparse.Namespace) -> None:
             micro_batches,
             sam=sam,
             sam_ascent=args.sam_ascent,
-            input_perturbation=args.input_perturbation,
             max_grad_norm=args.max_grad_norm,
         )
         if not math.isfinite(stats.loss) or not math.isfinite(stats.sharpness or 0.0):
-            kept = list_checkpoints(args.output_dir)
+            kept = run.checkpoints()
             raise TrainingDiverged(
                 f"the loss became {stats.loss} at step {global_step + 1}; stopped without saving. "
                 f"Last good checkpoint: {kept[-1] if kept else 'none'}. Try a lower --learning_rate or --sam_rho"
@@ -445,8 +462,9 @@ def main(args: argparse.Namespace) -> None:
         progress_bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{logs['lr']:.2e}")
 
         if global_step % args.checkpointing_steps == 0:
-            path = save_checkpoint(accelerator, args.output_dir, global_step, {"averages": list(averages)},
-                                   args.checkpoints_total_limit)  # fmt: skip
+            path = save_checkpoint(
+                accelerator, args.output_dir, global_step, {"averages": list(averages)}, args.checkpoints_total_limit
+            )
             logger.info(f"Saved state to {path}")
 
         epoch = global_step * samples_per_step // len(dataset)
@@ -467,12 +485,16 @@ def main(args: argparse.Namespace) -> None:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if args.push_to_hub and accelerator.is_main_process:
-        repo_id = args.hub_model_id or Path(args.output_dir).resolve().name
+        repo_id = args.hub_model_id or run.name
         url = push_to_hub(args.output_dir, repo_id, private=args.hub_private_repo, token=args.hub_token)
         logger.info(f"Pushed {args.output_dir} to {url}")
 
 
+def cli(argv: list[str] | None = None) -> None:
+    """The command line: parse `argv`, train, and report bad input as one line naming the flag (exit status 1)."""
+    flags = {"rho": "--sam_rho", "config": "--model_config_name_or_path", "checkpoint": "--resume_from_checkpoint"}
+    run_main(main, parse_args(argv), (HfHubHTTPError, OfflineModeIsEnabled), flags)
+
+
 if __name__ == "__main__":
-    errors = (UsageError, DataError, ModelConfigError, CheckpointError, TrainingDiverged, HubError, HfHubHTTPError,
-              OfflineModeIsEnabled)  # fmt: skip
-    run_main(main, parse_args(), errors)
+    cli()

@@ -18,8 +18,14 @@ def _record(**entry) -> None:
 
 
 def create_repo(self, repo_id, *, token=None, private=None, repo_type=None, exist_ok=False, **kwargs):
-    _record(call="create_repo", repo_id=repo_id, private=private, repo_type=repo_type, exist_ok=exist_ok,
-            token=token or self.token)  # fmt: skip
+    _record(
+        call="create_repo",
+        repo_id=repo_id,
+        private=private,
+        repo_type=repo_type,
+        exist_ok=exist_ok,
+        token=token or self.token,
+    )
     return RepoUrl(f"https://huggingface.co/{repo_id}")
 
 
@@ -29,10 +35,20 @@ def create_commit(self, repo_id, operations, *, commit_message, token=None, repo
         source = Path(op.path_or_fileobj)
         digest = hashlib.sha256(source.read_bytes()).hexdigest()
         files[op.path_in_repo] = {"source": str(source.resolve()), "sha256": digest}
-    _record(call="create_commit", repo_id=repo_id, repo_type=repo_type, commit_message=commit_message,
-            token=token or self.token, files=files)  # fmt: skip
-    return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/0123abcd", commit_message=commit_message,
-                      commit_description="", oid="0123abcd")  # fmt: skip
+    _record(
+        call="create_commit",
+        repo_id=repo_id,
+        repo_type=repo_type,
+        commit_message=commit_message,
+        token=token or self.token,
+        files=files,
+    )
+    return CommitInfo(
+        commit_url=f"https://huggingface.co/{repo_id}/commit/0123abcd",
+        commit_message=commit_message,
+        commit_description="",
+        oid="0123abcd",
+    )
 
 
 def _refuse(self, *args, **kwargs):

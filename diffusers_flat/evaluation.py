@@ -1,0 +1,275 @@
+"""Evaluation of one diffusion model as a library: FID at few and many respaced steps (and with quantized weights),
+LPF, loss under perturbation, the loss surface, exposure bias and memorization.
+
+`evaluate` takes an already-loaded model (anything with the UNet's call signature and config: a trained UNet, its
+EMA or SWA copy, a quantized copy), its scheduler and the real images, and returns an `EvaluationResult`, the one
+definition of the results JSON. Directories, reports and plots belong to the caller (`evaluate_flat.py`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import TypedDict
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler
+
+from .data import ImageTransform, load_image_dataset, open_image
+from .errors import FlatError
+from .exposure_bias import ExposureBiasResult, exposure_bias
+from .fid import FID, check_count, real_statistics_cached
+from .flatness import (
+    DiffusionLoss,
+    LossSurface,
+    LPFResult,
+    PerturbationCurve,
+    loss_surface,
+    loss_under_perturbation,
+    lpf_flatness,
+)
+from .memorization import MemorizationResult, memorization_ratio
+from .quantization import check_bits, check_granularity, quantize_weights_
+from .run_directory import DataSource
+from .sampling import sample_images
+
+METRICS = ("fid", "lpf", "perturbation", "surface", "exposure_bias", "memorization")
+
+
+class QuantizationResult(TypedDict):
+    granularity: str
+    fid: dict[str, dict[str, float]]  # bits -> T' -> FID
+
+
+class EvaluationResult(TypedDict, total=False):
+    """What `evaluate` measured, keyed as in `eval_results.json`; a metric that was not asked for is absent.
+    FID columns and quantization bits are string keys (JSON object keys)."""
+
+    model: str  # set by the caller: the name the model is reported under
+    path: str  # set by the caller: where the model was loaded from
+    variant: str  # set by the caller: raw, ema or swa
+    fid: dict[str, float]  # T' -> FID
+    fid_num_generated: int
+    fid_num_real: int
+    sampling_seconds: dict[str, float]  # T' -> wall time of sampling
+    quantization: QuantizationResult
+    loss: float  # the fixed diffusion loss L(w)
+    lpf: LPFResult
+    perturbation: PerturbationCurve
+    surface: LossSurface
+    exposure_bias: ExposureBiasResult
+    memorization: MemorizationResult
+
+
+@dataclass(frozen=True)
+class RealImages:
+    """The real images a model is compared with, prepared as in training (centre crop, no flip).
+
+    Args:
+        uint8: (N, H, W, C) uint8 pixels, for FID and memorization.
+        tensors: (N, C, H, W) float in [-1, 1], for the losses and exposure bias.
+        key: what identifies the images for the FID statistics cache (dataset fingerprint, source, size, channels).
+    """
+
+    uint8: np.ndarray
+    tensors: torch.Tensor
+    key: dict
+
+    def order(self, seed: int) -> np.ndarray:
+        """A fixed random order of the images: the same subsets serve every model evaluated with `seed`."""
+        return np.random.default_rng(seed).permutation(len(self.uint8))
+
+    def fid_subset(self, num_real: int, seed: int) -> np.ndarray:
+        """At most `num_real` images, a random subset in dataset order."""
+        return self.uint8[np.sort(self.order(seed)[:num_real])]
+
+    def tensor_subset(self, count: int, seed: int) -> torch.Tensor:
+        """The first `count` images of the fixed random order."""
+        return self.tensors[torch.from_numpy(self.order(seed)[:count])]
+
+
+def load_real_images(source: DataSource, resolution: int, channels: int) -> RealImages:
+    """All images of a training set as a model of `resolution` and `channels` saw them (centre crop, no flip).
+
+    Args:
+        source: the dataset (a run's `TrainingRecord.data`).
+        resolution: the model's image size.
+        channels: the model's channels (1 or 3).
+
+    Example:
+        >>> real = load_real_images(DataSource(), 16, 1)  # the embedded digits
+        >>> real.uint8.shape, real.tensors.shape
+        ((1797, 16, 16, 1), torch.Size([1797, 1, 16, 16]))
+    """
+    dataset, _ = load_image_dataset(
+        source.dataset_name, source.dataset_config_name, source.train_data_dir, source.image_column
+    )
+    transform = ImageTransform(resolution, center_crop=True, channels=channels)
+    tensors = torch.stack([transform(open_image(record), random.Random(0)) for record in dataset[source.image_column]])
+    uint8 = ((tensors + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    key = {"dataset": dataset._fingerprint, "source": source.__dict__, "resolution": resolution, "channels": channels}
+    return RealImages(uint8, tensors, key)
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """What to measure and how much of it. Every field is checked when the settings are made.
+
+    Args:
+        metrics: any of METRICS.
+        inference_steps: the respaced sampling steps T' of the FID columns (the paper: 20 and 100).
+        num_samples: generated images per FID column (the paper: 50,000).
+        num_real: at most this many real images for FID.
+        quantize: also FID with weights quantized to these bits (2-8; the paper's Table 4: 8).
+        quantize_granularity: per_tensor (the paper) or per_channel scales.
+        seed: seeds the sampling noise, the real subsets, the (x0, t, eps) triples and the weight noise.
+        batch_size: images per UNet batch.
+        loss_samples: (x0, t, eps) triples of the fixed diffusion loss.
+        lpf_sigma: LPF's noise scale sigma.
+        lpf_draws: LPF's Monte Carlo draws K.
+        gammas: radii of the loss-under-perturbation curve.
+        directions: random directions the curve averages over.
+        surface_extent: the loss surface spans [-extent, extent] along each direction.
+        surface_resolution: points per axis of the loss surface.
+        exposure_samples: sampling chains (and real images) of the exposure-bias measurement.
+
+    Example:
+        >>> EvaluationSettings(metrics=("lpf",), lpf_draws=5).lpf_draws
+        5
+    """
+
+    metrics: tuple[str, ...] = METRICS
+    inference_steps: tuple[int, ...] = (20, 100)
+    num_samples: int = 1000
+    num_real: int = 1000
+    quantize: tuple[int, ...] = ()
+    quantize_granularity: str = "per_tensor"
+    seed: int = 0
+    batch_size: int = 250
+    loss_samples: int = 256
+    lpf_sigma: float = 0.01
+    lpf_draws: int = 20
+    gammas: tuple[float, ...] = (0, 10, 20, 30, 40, 50)
+    directions: int = 3
+    surface_extent: float = 0.5
+    surface_resolution: int = 9
+    exposure_samples: int = 128
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown:
+            raise FlatError(f"metrics: unknown {', '.join(unknown)}; choose from {', '.join(METRICS)}", "metrics")
+        if "fid" in self.metrics:
+            check_count(self.num_samples, "num_samples")
+        if not self.inference_steps or any(s < 1 for s in self.inference_steps):
+            raise FlatError(f"inference_steps must be >= 1, got {list(self.inference_steps)}", "inference_steps")
+        for bits in self.quantize:
+            check_bits(bits)
+        if self.quantize and "fid" not in self.metrics:
+            raise FlatError("quantize reports FID before -> after quantization: add fid to metrics", "quantize")
+        check_granularity(self.quantize_granularity)
+        for name in (
+            "num_real",
+            "batch_size",
+            "loss_samples",
+            "lpf_draws",
+            "directions",
+            "surface_resolution",
+            "exposure_samples",
+        ):
+            if getattr(self, name) < 1:
+                raise FlatError(f"{name} must be >= 1, got {getattr(self, name)}", name)
+
+
+@dataclass
+class Evaluation:
+    """An `EvaluationResult` and the images behind it, for the caller's grids and plots."""
+
+    result: EvaluationResult
+    samples: dict[int, np.ndarray] = field(default_factory=dict)  # T' -> generated uint8 NHWC
+    quantized_samples: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)  # (bits, T') -> images
+    nearest: list[int] = field(default_factory=list)  # memorization: each sample's nearest real image
+
+
+def set_fid_reference(fid: FID, real: RealImages, settings: EvaluationSettings, cache_dir: str | os.PathLike) -> None:
+    """Give `fid` the statistics of the real images `evaluate` compares with, from `cache_dir` when computed
+    before."""
+    images = real.fid_subset(settings.num_real, settings.seed)
+    real_statistics_cached(fid, images, cache_dir, {**real.key, "n": len(images)})
+
+
+def evaluate(
+    model: torch.nn.Module,
+    scheduler: DDPMScheduler,
+    real: RealImages,
+    settings: EvaluationSettings,
+    fid: FID | None = None,
+) -> Evaluation:
+    """Measure `settings.metrics` of `model`.
+
+    Args:
+        model: a UNet2DModel, or anything with its call signature and config.
+        scheduler: the model's DDPMScheduler.
+        real: the training images (`load_real_images`).
+        settings: what to measure.
+        fid: an FID whose real statistics are set (`set_fid_reference`); needed for the fid metric.
+
+    Example:
+        >>> from diffusers import DDPMPipeline  # doctest: +SKIP
+        >>> pipeline = DDPMPipeline.from_pretrained("ddpm-flat-digits")  # doctest: +SKIP
+        >>> real = load_real_images(DataSource(), 16, 1)  # doctest: +SKIP
+        >>> evaluate(pipeline.unet, pipeline.scheduler, real, EvaluationSettings(metrics=("lpf",))).result["lpf"]
+        ... # doctest: +SKIP
+    """
+    metrics, s = set(settings.metrics), settings
+    if "fid" in metrics and (fid is None or fid.num_real == 0):
+        raise FlatError("fid: the fid metric needs an FID with its real statistics set (set_fid_reference)", "fid")
+    model = model.eval()
+    evaluation = Evaluation(result={})
+    result = evaluation.result
+
+    def sample(network: torch.nn.Module, steps: int) -> np.ndarray:
+        return sample_images(network, scheduler, s.num_samples, steps, seed=s.seed, batch_size=s.batch_size)
+
+    if metrics & {"fid", "memorization"}:
+        for steps in s.inference_steps if "fid" in metrics else [max(s.inference_steps)]:
+            start = time.perf_counter()
+            evaluation.samples[steps] = sample(model, steps)
+            result.setdefault("sampling_seconds", {})[str(steps)] = round(time.perf_counter() - start, 2)
+    if "fid" in metrics:
+        result["fid"] = {str(steps): fid.score(images) for steps, images in evaluation.samples.items()}
+        result["fid_num_generated"] = s.num_samples
+        result["fid_num_real"] = fid.num_real
+    if s.quantize:
+        result["quantization"] = {"granularity": s.quantize_granularity, "fid": {}}
+        for bits in s.quantize:
+            quantized = copy.deepcopy(model)
+            quantize_weights_(quantized, bits, s.quantize_granularity)
+            scores = result["quantization"]["fid"][str(bits)] = {}
+            for steps in s.inference_steps:
+                images = evaluation.quantized_samples[bits, steps] = sample(quantized, steps)
+                scores[str(steps)] = fid.score(images)
+    if metrics & {"lpf", "perturbation", "surface"}:
+        triples = real.tensor_subset(min(s.loss_samples, len(real.tensors)), s.seed)
+        loss = DiffusionLoss(scheduler, triples, seed=s.seed, batch_size=s.batch_size)
+        result["loss"] = loss(model)
+        if "lpf" in metrics:
+            result["lpf"] = lpf_flatness(model, loss, sigma=s.lpf_sigma, num_draws=s.lpf_draws, seed=s.seed)
+        if "perturbation" in metrics:
+            result["perturbation"] = loss_under_perturbation(model, loss, list(s.gammas), s.directions, s.seed)
+        if "surface" in metrics:
+            result["surface"] = loss_surface(model, loss, s.surface_extent, s.surface_resolution, s.seed)
+    if "exposure_bias" in metrics:
+        images = real.tensor_subset(min(s.exposure_samples, len(real.tensors)), s.seed)
+        result["exposure_bias"] = exposure_bias(
+            model, scheduler, images, max(s.inference_steps), seed=s.seed, batch_size=s.batch_size
+        )
+    if "memorization" in metrics:
+        memo = memorization_ratio(evaluation.samples[max(evaluation.samples)], real.uint8)
+        evaluation.nearest = memo["nearest"]
+        result["memorization"] = {k: memo[k] for k in MemorizationResult.__annotations__}
+    return evaluation
