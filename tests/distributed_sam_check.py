@@ -6,9 +6,11 @@ whether the ascent points (w + e) were identical across ranks (they must be in g
 
 import json
 import sys
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 from conftest import MICRO_UNET
 from diffusers import DDPMScheduler, UNet2DModel
 
@@ -29,7 +31,8 @@ def same_on_all_ranks(accelerator, vector):
 
 
 def main(mode):
-    accelerator = Accelerator(cpu=True)
+    # A collective that waits longer than this fails instead of hanging until gloo's 30-minute default.
+    accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=120))])
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, **MICRO_UNET)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
