@@ -22,7 +22,7 @@ from diffusers import DDPMScheduler
 from .data import ImageTransform, load_image_dataset, open_image
 from .errors import FlatError
 from .exposure_bias import ExposureBiasResult, exposure_bias
-from .fid import FID, check_count, real_statistics_cached
+from .fid import FID, KIDResult, check_count, real_statistics_cached
 from .flatness import (
     DiffusionLoss,
     LossSurface,
@@ -40,9 +40,28 @@ from .sampling import sample_images
 METRICS = ("fid", "lpf", "perturbation", "surface", "exposure_bias", "memorization")
 
 
+def resolve_device(device: str = "auto") -> torch.device:
+    """`auto` (CUDA when present, else the CPU), `cpu`, `cuda` or `cuda:N`, checked against this machine."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise FlatError(f"device {device!r}: use auto, cpu, cuda or cuda:N", "device") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise FlatError(f"device {device!r}: use auto, cpu, cuda or cuda:N", "device")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FlatError(f"device {device}: CUDA is not available on this machine; use cpu or auto", "device")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise FlatError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA devices", "device")
+    return resolved
+
+
 class QuantizationResult(TypedDict):
     granularity: str
     fid: dict[str, dict[str, float]]  # bits -> T' -> FID
+    kid: dict[str, dict[str, KIDResult]]  # bits -> T' -> KID
 
 
 class EvaluationResult(TypedDict, total=False):
@@ -53,6 +72,7 @@ class EvaluationResult(TypedDict, total=False):
     path: str  # set by the caller: where the model was loaded from
     variant: str  # set by the caller: raw, ema or swa
     fid: dict[str, float]  # T' -> FID
+    kid: dict[str, KIDResult]  # T' -> KID, on the same features
     fid_num_generated: int
     fid_num_real: int
     sampling_seconds: dict[str, float]  # T' -> wall time of sampling
@@ -241,18 +261,21 @@ def evaluate(
             evaluation.samples[steps] = sample(model, steps)
             result.setdefault("sampling_seconds", {})[str(steps)] = round(time.perf_counter() - start, 2)
     if "fid" in metrics:
-        result["fid"] = {str(steps): fid.score(images) for steps, images in evaluation.samples.items()}
+        scores = {str(steps): fid.scores(images, s.seed) for steps, images in evaluation.samples.items()}
+        result["fid"] = {steps: score["fid"] for steps, score in scores.items()}
+        result["kid"] = {steps: score["kid"] for steps, score in scores.items()}
         result["fid_num_generated"] = s.num_samples
         result["fid_num_real"] = fid.num_real
     if s.quantize:
-        result["quantization"] = {"granularity": s.quantize_granularity, "fid": {}}
+        result["quantization"] = {"granularity": s.quantize_granularity, "fid": {}, "kid": {}}
         for bits in s.quantize:
             quantized = copy.deepcopy(model)
             quantize_weights_(quantized, bits, s.quantize_granularity)
-            scores = result["quantization"]["fid"][str(bits)] = {}
+            fids, kids = result["quantization"]["fid"][str(bits)], result["quantization"]["kid"][str(bits)] = {}, {}
             for steps in s.inference_steps:
                 images = evaluation.quantized_samples[bits, steps] = sample(quantized, steps)
-                scores[str(steps)] = fid.score(images)
+                score = fid.scores(images, s.seed)
+                fids[str(steps)], kids[str(steps)] = score["fid"], score["kid"]
     if metrics & {"lpf", "perturbation", "surface"}:
         triples = real.tensor_subset(min(s.loss_samples, len(real.tensors)), s.seed)
         loss = DiffusionLoss(scheduler, triples, seed=s.seed, batch_size=s.batch_size)

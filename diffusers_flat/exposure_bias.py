@@ -51,9 +51,13 @@ def exposure_bias(
     scheduler = DDPMScheduler.from_config(scheduler.config)
     scheduler.set_timesteps(num_inference_steps)
     unet = unet.eval()
+    device = next(unet.parameters()).device
+    # Noise is drawn on the CPU from `seed` and moved (the scheduler's step does the same with a CPU generator): the
+    # same numbers on every device.
     generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(real_images.shape, generator=generator)
-    x = torch.randn(real_images.shape, generator=generator)
+    real_images = real_images.to(device)
+    noise = torch.randn(real_images.shape, generator=generator).to(device)
+    x = torch.randn(real_images.shape, generator=generator).to(device)
     timesteps = [int(t) for t in scheduler.timesteps]
     curves = {"training_norm": [], "sampling_norm": [], "training_sq": [], "sampling_sq": []}
 
@@ -61,10 +65,10 @@ def exposure_bias(
         return torch.cat([unet(inputs[i : i + batch_size], t).sample for i in range(0, len(inputs), batch_size)])
 
     for t in tqdm(timesteps, desc="Exposure bias", disable=not show_progress, leave=False):
-        t_batch = torch.full((len(real_images),), t)
+        t_batch = torch.full((len(real_images),), t, device=device)
         truth = predict(scheduler.add_noise(real_images, noise, t_batch), t).flatten(1).norm(dim=1)
         if chain == "ground_truth":
-            fresh = torch.randn(real_images.shape, generator=generator)
+            fresh = torch.randn(real_images.shape, generator=generator).to(device)
             x = scheduler.add_noise(real_images, fresh, t_batch)
         eps = predict(x, t)
         on_chain = eps.flatten(1).norm(dim=1)

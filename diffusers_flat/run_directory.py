@@ -262,13 +262,16 @@ class RunDirectory:
         """The variants saved in the directory, raw first."""
         return [v for v in VARIANTS if self.has_pipeline(v)]
 
+    def check_is_pipeline(self, parameter: str = "path", weights: bool = True) -> None:
+        """A FlatError naming `parameter` unless the directory is a DDPMPipeline (`model_index.json`, and `unet/`
+        with `weights`)."""
+        if not ((self.path / "model_index.json").is_file() and (not weights or (self.path / "unet").is_dir())):
+            needs = "model_index.json and unet/" if weights else "model_index.json"
+            raise FlatError(f"{parameter} {self.path}: not a DDPMPipeline directory (no {needs})", parameter)
+
     def require_pipeline(self, variant: str = "raw", parameter: str = "path") -> Path:
         """The variant's pipeline directory; a FlatError naming `parameter` if the directory holds none."""
-        if not self.has_pipeline("raw"):
-            raise FlatError(
-                f"{parameter} {self.path}: not a DDPMPipeline directory (no model_index.json and unet/)",
-                parameter=parameter,
-            )
+        self.check_is_pipeline(parameter)
         if not self.has_pipeline(variant):
             raise FlatError(
                 f"variant {variant}: {self.path} was trained without use_{variant} (no {self.pipeline_path(variant)})",
@@ -357,8 +360,7 @@ class RunDirectory:
     # The Hub
     def files_to_push(self) -> list[str]:
         """The files that belong on the Hub, as sorted POSIX paths relative to the directory."""
-        if not (self.path / "model_index.json").is_file():
-            raise FlatError(f"{self.path}: not a DDPMPipeline directory (no model_index.json); nothing to push")
+        self.check_is_pipeline("output_dir", weights=False)
         chosen = []
         for path in self.path.rglob("*"):
             relative = path.relative_to(self.path)

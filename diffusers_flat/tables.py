@@ -9,22 +9,25 @@ def _row(cells: list[str]) -> str:
 
 
 def results_table(results: dict[str, dict], steps: list[int]) -> str:
-    """One row per model: FID at each of `steps`, LPF, the exposure-bias gap and the memorization ratio."""
-    header = ["model"] + [f"FID ({s} steps)" for s in steps] + ["LPF", "exposure gap (sq. norm)", "memorization"]
+    """One row per model: FID at each of `steps`, KID (x 10^3, mean ± std over subsets) where measured, LPF, the
+    exposure-bias gap and the memorization ratio."""
+    kid_steps = steps if any("kid" in r for r in results.values()) else []
+    header = ["model"] + [f"FID ({s} steps)" for s in steps] + [f"KID x10³ ({s} steps)" for s in kid_steps]
+    header += ["LPF", "exposure gap (sq. norm)", "memorization"]
     lines = [_row(header), "|" + "---|" * len(header)]
     for name, r in results.items():
         row = [name] + [f"{r['fid'][str(s)]:.2f}" if str(s) in r.get("fid", {}) else "-" for s in steps]
+        kids = [r.get("kid", {}).get(str(s)) for s in kid_steps]
+        row += [f"{1e3 * k['mean']:.2f} ± {1e3 * k['std']:.2f}" if k else "-" for k in kids]
         row.append(f"{r['lpf']['lpf']:.4f} ± {r['lpf']['stderr']:.4f}" if "lpf" in r else "-")
         row.append(f"{r['exposure_bias']['squared_norm_gap']:+.3f}" if "exposure_bias" in r else "-")
         row.append(f"{r['memorization']['memorization_ratio']:.3f}" if "memorization" in r else "-")
         lines.append(_row(row))
     with_fid = [r for r in results.values() if "fid" in r]
     if with_fid:
-        lines += [
-            "",
-            f"FID from {with_fid[0]['fid_num_generated']} generated and {with_fid[0]['fid_num_real']} real "
-            "images (the paper: 50,000 generated).",
-        ]
+        metrics = "FID and KID" if kid_steps else "FID"
+        counts = f"{with_fid[0]['fid_num_generated']} generated and {with_fid[0]['fid_num_real']} real images"
+        lines += ["", f"{metrics} from {counts} (the paper: 50,000 generated)."]
     return "\n".join(lines) + "\n"
 
 

@@ -15,6 +15,7 @@ from huggingface_hub import ModelCard
 from PIL import Image
 from scipy import linalg
 from sklearn.datasets import load_digits
+from test_fid import unbiased_mmd
 
 from diffusers_flat.fid import FID
 
@@ -51,7 +52,9 @@ def plain_diffusers_samples(path, steps: int, count: int, seed: int = 0) -> np.n
 
 
 def test_two_models_get_json_table_and_every_plot(two_models, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(evaluate_flat, "FID", lambda batch_size: FID(PooledPixels(), batch_size, show_progress=False))
+    monkeypatch.setattr(
+        evaluate_flat, "FID", lambda batch_size, device: FID(PooledPixels(), batch_size, False, device)
+    )
     out = tmp_path / "eval"
     small = [
         "--num_samples",
@@ -93,6 +96,10 @@ def test_two_models_get_json_table_and_every_plot(two_models, tmp_path, monkeypa
         for steps in (2, 4):
             generated = plain_diffusers_samples(model / "ema", steps, 100)
             assert r["fid"][str(steps)] == pytest.approx(frechet(real, pooled(generated)), rel=1e-6)
+            # KID on the same features: subsets of 100 of 100 images are all of them, so KID is the unbiased MMD^2.
+            kid = r["kid"][str(steps)]
+            assert kid["subset_size"] == 100 and kid["std"] <= 1e-9 * abs(kid["mean"])  # rounding only
+            assert kid["mean"] == pytest.approx(unbiased_mmd(real, pooled(generated)), rel=1e-6)
         assert r["fid_num_generated"] == 100 and r["fid_num_real"] == 100
         # Memorization of the 4-step samples, by hand: nearest training image closer than 1/3 of the second nearest.
         distances = np.sqrt(((generated.reshape(100, -1)[:, None].astype(float) - training[None]) ** 2).sum(-1))
@@ -101,7 +108,7 @@ def test_two_models_get_json_table_and_every_plot(two_models, tmp_path, monkeypa
         assert r["lpf"]["num_draws"] == 3 and r["lpf"]["sigma"] == 0.01
         assert r["perturbation"]["gamma"] == [0.0, 5.0, 10.0] and r["perturbation"]["loss"][0] == r["loss"]
         assert r["perturbation"]["loss"][2] > r["loss"]  # a weight step of norm 10 must cost something
-        assert r["exposure_bias"]["timesteps"] == [750, 500, 250, 0]
+        assert r["exposure_bias"]["timesteps"] == [999, 666, 333, 0]  # linspace spacing
         assert json.loads((out / name / "eval_results.json").read_text()) == r
         assert json.loads((model / "ema" / "evaluation" / "eval_results.json").read_text()) == r
         assert f"| {name} | {r['fid']['2']:.2f} | {r['fid']['4']:.2f} |" in (out / name / "results.md").read_text()
@@ -131,7 +138,9 @@ def quantized_by_hand(path, bits: int):
 
 
 def test_quantized_fid_gives_table_4_plots_and_card(two_models, tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluate_flat, "FID", lambda batch_size: FID(PooledPixels(), batch_size, show_progress=False))
+    monkeypatch.setattr(
+        evaluate_flat, "FID", lambda batch_size, device: FID(PooledPixels(), batch_size, False, device)
+    )
     model = shutil.copytree(two_models[1], tmp_path / "sam")
     out = tmp_path / "eval"
     evaluate_flat.main(
@@ -203,9 +212,12 @@ def test_quantized_fid_gives_table_4_plots_and_card(two_models, tmp_path, monkey
         ),
         (["--model_path", "{adm}", "--quantize_granularity", "row"], "--quantize_granularity 'row': choose"),
         (["--model_path", "{adm}", "--inference_steps", "0"], "--inference_steps must be >= 1, got [0]"),
+        (["--model_path", "{adm}", "--device", "tpu"], "--device 'tpu': use auto, cpu, cuda or cuda:N"),
     ],
 )
 def test_bad_input(two_models, tmp_path, flags, message, capsys):
+    if "--device" in flags and torch.cuda.is_available():
+        pytest.skip("a machine with CUDA")
     fill = {"tmp": tmp_path, "adm": two_models[0]}
     status, stderr = run_cli(
         evaluate_flat, [f.format(**fill) for f in flags] + ["--output_dir", tmp_path / "out"], capsys

@@ -43,6 +43,43 @@ def test_frechet_distance_matches_the_gaussian_closed_form():
     assert got > 10  # the two sets do differ
 
 
+def unbiased_mmd(x: np.ndarray, y: np.ndarray) -> float:
+    """KID's estimate, written out: the unbiased MMD^2 with the kernel k(a, b) = (a.b / d + 1)^3."""
+    d = x.shape[1]
+    kxx, kyy, kxy = ((x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3)
+    m, n = len(x), len(y)
+    within = (kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+    return float(within - 2 * kxy.mean())
+
+
+def test_kid_matches_the_unbiased_mmd_and_its_subsets_are_seeded():
+    rng = np.random.default_rng(1)
+    as_images = lambda x: np.clip(x, 0, 255).round().astype(np.uint8).reshape(-1, 2, 2, 1)  # noqa: E731
+    real = as_images(rng.normal(100, 30, (150, 4)))
+    fake = as_images(rng.normal(120, 20, (120, 4)))
+    fid = FID(FirstPixels(), show_progress=False)
+    fid.set_real(real)
+    # Subsets as large as the smaller set: every subset of the generated images is all of them.
+    fid.kid_subset_size = 120
+    kid = fid.scores(fake)["kid"]
+    assert kid["subset_size"] == 120 and kid["subsets"] == 100
+    # The real subsets vary, so the mean is over 100 draws of 120 of the 150 real images; by hand, over all of them:
+    expected = unbiased_mmd(real.reshape(-1, 4).astype(float), fake.reshape(-1, 4).astype(float))
+    assert kid["mean"] == pytest.approx(expected, rel=0.05) and kid["std"] > 0
+    fid.kid_subset_size = 1000  # more than either set holds: all images, every time
+    small = FID(FirstPixels(), show_progress=False)
+    small.set_real(real[:120])
+    kid = small.scores(fake)["kid"]
+    assert kid["subset_size"] == 120 and kid["std"] <= 1e-9 * abs(kid["mean"])  # rounding only
+    assert kid["mean"] == pytest.approx(
+        unbiased_mmd(real[:120].reshape(-1, 4).astype(float), fake.reshape(-1, 4).astype(float)), rel=1e-6
+    )
+    # Seeded subsets: the same seed gives the same KID, another seed another one.
+    fid.kid_subset_size = 100
+    assert fid.scores(fake, seed=3)["kid"] == fid.scores(fake, seed=3)["kid"]
+    assert fid.scores(fake, seed=3)["kid"]["mean"] != fid.scores(fake, seed=4)["kid"]["mean"]
+
+
 def test_too_few_images_are_refused():
     fid = FID(FirstPixels(), show_progress=False)
     with pytest.raises(FIDError, match=f"images 10 is too few for a meaningful FID: use at least {MIN_FID_IMAGES}"):

@@ -1,6 +1,8 @@
-"""Sample grids."""
+"""Sample grids, and the timesteps trained pipelines sample at."""
 
 import numpy as np
+import pytest
+from diffusers import DDPMScheduler
 
 from diffusers_flat.sampling import image_grid
 
@@ -19,3 +21,23 @@ def test_grid_places_each_image_enlarged_with_padding():
 def test_rgb_grid_stays_rgb():
     images = np.zeros((4, 16, 16, 3), dtype=np.uint8)
     assert image_grid(images).mode == "RGB" and image_grid(images).size == (2 * 64 + 6, 2 * 64 + 6)
+
+
+def guided_diffusion_respacing(num_timesteps: int, count: int) -> list[int]:
+    """guided-diffusion's `space_timesteps(T, [count])`, written out here: walk from 0 to T - 1 in `count` equal float
+    strides and keep the rounded positions."""
+    stride, position, kept = (num_timesteps - 1) / (count - 1), 0.0, []
+    for _ in range(count):
+        kept.append(round(position))
+        position += stride
+    return kept
+
+
+@pytest.mark.parametrize("count", [20, 100])
+def test_trained_pipelines_sample_the_paper_s_timesteps_in_plain_diffusers(two_models, count):
+    scheduler = DDPMScheduler.from_pretrained(two_models[0], subfolder="scheduler")
+    assert scheduler.config.timestep_spacing == "linspace"
+    scheduler.set_timesteps(count)
+    expected = sorted(guided_diffusion_respacing(1000, count), reverse=True)
+    assert scheduler.timesteps.tolist() == expected
+    assert expected[:3] == ([999, 946, 894] if count == 20 else [999, 989, 979])

@@ -127,10 +127,10 @@ def test_8_bit_stays_closer_to_fp32_than_4_bit(client, model):
     [
         ({"seed": -1}, "less than minimum value 0"),
         ({"seed": 2**32}, "greater than maximum value"),
-        ({"steps": 50}, "50"),
-        ({"precision": "2-bit"}, "2-bit"),
-        ({"num_images": 17}, "17"),
-        ({"model": "someone/else"}, "someone/else"),
+        ({"steps": 50}, "Steps must be 20 or 100, got 50"),
+        ({"precision": "2-bit"}, "Precision '2-bit': choose 8-bit or 4-bit"),
+        ({"num_images": 17}, "Number of images must be from 1 to 16, got 17"),
+        ({"model": "someone/else"}, "Model 'someone/else' is not served here"),
     ],
 )
 def test_bad_inputs_are_rejected_with_a_message(client, model, inputs, message):

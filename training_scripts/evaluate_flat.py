@@ -24,6 +24,7 @@ from diffusers_flat.evaluation import (
     RealImages,
     evaluate,
     load_real_images,
+    resolve_device,
     set_fid_reference,
 )
 from diffusers_flat.fid import FID
@@ -64,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quantize_granularity", default=DEFAULTS.quantize_granularity, help="per_tensor or per_channel scales."
     )
     parser.add_argument("--output_dir", default="eval")
+    parser.add_argument(
+        "--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N: the UNet and InceptionV3."
+    )
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
     parser.add_argument("--batch_size", type=int, default=DEFAULTS.batch_size, help="Images per UNet batch.")
     parser.add_argument("--fid_batch_size", type=int, default=50, help="Images per InceptionV3 batch.")
@@ -126,6 +130,7 @@ def write_model_report(
 
 def main(args: argparse.Namespace) -> None:
     settings = settings_from(args)
+    device = resolve_device(args.device)
     runs = {}
     for path in args.model_path:
         run = RunDirectory(path)
@@ -134,7 +139,7 @@ def main(args: argparse.Namespace) -> None:
         runs[name if name not in runs else f"{name}-{len(runs)}"] = run
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fid = FID(batch_size=args.fid_batch_size) if "fid" in settings.metrics else None
+    fid = FID(batch_size=args.fid_batch_size, device=device) if "fid" in settings.metrics else None
     overrides = {
         k: getattr(args, k) for k in ("dataset_name", "dataset_config_name", "train_data_dir", "image_column")
     }
@@ -142,7 +147,7 @@ def main(args: argparse.Namespace) -> None:
     real_images: dict[tuple, RealImages] = {}  # models trained on the same data share one read of it
     results: dict[str, EvaluationResult] = {}
     for name, run in runs.items():
-        pipeline = DDPMPipeline.from_pretrained(run.pipeline_path(args.variant))
+        pipeline = DDPMPipeline.from_pretrained(run.pipeline_path(args.variant)).to(device)
         source = run.read_record().data.replace(**overrides)
         shape = (source, pipeline.unet.config.sample_size, pipeline.unet.config.in_channels)
         if shape not in real_images:

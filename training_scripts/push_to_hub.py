@@ -43,7 +43,12 @@ def main(args: argparse.Namespace) -> None:
 
 def cli(argv: list[str] | None = None) -> None:
     """The command line: parse `argv`, push, and report what stops the push as one line (exit status 1)."""
-    run_main(main, parse_args(argv), (OfflineModeIsEnabled, HfHubHTTPError), {"template": "--model_card_template"})
+    run_main(
+        main,
+        parse_args(argv),
+        (OfflineModeIsEnabled, HfHubHTTPError),
+        {"output_dir": "--model_path", "template": "--model_card_template"},
+    )
 
 
 if __name__ == "__main__":

@@ -93,6 +93,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--prediction_type", type=str, default="epsilon", choices=["epsilon", "sample", "v_prediction"]
     )
+    parser.add_argument(
+        "--timestep_spacing",
+        type=str,
+        default="linspace",
+        choices=["linspace", "leading", "trailing"],
+        help="Which timesteps respaced sampling keeps, saved in the pipeline's scheduler. linspace: 999, ..., 0 as "
+        "guided-diffusion's respacing (the paper's sampler); leading is diffusers' default.",
+    )
     # Optimisation
     parser.add_argument("--train_batch_size", type=int, default=32, help="Batch size per process.")
     parser.add_argument("--eval_batch_size", type=int, default=64, help="Images in each sample grid.")
@@ -275,6 +283,8 @@ def main(args: argparse.Namespace) -> None:
         num_train_timesteps=args.ddpm_num_steps,
         beta_schedule=args.ddpm_beta_schedule,
         prediction_type=args.prediction_type,
+        # The paper's sampler (guided-diffusion's respacing) keeps round(k (T - 1) / (T' - 1)): 999, 946, ..., 0.
+        timestep_spacing=args.timestep_spacing,
     )
 
     world_size = accelerator.num_processes
@@ -329,6 +339,10 @@ def main(args: argparse.Namespace) -> None:
                 f"this run keeps {list(averages)}; resume with the same --use_ema/--use_swa flags"
             )
         accelerator.load_state(str(resume_from))
+        if ema is not None:
+            # accelerate loads registered objects onto the CPU and EMAModel keeps them there: back to the model's
+            # device, as diffusers' train_unconditional.py does.
+            ema.to(accelerator.device)
         global_step = state["global_step"]
         logger.info(f"Resumed from {resume_from} at step {global_step}")
 
