@@ -77,7 +77,9 @@ def run_command(
     except subprocess.TimeoutExpired:
         kill_tree(marker)
         stdout, stderr = process.communicate(timeout=30)
-        raise AssertionError(f"timed out after {timeout:.0f} s: {' '.join(command)}\n{stderr[-3000:]}") from None
+        raise AssertionError(
+            f"timed out after {timeout:.0f} s: {' '.join(command)}\nstdout: {stdout[-2000:]}\nstderr: {stderr[-3000:]}"
+        ) from None
     finally:
         kill_tree(marker)
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

@@ -15,7 +15,7 @@ from conftest import MICRO_UNET
 from diffusers import DDPMScheduler, UNet2DModel
 
 from diffusers_flat.sam import SAM
-from diffusers_flat.training import MicroBatch, draw_step_noise, train_step
+from diffusers_flat.training import MicroBatch, draw_step_noise, leave_without_teardown, train_step
 
 
 class RecordingSAM(SAM):
@@ -52,6 +52,7 @@ def main(mode):
         print(json.dumps({"world_size": accelerator.num_processes, "in_sync": in_sync, "same_ascent": same_ascent}))
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    leave_without_teardown(accelerator)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from diffusers_flat.models import PRESETS, build_unet
 from diffusers_flat.run_directory import RunDirectory, remove_entry
 from diffusers_flat.sam import SAM, check_rho
 from diffusers_flat.sampling import image_grid, sample_images
-from diffusers_flat.training import SAM_ASCENT_MODES, MicroBatch, draw_step_noise, train_step
+from diffusers_flat.training import SAM_ASCENT_MODES, MicroBatch, draw_step_noise, leave_without_teardown, train_step
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -502,6 +502,7 @@ def main(args: argparse.Namespace) -> None:
         repo_id = args.hub_model_id or run.name
         url = push_to_hub(args.output_dir, repo_id, private=args.hub_private_repo, token=args.hub_token)
         logger.info(f"Pushed {args.output_dir} to {url}")
+    leave_without_teardown(accelerator)
 
 
 def cli(argv: list[str] | None = None) -> None:
