@@ -107,13 +107,18 @@ def train_step(
     process on the global batch) or from each rank's own gradient (`"local"`, Foret et al.'s m-sharpness: no
     all-reduce in the first pass, a different perturbation per rank). The descent pass always all-reduces, so every
     rank takes the same step. Gradient clipping (off when `max_grad_norm <= 0`) applies to the descent gradient;
-    the ascent step normalises its gradient, so global-norm clipping could not change e.
+    the ascent step normalises its gradient, so global-norm clipping could not change e. Both passes draw the same
+    dropout masks.
     """
     if sam_ascent not in SAM_ASCENT_MODES:
         raise FlatError(f"sam_ascent must be one of {SAM_ASCENT_MODES}, got {sam_ascent!r}", parameter="sam_ascent")
-    loss = _accumulate_gradients(
-        accelerator, model, scheduler, micro_batches, all_reduce=sam is None or sam_ascent == "global"
-    )
+    # SAM's two passes must see the same dropout masks, or e and g' are measured on two different networks: the
+    # random state is saved before the first pass and put back before the second.
+    rng_devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices) if sam is not None else nullcontext():
+        loss = _accumulate_gradients(
+            accelerator, model, scheduler, micro_batches, all_reduce=sam is None or sam_ascent == "global"
+        )
     sharpness = None
     if sam is not None:
         sam.ascend()

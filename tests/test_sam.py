@@ -89,6 +89,23 @@ def test_rho_zero_equals_plain_step():
         torch.testing.assert_close(zero[name], plain[name], rtol=0, atol=0)
 
 
+def test_with_dropout_rho_zero_still_equals_plain_step():
+    """rho = 0 puts the second pass at w itself: its gradient equals the first pass's only if both passes draw the
+    same dropout masks."""
+    torch.manual_seed(0)
+    model = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, **{**MICRO_UNET, "dropout": 0.5})
+    steps = {}
+    for use_sam in (False, True):
+        torch.manual_seed(7)  # the dropout masks of the step
+        steps[use_sam] = library_step(copy.deepcopy(model).train(), fixed_batch(), sam_rho=0.0, use_sam=use_sam)
+    for name, value in steps[False].items():
+        torch.testing.assert_close(steps[True][name], value, rtol=0, atol=0, msg=name)
+    # and the masks do matter here: another draw moves the weights elsewhere
+    torch.manual_seed(8)
+    other = library_step(copy.deepcopy(model).train(), fixed_batch(), sam_rho=0.0, use_sam=False)
+    assert any(not torch.equal(other[n], steps[False][n]) for n in other)
+
+
 def test_restore_gives_back_exact_weights():
     model = micro_unet()
     before = [p.detach().clone() for p in model.parameters()]
