@@ -10,6 +10,7 @@ plots, and publishes each model's evaluation into its run directory (`evaluation
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def settings_from(args: argparse.Namespace) -> EvaluationSettings:
     """The evaluation settings the flags ask for (checked, with errors naming the settings, i.e. the flags)."""
-    names = EvaluationSettings.__dataclass_fields__
+    names = [field.name for field in dataclasses.fields(EvaluationSettings)]
     values = {name: tuple(v) if isinstance(v := getattr(args, name), list) else v for name in names}
     return EvaluationSettings(**values)
 
