@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +33,8 @@ def save_checkpoint(
     run = RunDirectory(output_dir)
     final = run.checkpoint_path(step)
     partial = final.with_name(f".{final.name}.partial")
-    if accelerator.is_main_process and partial.exists():
-        shutil.rmtree(partial)
+    if accelerator.is_main_process:
+        remove_entry(partial)  # debris of a killed save
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
     if accelerator.is_main_process:

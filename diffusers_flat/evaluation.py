@@ -47,8 +47,8 @@ def resolve_device(device: str = "auto") -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError:
-        raise FlatError(f"device {device!r}: use auto, cpu, cuda or cuda:N", "device") from None
-    if resolved.type not in ("cpu", "cuda"):
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
         raise FlatError(f"device {device!r}: use auto, cpu, cuda or cuda:N", "device")
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
