@@ -40,12 +40,17 @@ def make_swa(model: torch.nn.Module) -> AveragedModel:
     return AveragedModel(model)
 
 
-def make_ema(model: UNet2DModel, max_decay: float, inv_gamma: float, power: float) -> EMAModel:
-    """diffusers' EMA with warm-up, set up exactly as diffusers' `train_unconditional.py` does."""
+def make_ema(
+    model: UNet2DModel, max_decay: float, inv_gamma: float = 1.0, power: float = 3 / 4, warmup: bool = True
+) -> EMAModel:
+    """diffusers' EMA. With `warmup`, set up exactly as diffusers' `train_unconditional.py` does (the decay grows
+    as 1 - (1 + step / inv_gamma)^-power up to `max_decay`); without, at `max_decay` from the second step on, as
+    guided-diffusion's `ema_rate` (EMAModel copies the weights at its first step; min_decay pins the rest)."""
     return EMAModel(
         model.parameters(),
         decay=max_decay,
-        use_ema_warmup=True,
+        min_decay=0.0 if warmup else max_decay,
+        use_ema_warmup=warmup,
         inv_gamma=inv_gamma,
         power=power,
         model_cls=UNet2DModel,

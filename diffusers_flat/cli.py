@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,14 @@ class UsageError(FlatError):
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line: argparse's usage block buries the message."""
+    """An ArgumentParser whose errors are one line: argparse's usage block buries the message.
+
+    Flags files (`@recipe.txt`, with `fromfile_prefix_chars="@"`) are read the shell's way: several flags per line,
+    quotes, and `#` comments.
+    """
+
+    def convert_arg_line_to_args(self, arg_line: str) -> list[str]:
+        return shlex.split(arg_line, comments=True)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")

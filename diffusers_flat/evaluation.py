@@ -172,7 +172,7 @@ class EvaluationSettings:
     batch_size: int = 250
     loss_samples: int = 256
     lpf_sigma: float = 0.01
-    lpf_draws: int = 20
+    lpf_draws: int = 100
     gammas: tuple[float, ...] = (0, 10, 20, 30, 40, 50)
     directions: int = 3
     surface_extent: float = 0.5

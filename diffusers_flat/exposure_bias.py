@@ -11,6 +11,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
 from .errors import FlatError
+from .learned_variance import predicted_mean_part
 
 
 class ExposureBiasResult(TypedDict):
@@ -66,14 +67,15 @@ def exposure_bias(
 
     for t in tqdm(timesteps, desc="Exposure bias", disable=not show_progress, leave=False):
         t_batch = torch.full((len(real_images),), t, device=device)
-        truth = predict(scheduler.add_noise(real_images, noise, t_batch), t).flatten(1).norm(dim=1)
+        noisy = scheduler.add_noise(real_images, noise, t_batch)
+        truth = predicted_mean_part(predict(noisy, t), noisy).flatten(1).norm(dim=1)
         if chain == "ground_truth":
             fresh = torch.randn(real_images.shape, generator=generator).to(device)
             x = scheduler.add_noise(real_images, fresh, t_batch)
-        eps = predict(x, t)
-        on_chain = eps.flatten(1).norm(dim=1)
+        output = predict(x, t)  # a learned-variance model's output carries v too, which the scheduler's step reads
+        on_chain = predicted_mean_part(output, x).flatten(1).norm(dim=1)
         if chain == "model":
-            x = scheduler.step(eps, t, x, generator=generator).prev_sample
+            x = scheduler.step(output, t, x, generator=generator).prev_sample
         for name, values in (("training", truth), ("sampling", on_chain)):
             curves[f"{name}_norm"].append(values.mean().item())
             curves[f"{name}_sq"].append((values**2).mean().item())

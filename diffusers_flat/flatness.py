@@ -20,6 +20,7 @@ from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
 from .input_perturbation import noisy_input_and_target
+from .learned_variance import predicted_mean_part
 
 LossFn = Callable[[torch.nn.Module], float]
 
@@ -65,7 +66,7 @@ class DiffusionLoss:
             device = _device_of(unet)
             images, noise, timesteps = (x[rows].to(device) for x in (self.images, self.noise, self.timesteps))
             noisy, target = noisy_input_and_target(self.scheduler, images, noise, timesteps)
-            prediction = unet(noisy, timesteps).sample
+            prediction = predicted_mean_part(unet(noisy, timesteps).sample, noisy)  # a learned variance is not scored
             total += torch.nn.functional.mse_loss(prediction, target, reduction="sum").item()
         return total / self.images.numel()
 
@@ -112,18 +113,42 @@ def perturbed(model: torch.nn.Module, directions: list[list[torch.Tensor]], scal
                 p.copy_(s)
 
 
+def _lpf_filter_scales(model: torch.nn.Module) -> dict[int, torch.Tensor]:
+    """Bisla et al.'s per-filter scale s_f = ||w_f|| + |b_f| for every module with a conv/linear-shaped weight (one
+    filter per output channel/row) and its bias, broadcast to each parameter's shape, keyed by `id(parameter)`."""
+    scales = {}
+    for module in model.modules():
+        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        if not isinstance(weight, torch.nn.Parameter) or weight.ndim < 2:
+            continue
+        s = weight.detach().flatten(1).norm(dim=1)
+        if isinstance(bias, torch.nn.Parameter):
+            s = s + bias.detach().abs()
+            scales[id(bias)] = s
+        scales[id(weight)] = s.view(-1, *([1] * (weight.ndim - 1))).expand_as(weight)
+    return scales
+
+
 def lpf_noise(
     model: torch.nn.Module, generator: torch.Generator, filter_normalized: bool = True
 ) -> list[torch.Tensor]:
-    """LPF's Gaussian weight noise at unit sigma. Filter-normalised (Bisla et al.): N(0, ||w_f||^2) on each element of
-    filter f of a conv/linear weight, i.e. unit noise on the filter rescaled to unit norm; biases and normalisation
-    parameters are left alone. Otherwise N(0, 1) on every parameter."""
+    """LPF's Gaussian weight noise at unit sigma, one tensor per parameter.
+
+    Filter-normalised (Bisla et al.): each conv/linear filter f is normalised, w_f / s_f and b_f / s_f with
+    s_f = ||w_f|| + |b_f|, and every parameter of the normalised network gets N(0, 1) noise (sigma applied by the
+    caller). Mapped back to the trained weights this is noise s_f * N(0, 1) on filter f's weight and bias and
+    N(0, 1) on every other parameter (GroupNorm scales and shifts). Their networks put a BatchNorm after each filter,
+    which makes the normalisation itself invisible; a UNet's GroupNorm mixes the channels of a group and its output
+    conv has no norm at all, so normalising without mapping back would change the function before any noise is
+    added: mapped back, the loss at sigma = 0 is the trained model's. Otherwise plain N(0, 1) on every parameter.
+    """
+    scales = _lpf_filter_scales(model) if filter_normalized else {}
     noise = []
     for param in model.parameters():
+        # Drawn on the CPU generator, then moved: the same draws on every device.
         n = torch.randn(param.shape, generator=generator, dtype=param.dtype).to(param.device)
-        if filter_normalized:
-            n = n * _filter_scales(param) if param.ndim > 1 else torch.zeros_like(n)
-        noise.append(n)
+        # w_f + sigma s_f n == s_f (w_f / s_f + sigma n): the normalised filter perturbed, mapped back
+        noise.append(n * scales[id(param)] if id(param) in scales else n)
     return noise
 
 
@@ -131,13 +156,13 @@ def lpf_flatness(
     model: torch.nn.Module,
     loss_fn: LossFn,
     sigma: float = 0.01,
-    num_draws: int = 20,
+    num_draws: int = 100,
     seed: int = 0,
     filter_normalized: bool = True,
     show_progress: bool = True,
 ) -> LPFResult:
-    """LPF: the mean loss at w + sigma * n over `num_draws` draws of `lpf_noise`. Lower is flatter. Returns the mean,
-    its standard error, K and sigma."""
+    """LPF (Bisla et al. 2022): the mean loss at w + sigma * n over `num_draws` draws of `lpf_noise` (their code:
+    sigma 0.01, K = 100). Lower is flatter. Returns the mean, its standard error, K and sigma."""
     model = copy.deepcopy(model).eval()
     generator = torch.Generator().manual_seed(seed)
     losses = []

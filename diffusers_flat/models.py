@@ -35,6 +35,40 @@ PRESETS: dict[str, dict[str, Any]] = {
         "attention_head_dim": None,
         "dropout": 0.1,
     },
+    # ADM as guided-diffusion / DDPM-IP train it on CIFAR-10 (SPEC section 7): 128 channels x (1, 2, 2, 2), 3 residual
+    # blocks per level, attention at 16x16 and 8x8 with 32 channels per head, scale-shift norm (FiLM by the timestep),
+    # residual up/down-sampling, dropout 0.3. Learned variance is `build_unet(..., learn_sigma=True)`.
+    "adm-cifar10": {
+        "block_out_channels": [128, 256, 256, 256],
+        "layers_per_block": 3,
+        "down_block_types": [
+            "ResnetDownsampleBlock2D",
+            "AttnDownBlock2D",
+            "AttnDownBlock2D",
+            "ResnetDownsampleBlock2D",
+        ],
+        "up_block_types": ["ResnetUpsampleBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"],
+        "downsample_type": "resnet",
+        "upsample_type": "resnet",
+        "resnet_time_scale_shift": "scale_shift",
+        "attention_head_dim": 32,
+        "norm_num_groups": 32,
+        "dropout": 0.3,
+    },
+    # ADM for LSUN Tower and FFHQ at 64x64: 192 channels x (1, 2, 3, 4), attention at 32, 16 and 8 with 64 channels per
+    # head, dropout 0.1; otherwise as adm-cifar10.
+    "adm-64": {
+        "block_out_channels": [192, 384, 576, 768],
+        "layers_per_block": 3,
+        "down_block_types": ["ResnetDownsampleBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
+        "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"],
+        "downsample_type": "resnet",
+        "upsample_type": "resnet",
+        "resnet_time_scale_shift": "scale_shift",
+        "attention_head_dim": 64,
+        "norm_num_groups": 32,
+        "dropout": 0.1,
+    },
 }
 
 
@@ -59,15 +93,21 @@ def load_unet_config(config: str) -> dict[str, Any]:
     )
 
 
-def build_unet(config: str, resolution: int, channels: int = 3) -> UNet2DModel:
+def build_unet(config: str, resolution: int, channels: int = 3, learn_sigma: bool = False) -> UNet2DModel:
     """A freshly initialised UNet2DModel for square `resolution`-pixel images with `channels` channels, unless the
     config (a preset name, a config file or a directory) sets `in_channels` itself (the images are then converted
-    to that)."""
+    to that). With `learn_sigma` it outputs twice the channels: epsilon and the variance interpolation v."""
     settings = {k: v for k, v in load_unet_config(config).items() if not k.startswith("_")}
     settings["sample_size"] = resolution
     in_channels = settings.setdefault("in_channels", channels)
-    if in_channels not in (1, 3) or settings.setdefault("out_channels", in_channels) != in_channels:
-        raise ModelConfigError("config: in_channels and out_channels must both be 1 (grayscale) or 3 (RGB)", "config")
+    out_channels = in_channels * (2 if learn_sigma else 1)
+    if in_channels not in (1, 3) or settings.setdefault("out_channels", out_channels) != out_channels:
+        raise ModelConfigError(
+            f"config: in_channels must be 1 (grayscale) or 3 (RGB) and out_channels {out_channels} "
+            f"({'twice in_channels: learned variance' if learn_sigma else 'equal to in_channels'}), "
+            f"got {in_channels} and {settings['out_channels']}",
+            "config",
+        )
     try:
         unet = UNet2DModel.from_config(settings)
     except (ValueError, TypeError) as err:

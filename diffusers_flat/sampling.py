@@ -19,24 +19,35 @@ def sample_images(
     seed: int = 0,
     batch_size: int = 64,
     show_progress: bool = True,
+    first_index: int = 0,
 ) -> np.ndarray:
-    """`num_images` DDPM samples as uint8 NHWC, drawn with `num_inference_steps` respaced ancestral steps."""
+    """`num_images` DDPM samples as uint8 NHWC, drawn with `num_inference_steps` respaced ancestral steps: the images
+    numbered `first_index`, ..., `first_index + num_images - 1` of the stream that `seed` defines.
+
+    Image i draws all its noise from a CPU generator of its own, seeded from (seed, i), and the noise is moved to the
+    UNet's device: the same image whatever the batch size, the device, or the share of the indices a process
+    generates (multi-process evaluation splits the indices).
+    """
     pipeline = DDPMPipeline(unet=unet, scheduler=scheduler)
     pipeline.set_progress_bar_config(disable=not show_progress, leave=False)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
     was_training = unet.training
     unet.eval()
     batches = []
-    for start in range(0, num_images, batch_size):
+    for start in range(first_index, first_index + num_images, batch_size):
+        indices = range(start, min(start + batch_size, first_index + num_images))
+        # diffusers draws sample k of the batch from generators[k], for x_T and for every step's noise
+        generators = [torch.Generator().manual_seed(image_seed(seed, i)) for i in indices]
         output = pipeline(
-            batch_size=min(batch_size, num_images - start),
-            generator=generator,
-            num_inference_steps=num_inference_steps,
-            output_type="np",
+            batch_size=len(indices), generator=generators, num_inference_steps=num_inference_steps, output_type="np"
         )
         batches.append(np.round(output.images * 255).astype(np.uint8))
     unet.train(was_training)
     return np.concatenate(batches)
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of image `index` of the stream `seed` defines."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
 def image_grid(images: np.ndarray, min_cell: int = 64, padding: int = 2) -> Image.Image:

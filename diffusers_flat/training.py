@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
 
 from .errors import FlatError
 from .input_perturbation import noisy_input_and_target
+from .learned_variance import hybrid_loss
 from .sam import SAM
 
 SAM_ASCENT_MODES = ("global", "local")
@@ -33,6 +33,7 @@ class MicroBatch:
     noise: torch.Tensor
     timesteps: torch.Tensor
     perturbation: torch.Tensor | None = None  # DDPM-IP's gamma * xi, or None
+    weights: torch.Tensor | None = None  # importance weights 1 / (T p_t) of a non-uniform timestep sampler, or None
 
 
 @dataclass
@@ -42,6 +43,8 @@ class StepStats:
     loss: float
     grad_norm: float
     sharpness: float | None = None  # SAM only: L(w + e) - L(w) on the step's batch
+    timesteps: torch.Tensor | None = None  # with `gather_sample_losses`: every process's timesteps, in rank order
+    sample_losses: torch.Tensor | None = None  # and the unweighted loss of each of those samples at w
 
 
 def draw_step_noise(
@@ -51,24 +54,38 @@ def draw_step_noise(
     sample_shape: tuple[int, ...],
     num_train_timesteps: int,
     input_perturbation: float = 0.0,
+    timestep_probabilities: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The noise, timesteps and (for IP, `input_perturbation` = gamma > 0) the input perturbation gamma * xi of every
-    sample of a global step, a pure function of `(seed, step)`. Each rank slices its own rows, the same way
-    `StepBatchSampler` slices the images."""
+    sample of a global step, a pure function of `(seed, step)` and the `timestep_probabilities` (uniform when None).
+    Each rank slices its own rows, the same way `StepBatchSampler` slices the images."""
     generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, 2]).generate_state(1)[0]))
     noise = torch.randn((num_samples, *sample_shape), generator=generator)
-    timesteps = torch.randint(0, num_train_timesteps, (num_samples,), generator=generator)
+    if timestep_probabilities is None:
+        timesteps = torch.randint(0, num_train_timesteps, (num_samples,), generator=generator)
+    else:
+        timesteps = torch.multinomial(timestep_probabilities, num_samples, replacement=True, generator=generator)
     if not input_perturbation:
         return noise, timesteps, None
     # DDPM-IP: xi ~ N(0, I), independent of eps, scaled by gamma once, here.
     return noise, timesteps, input_perturbation * torch.randn((num_samples, *sample_shape), generator=generator)
 
 
+def seed_dropout(seed: int, step: int, rank: int) -> None:
+    """Seed torch's global generators, which dropout draws from, as a pure function of `(seed, step, rank)`: a resumed
+    run then draws the masks a straight one would, whatever else used the generators in between (a DataLoader
+    iterator, for one, draws its base seed from them)."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, step, 3, rank]).generate_state(1)[0]))
+
+
 def diffusion_loss(model: torch.nn.Module, scheduler: DDPMScheduler, batch: MicroBatch) -> torch.Tensor:
-    """The denoising MSE of one micro-batch."""
+    """The denoising loss of each sample of one micro-batch: the MSE to the target, or, for a learned-variance UNet
+    (twice the input's channels out), the hybrid loss L_simple + L_vlb."""
     noisy, target = noisy_input_and_target(scheduler, batch.clean, batch.noise, batch.timesteps, batch.perturbation)
     prediction = model(noisy, batch.timesteps).sample
-    return F.mse_loss(prediction.float(), target.float())
+    if prediction.shape[1] == 2 * noisy.shape[1]:
+        return hybrid_loss(scheduler, prediction, batch.clean, noisy, target, batch.timesteps)
+    return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
 
 
 def _accumulate_gradients(
@@ -77,17 +94,22 @@ def _accumulate_gradients(
     scheduler: DDPMScheduler,
     micro_batches: list[MicroBatch],
     all_reduce: bool,
-) -> torch.Tensor:
-    """Forward/backward over the micro-batches, summing gradients of their mean loss. With `all_reduce`, the
-    gradients are averaged across processes after the last micro-batch; otherwise they stay local."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward/backward over the micro-batches, summing gradients of their mean (importance-weighted) loss. With
+    `all_reduce`, the gradients are averaged across processes after the last micro-batch; otherwise they stay local.
+    Returns the mean loss and each sample's unweighted loss."""
     total = torch.zeros((), device=accelerator.device)
+    sample_losses = []
     for i, batch in enumerate(micro_batches):
         sync = all_reduce and i == len(micro_batches) - 1
         with nullcontext() if sync else accelerator.no_sync(model):
-            loss = diffusion_loss(model, scheduler, batch) / len(micro_batches)
+            losses = diffusion_loss(model, scheduler, batch)
+            # A non-uniform timestep sampler: weighting by 1 / (T p_t) keeps the uniform loss's expectation.
+            loss = (losses if batch.weights is None else losses * batch.weights).mean() / len(micro_batches)
             accelerator.backward(loss)
         total += loss.detach()
-    return total
+        sample_losses.append(losses.detach())
+    return total, torch.cat(sample_losses)
 
 
 def train_step(
@@ -100,6 +122,7 @@ def train_step(
     sam: SAM | None = None,
     sam_ascent: str = "global",
     max_grad_norm: float = 1.0,
+    gather_sample_losses: bool = False,
 ) -> StepStats:
     """One optimizer step over `micro_batches` (gradient accumulation when there are several).
 
@@ -108,7 +131,8 @@ def train_step(
     all-reduce in the first pass, a different perturbation per rank). The descent pass always all-reduces, so every
     rank takes the same step. Gradient clipping (off when `max_grad_norm <= 0`) applies to the descent gradient;
     the ascent step normalises its gradient, so global-norm clipping could not change e. Both passes draw the same
-    dropout masks.
+    dropout masks. With `gather_sample_losses`, every process gets every sample's timestep and loss at w (for the
+    timestep sampler).
     """
     if sam_ascent not in SAM_ASCENT_MODES:
         raise FlatError(f"sam_ascent must be one of {SAM_ASCENT_MODES}, got {sam_ascent!r}", parameter="sam_ascent")
@@ -116,13 +140,13 @@ def train_step(
     # random state is saved before the first pass and put back before the second.
     rng_devices = [accelerator.device] if accelerator.device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices) if sam is not None else nullcontext():
-        loss = _accumulate_gradients(
+        loss, sample_losses = _accumulate_gradients(
             accelerator, model, scheduler, micro_batches, all_reduce=sam is None or sam_ascent == "global"
         )
     sharpness = None
     if sam is not None:
         sam.ascend()
-        perturbed_loss = _accumulate_gradients(accelerator, model, scheduler, micro_batches, all_reduce=True)
+        perturbed_loss, _ = _accumulate_gradients(accelerator, model, scheduler, micro_batches, all_reduce=True)
     # An infinite bound measures the norm without clipping.
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
     if sam is not None:
@@ -130,9 +154,13 @@ def train_step(
         sharpness = accelerator.reduce(perturbed_loss - loss, reduction="mean").item()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepStats(
+    stats = StepStats(
         loss=accelerator.reduce(loss, reduction="mean").item(), grad_norm=float(grad_norm), sharpness=sharpness
     )
+    if gather_sample_losses:
+        stats.timesteps = accelerator.gather(torch.cat([b.timesteps for b in micro_batches])).cpu()
+        stats.sample_losses = accelerator.gather(sample_losses).cpu()
+    return stats
 
 
 def leave_without_teardown(accelerator: Accelerator) -> None:

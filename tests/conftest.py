@@ -7,8 +7,10 @@ import sys
 import uuid
 from pathlib import Path
 
+import numpy
 import psutil
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "training_scripts" / "train_flat_ddpm.py"
@@ -159,6 +161,12 @@ def micro_args(output_dir: Path, config: Path, *extra: str) -> list[str]:
         "1e-3",
         *extra,
     ]
+
+
+def per_image_generators(count: int, seed: int = 0) -> list[torch.Generator]:
+    """The documented sample stream: image i draws all its noise from a CPU generator seeded from (seed, i)."""
+    seeds = [int(numpy.random.SeedSequence([seed, i]).generate_state(1)[0]) for i in range(count)]
+    return [torch.Generator().manual_seed(s) for s in seeds]
 
 
 def run_cli(script, argv: list[str], capsys) -> tuple[int, str]:

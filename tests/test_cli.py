@@ -272,7 +272,10 @@ BAD_INPUTS = {
     ),
     "missing checkpoint": (["--resume_from_checkpoint", "checkpoint-99"], "no checkpoint 'checkpoint-99' in"),
     "fp16 with sam": (["--sam_rho", "0.1", "--mixed_precision", "fp16"], "--mixed_precision fp16 cannot be"),
-    "unknown preset": (["--model_config_name_or_path", "huge"], "'huge' is neither a preset (tiny, ddpm-cifar10)"),
+    "unknown preset": (
+        ["--model_config_name_or_path", "huge"],
+        "'huge' is neither a preset (tiny, ddpm-cifar10, adm-cifar10, adm-64)",
+    ),
     "missing card template": (["--model_card_template", "/no/card.md"], "--model_card_template: no file /no/card.md"),
 }
 

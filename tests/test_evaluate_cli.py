@@ -9,7 +9,7 @@ import evaluate_flat
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import per_image_generators, run_cli
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from huggingface_hub import ModelCard
 from PIL import Image
@@ -46,7 +46,7 @@ def digits_8x8() -> np.ndarray:
 
 def plain_diffusers_samples(path, steps: int, count: int, seed: int = 0) -> np.ndarray:
     pipeline = DDPMPipeline.from_pretrained(path)
-    generator = torch.Generator().manual_seed(seed)
+    generator = per_image_generators(count, seed)
     images = pipeline(batch_size=count, generator=generator, num_inference_steps=steps, output_type="np").images
     return np.round(images * 255).astype(np.uint8)
 
@@ -174,7 +174,7 @@ def test_quantized_fid_gives_table_4_plots_and_card(two_models, tmp_path, monkey
     for bits in (8, 4):
         pipeline = DDPMPipeline(unet=quantized_by_hand(model, bits), scheduler=scheduler)
         images = pipeline(
-            batch_size=100, generator=torch.Generator().manual_seed(0), num_inference_steps=2, output_type="np"
+            batch_size=100, generator=per_image_generators(100), num_inference_steps=2, output_type="np"
         ).images
         expected[bits] = frechet(real, pooled(np.round(images * 255).astype(np.uint8)))
     fp32, q8, q4 = r["fid"]["2"], r["quantization"]["fid"]["8"]["2"], r["quantization"]["fid"]["4"]["2"]

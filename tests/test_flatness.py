@@ -44,12 +44,55 @@ def test_lpf_isotropic_matches_half_sigma_squared_trace():
 
 
 def test_lpf_filter_normalized_matches_its_closed_form():
-    # Filter-normalised noise on row i has variance sigma^2 ||w_i||^2 per element; the bias is not perturbed.
+    # Bisla et al.: filter i (row i of the weight and bias i) is divided by s_i = ||w_i|| + |b_i| and then perturbed by
+    # N(0, sigma^2) per element; on the trained scale that is variance sigma^2 s_i^2 on the row and on its bias.
     model, sigma = toy(), 0.2
     result = lpf_flatness(model, quadratic_loss, sigma=sigma, num_draws=4000, show_progress=False)
-    row_norms_sq = (model.weight.detach() ** 2).sum(dim=1, keepdim=True)
-    expected = model.loss() + sigma**2 / 2 * (model.h_weight * row_norms_sq).sum().item()
-    assert result["lpf"] == pytest.approx(expected, abs=4 * result["stderr"])
+    w, b = model.weight.detach(), model.bias.detach()
+    s_sq = (w.pow(2).sum(dim=1).sqrt() + b.abs()) ** 2
+    expected = model.loss() + sigma**2 / 2 * ((model.h_weight * s_sq[:, None]).sum() + (model.h_bias * s_sq).sum())
+    assert result["lpf"] == pytest.approx(expected.item(), abs=4 * result["stderr"])
+    assert result["num_draws"] == 4000
+
+
+class ScaleInvariant(torch.nn.Module):
+    """Conv filters each followed by a per-channel normalisation (GroupNorm with one channel per group), as the
+    BatchNorm after every conv of Bisla et al.'s networks: rescaling a filter and its bias does not change the
+    output (up to GroupNorm's eps, made negligible here)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv1, self.norm1 = torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.GroupNorm(4, 4, eps=1e-12)
+        self.conv2, self.norm2 = torch.nn.Conv2d(4, 3, 3, padding=1), torch.nn.GroupNorm(3, 3, eps=1e-12)
+        self.inputs, self.targets = torch.randn(5, 2, 6, 6).double(), torch.randn(5, 3, 6, 6).double()
+        self.double()
+
+    @torch.no_grad()
+    def loss(self) -> float:
+        out = self.norm2(self.conv2(torch.relu(self.norm1(self.conv1(self.inputs)))))
+        return torch.nn.functional.mse_loss(out, self.targets).item()
+
+
+def test_lpf_equals_normalise_then_perturb_where_normalisation_is_invisible():
+    # Their procedure, written out: divide every conv filter and its bias by ||w_f|| + |b_f|, then add
+    # N(0, sigma^2) to every parameter (GroupNorm's too), drawing the noise in parameter order as ours does.
+    model, sigma, draws = ScaleInvariant(), 0.05, 6
+    reference, generator = [], torch.Generator().manual_seed(3)
+    for _ in range(draws):
+        copy_ = ScaleInvariant()
+        copy_.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            for conv in (copy_.conv1, copy_.conv2):
+                scale = conv.weight.flatten(1).norm(dim=1) + conv.bias.abs()
+                conv.weight /= scale.view(-1, 1, 1, 1)
+                conv.bias /= scale
+            for p in copy_.parameters():
+                p += sigma * torch.randn(p.shape, generator=generator, dtype=p.dtype)
+        reference.append(copy_.loss())
+    ours = lpf_flatness(model, lambda m: m.loss(), sigma=sigma, num_draws=draws, seed=3, show_progress=False)
+    assert ours["lpf"] == pytest.approx(float(np.mean(reference)), rel=1e-9)
+    assert ours["lpf"] > model.loss()
 
 
 def test_lpf_with_zero_sigma_is_the_loss_and_weights_are_restored():

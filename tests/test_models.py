@@ -42,7 +42,7 @@ def test_config_file_and_directory(tmp_path):
     [
         ("tiny", 18, "resolution 18 does not fit this UNet: its 3 down blocks need a multiple of 4"),
         ("ddpm-cifar10", 4, "resolution 4 does not fit this UNet: its 4 down blocks need a multiple of 8"),
-        ("nope", 16, "'nope' is neither a preset (tiny, ddpm-cifar10)"),
+        ("nope", 16, "'nope' is neither a preset (tiny, ddpm-cifar10, adm-cifar10, adm-64)"),
     ],
 )
 def test_unusable_configs(name, resolution, message):
@@ -56,5 +56,5 @@ def test_broken_config_file(tmp_path):
     with pytest.raises(ModelConfigError, match="is not valid JSON"):
         build_unet(str(tmp_path / "bad.json"), 8, 3)
     (tmp_path / "odd.json").write_text(json.dumps({"in_channels": 4, "out_channels": 4}))
-    with pytest.raises(ModelConfigError, match="must both be 1 .grayscale. or 3 .RGB."):
+    with pytest.raises(ModelConfigError, match="in_channels must be 1 .grayscale. or 3 .RGB."):
         build_unet(str(tmp_path / "odd.json"), 8, 3)

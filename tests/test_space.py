@@ -12,8 +12,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-import torch
-from conftest import REPO, free_port, run_script
+from conftest import REPO, free_port, per_image_generators, run_script
 from diffusers import DDPMPipeline
 from PIL import Image
 
@@ -91,7 +90,7 @@ def reference_samples(model, seed: int, steps: int, count: int) -> np.ndarray:
     """Plain diffusers, nothing of ours: the fp32 images the app should show."""
     pipeline = DDPMPipeline.from_pretrained(model)
     images = pipeline(
-        batch_size=count, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps, output_type="np"
+        batch_size=count, generator=per_image_generators(count, seed), num_inference_steps=steps, output_type="np"
     ).images
     return np.round(images[..., 0] * 255).astype(np.uint8)
 

@@ -1,7 +1,9 @@
 """Train an unconditional DDPM toward flat minima: SAM/ASAM, SWA, EMA and input perturbation, under `accelerate`.
 
     accelerate launch training_scripts/train_flat_ddpm.py --sam_rho 0.1
+    accelerate launch training_scripts/train_flat_ddpm.py @recipes/paper-cifar10.txt --sam_rho 0.1  # the paper's ADM
 
+`@file` reads flags from a file (recipes/ holds the paper's, one per dataset); flags after it override it.
 Flags that exist in diffusers' `examples/unconditional_image_generation/train_unconditional.py` keep their names
 and meanings; the README lists the defaults that differ (they suit the embedded digits, the default dataset).
 """
@@ -39,7 +41,15 @@ from diffusers_flat.models import PRESETS, build_unet
 from diffusers_flat.run_directory import RunDirectory, remove_entry
 from diffusers_flat.sam import SAM, check_rho
 from diffusers_flat.sampling import image_grid, sample_images
-from diffusers_flat.training import SAM_ASCENT_MODES, MicroBatch, draw_step_noise, leave_without_teardown, train_step
+from diffusers_flat.timestep_sampler import TIMESTEP_SAMPLERS, LossSecondMomentSampler, importance_weights
+from diffusers_flat.training import (
+    SAM_ASCENT_MODES,
+    MicroBatch,
+    draw_step_noise,
+    leave_without_teardown,
+    seed_dropout,
+    train_step,
+)
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -49,7 +59,7 @@ class TrainingDiverged(FlatError):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0], fromfile_prefix_chars="@")
     # Data
     parser.add_argument(
         "--dataset_name",
@@ -92,6 +102,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--prediction_type", type=str, default="epsilon", choices=["epsilon", "sample", "v_prediction"]
+    )
+    parser.add_argument(
+        "--learn_sigma",
+        action="store_true",
+        help="Learn the variance (twice the channels out) with the hybrid loss L_simple + L_vlb (Nichol & Dhariwal; "
+        "the paper's ADM); plain diffusers samples it through the scheduler's variance_type learned_range.",
+    )
+    parser.add_argument(
+        "--timestep_sampler",
+        type=str,
+        default="uniform",
+        choices=TIMESTEP_SAMPLERS,
+        help="How training draws t: uniform, or loss-second-moment importance sampling (ADM, with --learn_sigma).",
     )
     parser.add_argument(
         "--timestep_spacing",
@@ -147,6 +170,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ema_inv_gamma", type=float, default=1.0, help="The inverse gamma of the EMA warm-up.")
     parser.add_argument("--ema_power", type=float, default=3 / 4, help="The power of the EMA warm-up.")
     parser.add_argument("--ema_max_decay", type=float, default=0.9999, help="The maximum EMA decay.")
+    parser.add_argument(
+        "--ema_constant_decay",
+        action="store_true",
+        help="EMA at --ema_max_decay from the start, without warm-up (guided-diffusion's ema_rate, the paper's).",
+    )
     parser.add_argument("--use_swa", action="store_true", help="Keep an SWA average, saved in output_dir/swa.")
     parser.add_argument(
         "--swa_start",
@@ -231,6 +259,8 @@ def check_args(args: argparse.Namespace) -> None:
             "--hub_token cannot be combined with --logger wandb: the token would be logged; use "
             "`hf auth login` instead"
         )
+    if args.learn_sigma and args.prediction_type != "epsilon":
+        raise UsageError(f"--learn_sigma needs --prediction_type epsilon, got {args.prediction_type}")
     if args.ddpm_num_inference_steps > args.ddpm_num_steps:
         raise UsageError(
             f"--ddpm_num_inference_steps ({args.ddpm_num_inference_steps}) cannot exceed --ddpm_num_steps "
@@ -276,13 +306,15 @@ def main(args: argparse.Namespace) -> None:
             args.dataset_name, args.dataset_config_name, args.train_data_dir, args.image_column, args.cache_dir
         )
     torch.manual_seed(args.seed)
-    model = build_unet(args.model_config_name_or_path, args.resolution, data_channels)
+    model = build_unet(args.model_config_name_or_path, args.resolution, data_channels, learn_sigma=args.learn_sigma)
     if args.enable_xformers_memory_efficient_attention:
         model.enable_xformers_memory_efficient_attention()
     noise_scheduler = DDPMScheduler(
         num_train_timesteps=args.ddpm_num_steps,
         beta_schedule=args.ddpm_beta_schedule,
         prediction_type=args.prediction_type,
+        # A learned variance v in [-1, 1] interpolates log beta~_t and log beta_t, as the hybrid loss trains it.
+        variance_type="learned_range" if args.learn_sigma else "fixed_small",
         # The paper's sampler (guided-diffusion's respacing) keeps round(k (T - 1) / (T' - 1)): 999, 946, ..., 0.
         timestep_spacing=args.timestep_spacing,
     )
@@ -325,18 +357,26 @@ def main(args: argparse.Namespace) -> None:
     model, optimizer = accelerator.prepare(model, optimizer)
     unet = accelerator.unwrap_model(model)
     sam = SAM(unet.parameters(), rho=args.sam_rho, adaptive=args.sam_adaptive) if args.sam_rho > 0 else None
-    ema = make_ema(unet, args.ema_max_decay, args.ema_inv_gamma, args.ema_power) if args.use_ema else None
+    ema = None
+    if args.use_ema:
+        ema = make_ema(unet, args.ema_max_decay, args.ema_inv_gamma, args.ema_power, not args.ema_constant_decay)
     swa = make_swa(unet) if args.use_swa else None
     averages = {name: avg for name, avg in (("ema", ema), ("swa", swa)) if avg is not None}
-    accelerator.register_for_checkpointing(lr_scheduler, *averages.values())
+    timestep_sampler = None
+    if args.timestep_sampler == "loss-second-moment":
+        timestep_sampler = LossSecondMomentSampler(args.ddpm_num_steps)
+    registered = [lr_scheduler, *averages.values()] + ([timestep_sampler] if timestep_sampler else [])
+    accelerator.register_for_checkpointing(*registered)
+    checkpoint_info = {"averages": list(averages), "timestep_sampler": args.timestep_sampler}
 
     global_step = 0
     if resume_from is not None:
         state = read_training_state(resume_from)
-        if state.get("averages", []) != list(averages):
+        saved = {"averages": state.get("averages", []), "timestep_sampler": state.get("timestep_sampler", "uniform")}
+        if saved != checkpoint_info:
             raise UsageError(
-                f"--resume_from_checkpoint: {resume_from.name} was saved with averages {state.get('averages')} but "
-                f"this run keeps {list(averages)}; resume with the same --use_ema/--use_swa flags"
+                f"--resume_from_checkpoint: {resume_from.name} was saved with {saved} but this run has "
+                f"{checkpoint_info}; resume with the same --use_ema/--use_swa/--timestep_sampler flags"
             )
         accelerator.load_state(str(resume_from))
         if ema is not None:
@@ -428,9 +468,13 @@ def main(args: argparse.Namespace) -> None:
     micro_batch_iterator = iter(train_dataloader)
     model.train()
     while global_step < max_train_steps:
+        # ADM's timestep sampler: t ~ p_t with p_t proportional to sqrt(E[L_t^2]), each loss weighted 1 / (T p_t).
+        p = timestep_sampler.probabilities() if timestep_sampler else None
         noise, timesteps, perturbation = draw_step_noise(
-            args.seed, global_step, samples_per_step, sample_shape, args.ddpm_num_steps, args.input_perturbation
+            args.seed, global_step, samples_per_step, sample_shape, args.ddpm_num_steps, args.input_perturbation, p
         )
+        weights = None if p is None else importance_weights(p, timesteps)
+        seed_dropout(args.seed, global_step, accelerator.process_index)
         micro_batches = []
         for j in range(args.gradient_accumulation_steps):
             start = (j * world_size + accelerator.process_index) * args.train_batch_size  # as StepBatchSampler
@@ -441,6 +485,7 @@ def main(args: argparse.Namespace) -> None:
                     noise=noise[rows].to(accelerator.device),
                     timesteps=timesteps[rows].to(accelerator.device),
                     perturbation=None if perturbation is None else perturbation[rows].to(accelerator.device),
+                    weights=None if weights is None else weights[rows].to(accelerator.device),
                 )
             )
         stats = train_step(
@@ -452,6 +497,7 @@ def main(args: argparse.Namespace) -> None:
             sam=sam,
             sam_ascent=args.sam_ascent,
             max_grad_norm=args.max_grad_norm,
+            gather_sample_losses=timestep_sampler is not None,
         )
         if not math.isfinite(stats.loss) or not math.isfinite(stats.sharpness or 0.0):
             kept = run.checkpoints()
@@ -459,6 +505,8 @@ def main(args: argparse.Namespace) -> None:
                 f"the loss became {stats.loss} at step {global_step + 1}; stopped without saving. "
                 f"Last good checkpoint: {kept[-1] if kept else 'none'}. Try a lower --learning_rate or --sam_rho"
             )
+        if timestep_sampler is not None:
+            timestep_sampler.update(stats.timesteps, stats.sample_losses)
         lr_scheduler.step()
         global_step += 1
         if ema is not None:
@@ -477,7 +525,7 @@ def main(args: argparse.Namespace) -> None:
 
         if global_step % args.checkpointing_steps == 0:
             path = save_checkpoint(
-                accelerator, args.output_dir, global_step, {"averages": list(averages)}, args.checkpoints_total_limit
+                accelerator, args.output_dir, global_step, checkpoint_info, args.checkpoints_total_limit
             )
             logger.info(f"Saved state to {path}")
 
