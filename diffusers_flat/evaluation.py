@@ -17,6 +17,8 @@ from typing import TypedDict
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from diffusers import DDPMScheduler
 
 from .data import ImageTransform, load_image_dataset, open_image
@@ -222,12 +224,23 @@ def set_fid_reference(fid: FID, real: RealImages, settings: EvaluationSettings, 
     real_statistics_cached(fid, images, cache_dir, {**real.key, "n": len(images)})
 
 
+def _share(count: int, processes: PartialState | None) -> range:
+    """This process's contiguous share of the indices 0..count-1 (all of them without `processes`); the shares are in
+    rank order, so gathering them restores the order."""
+    if processes is None:
+        return range(count)
+    size, extra = divmod(count, processes.num_processes)
+    start = processes.process_index * size + min(processes.process_index, extra)
+    return range(start, start + size + (processes.process_index < extra))
+
+
 def evaluate(
     model: torch.nn.Module,
     scheduler: DDPMScheduler,
     real: RealImages,
     settings: EvaluationSettings,
     fid: FID | None = None,
+    processes: PartialState | None = None,
 ) -> Evaluation:
     """Measure `settings.metrics` of `model`.
 
@@ -236,7 +249,12 @@ def evaluate(
         scheduler: the model's DDPMScheduler.
         real: the training images (`load_real_images`).
         settings: what to measure.
-        fid: an FID whose real statistics are set (`set_fid_reference`); needed for the fid metric.
+        fid: an FID whose real statistics are set (`set_fid_reference`, on the main process); needed for the fid
+            metric.
+        processes: accelerate's state when several processes evaluate together (`accelerate launch`): every process
+            calls `evaluate`; each generates its share of the sample indices (image i has its own seed, so the images
+            are those of one process) and computes their features; the images and features are gathered, and the main
+            process scores them and measures everything else. The other processes get an empty result.
 
     Example:
         >>> from diffusers import DDPMPipeline  # doctest: +SKIP
@@ -246,22 +264,45 @@ def evaluate(
         ... # doctest: +SKIP
     """
     metrics, s = set(settings.metrics), settings
-    if "fid" in metrics and (fid is None or fid.num_real == 0):
+    is_main = processes is None or processes.is_main_process
+    if "fid" in metrics and (fid is None or (is_main and fid.num_real == 0)):
         raise FlatError("fid: the fid metric needs an FID with its real statistics set (set_fid_reference)", "fid")
     model = model.eval()
     evaluation = Evaluation(result={})
     result = evaluation.result
+    features: dict[tuple[int, int], torch.Tensor] = {}  # (bits, T') -> features of the samples; bits 32: unquantized
 
-    def sample(network: torch.nn.Module, steps: int) -> np.ndarray:
-        return sample_images(network, scheduler, s.num_samples, steps, seed=s.seed, batch_size=s.batch_size)
+    def generate(network: torch.nn.Module, bits: int, steps: int) -> np.ndarray:
+        """Samples (and their features) of `network` at T' = `steps`, split across the processes and gathered."""
+        share = _share(s.num_samples, processes)
+        start = time.perf_counter()
+        images = sample_images(
+            network, scheduler, len(share), steps, s.seed, s.batch_size, show_progress=is_main, first_index=share.start
+        )
+        seconds = time.perf_counter() - start
+        feats = fid.features_of(images).cpu() if "fid" in metrics else None
+        if processes is not None and processes.num_processes > 1:
+            images = np.concatenate(gather_object([images]))
+            feats = None if feats is None else torch.cat(gather_object([feats]))
+        if feats is not None:
+            features[bits, steps] = feats
+        if bits == 32:
+            result.setdefault("sampling_seconds", {})[str(steps)] = round(seconds, 2)
+        return images
 
     if metrics & {"fid", "memorization"}:
         for steps in s.inference_steps if "fid" in metrics else [max(s.inference_steps)]:
-            start = time.perf_counter()
-            evaluation.samples[steps] = sample(model, steps)
-            result.setdefault("sampling_seconds", {})[str(steps)] = round(time.perf_counter() - start, 2)
+            evaluation.samples[steps] = generate(model, 32, steps)
+    for bits in s.quantize:
+        quantized = copy.deepcopy(model)
+        quantize_weights_(quantized, bits, s.quantize_granularity)
+        for steps in s.inference_steps:
+            evaluation.quantized_samples[bits, steps] = generate(quantized, bits, steps)
+    if not is_main:
+        return Evaluation(result={})
+
     if "fid" in metrics:
-        scores = {str(steps): fid.scores(images, s.seed) for steps, images in evaluation.samples.items()}
+        scores = {str(steps): fid.scores_of_features(features[32, steps], s.seed) for steps in evaluation.samples}
         result["fid"] = {steps: score["fid"] for steps, score in scores.items()}
         result["kid"] = {steps: score["kid"] for steps, score in scores.items()}
         result["fid_num_generated"] = s.num_samples
@@ -269,12 +310,9 @@ def evaluate(
     if s.quantize:
         result["quantization"] = {"granularity": s.quantize_granularity, "fid": {}, "kid": {}}
         for bits in s.quantize:
-            quantized = copy.deepcopy(model)
-            quantize_weights_(quantized, bits, s.quantize_granularity)
             fids, kids = result["quantization"]["fid"][str(bits)], result["quantization"]["kid"][str(bits)] = {}, {}
             for steps in s.inference_steps:
-                images = evaluation.quantized_samples[bits, steps] = sample(quantized, steps)
-                score = fid.scores(images, s.seed)
+                score = fid.scores_of_features(features[bits, steps], s.seed)
                 fids[str(steps)], kids[str(steps)] = score["fid"], score["kid"]
     if metrics & {"lpf", "perturbation", "surface"}:
         triples = real.tensor_subset(min(s.loss_samples, len(real.tensors)), s.seed)

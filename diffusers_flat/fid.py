@@ -145,25 +145,36 @@ class FID:
         self.kid_subset_size = kid_subset_size
         precomputed = _Precomputed(self.features.num_features)
         # The FID metric accumulates feature sums and covariances in float64; the KID metric keeps the features.
-        self.metric = FrechetInceptionDistance(feature=precomputed, reset_real_features=False, normalize=False)
+        # Neither syncs across processes by itself: multi-process evaluation gathers the features (`evaluate`).
+        self.metric = FrechetInceptionDistance(
+            feature=precomputed, reset_real_features=False, normalize=False, sync_on_compute=False
+        )
         self.kid = KernelInceptionDistance(
             feature=_Precomputed(self.features.num_features),
             subsets=kid_subsets,
             subset_size=kid_subset_size,
             reset_real_features=False,
             normalize=False,
+            sync_on_compute=False,
         )
         self.metric.to(self.device)
         self.kid.to(self.device)
 
     @torch.no_grad()
-    def _update(self, images: np.ndarray, real: bool, desc: str) -> None:
-        for start in tqdm(
-            range(0, len(images), self.batch_size), desc=desc, disable=not self.show_progress, leave=False
-        ):
-            features = self.features(nhwc_to_nchw(images[start : start + self.batch_size]).to(self.device))
-            self.metric.update(features, real=real)
-            self.kid.update(features, real=real)
+    def features_of(self, images: np.ndarray, desc: str = "Inception features") -> torch.Tensor:
+        """The (N, 2048) features of uint8 NHWC images, on the device."""
+        batches = [
+            self.features(nhwc_to_nchw(images[start : start + self.batch_size]).to(self.device))
+            for start in tqdm(
+                range(0, len(images), self.batch_size), desc=desc, disable=not self.show_progress, leave=False
+            )
+        ]
+        return torch.cat(batches) if batches else torch.zeros(0, self.features.num_features, device=self.device)
+
+    def _update(self, features: torch.Tensor, real: bool) -> None:
+        for start in range(0, len(features), self.batch_size):
+            self.metric.update(features[start : start + self.batch_size], real=real)
+        self.kid.update(features, real=real)
 
     def _statistics(self, which: str) -> dict[str, torch.Tensor]:
         """The metric's running feature sum, outer-product sum and count for "real" or "fake" images."""
@@ -180,7 +191,7 @@ class FID:
         for state in self._statistics("real").values():
             state.zero_()
         self.kid.real_features = []
-        self._update(images, real=True, desc="Inception features (real)")
+        self._update(self.features_of(images, "Inception features (real)"), real=True)
 
     @property
     def num_real(self) -> int:
@@ -198,13 +209,19 @@ class FID:
     def scores(self, images: np.ndarray, seed: int = 0) -> dict:
         """FID and KID of generated uint8 NHWC images against the real set: `{"fid": float, "kid": KIDResult}`."""
         check_count(len(images))
+        return self.scores_of_features(self.features_of(images, "Inception features (generated)"), seed)
+
+    def scores_of_features(self, features: torch.Tensor, seed: int = 0) -> dict:
+        """`scores` of generated images whose features (`features_of`) were computed already, e.g. by several
+        processes that each generated a share of the images."""
+        check_count(len(features))
         if self.num_real == 0:
             raise FIDError("set the real images first")
         for state in self._statistics("fake").values():
             state.zero_()
         self.kid.fake_features = []
-        self._update(images, real=False, desc="Inception features (generated)")
-        self.kid.subset_size = min(self.kid_subset_size, self.num_real, len(images))
+        self._update(features.to(self.device), real=False)
+        self.kid.subset_size = min(self.kid_subset_size, self.num_real, len(features))
         # torchmetrics draws KID's subsets from the global generator: seeded here, and the caller's state restored.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

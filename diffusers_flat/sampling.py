@@ -32,7 +32,8 @@ def sample_images(
     pipeline.set_progress_bar_config(disable=not show_progress, leave=False)
     was_training = unet.training
     unet.eval()
-    batches = []
+    size, channels = unet.config.sample_size, unet.config.in_channels
+    batches = [np.zeros((0, size, size, channels), dtype=np.uint8)]  # a process's share can be empty
     for start in range(first_index, first_index + num_images, batch_size):
         indices = range(start, min(start + batch_size, first_index + num_images))
         # diffusers draws sample k of the batch from generators[k], for x_T and for every step's noise

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from diffusers import DDPMScheduler
 
 from .errors import FlatError
@@ -163,7 +163,7 @@ def train_step(
     return stats
 
 
-def leave_without_teardown(accelerator: Accelerator) -> None:
+def leave_without_teardown(accelerator: Accelerator | PartialState) -> None:
     """End a process of a multi-process run at once, without the interpreter's teardown; call it last, after
     `end_training()`. A single process returns normally.
 

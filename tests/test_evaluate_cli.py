@@ -9,7 +9,7 @@ import evaluate_flat
 import numpy as np
 import pytest
 import torch
-from conftest import per_image_generators, run_cli
+from conftest import REPO, launch_two_processes, per_image_generators, run_cli, run_script
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from huggingface_hub import ModelCard
 from PIL import Image
@@ -226,3 +226,24 @@ def test_bad_input(two_models, tmp_path, flags, message, capsys):
     errors = [line for line in stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and message.format(**fill) in errors[0], stderr[-2000:]
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_fid_and_kid_of_one(two_models, tmp_path):
+    # Real InceptionV3 in both runs; the real-image statistics are computed once, by the first run, and shared.
+    model = shutil.copytree(two_models[1], tmp_path / "sam")
+    flags = ["--model_path", str(model), "--metrics", "fid", "--inference_steps", "2", "--num_samples", "100"]
+    flags += ["--num_real", "100", "--device", "cpu", "--cache_dir", str(tmp_path / "cache"), "--fid_batch_size", "25"]
+    one = run_script("evaluate_flat", *flags, "--output_dir", tmp_path / "one", timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    script = str(REPO / "training_scripts" / "evaluate_flat.py")
+    two = launch_two_processes(script, *flags, "--output_dir", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "eval_results.json").read_text())["sam"]
+    b = json.loads((tmp_path / "two" / "eval_results.json").read_text())["sam"]
+    assert b["fid"]["2"] == pytest.approx(a["fid"]["2"], rel=1e-4)
+    assert b["kid"]["2"]["mean"] == pytest.approx(a["kid"]["2"]["mean"], rel=1e-4, abs=1e-7)
+    assert b["fid_num_generated"] == a["fid_num_generated"] == 100
+    # the same 100 images, in the same order: the first 64 make identical grids
+    grids = [np.asarray(Image.open(tmp_path / run / "sam" / "samples_2_steps.png")) for run in ("one", "two")]
+    assert np.array_equal(*grids)

@@ -2,6 +2,7 @@
 exposure bias, memorization and FID under weight quantization, per model and side by side.
 
     python training_scripts/evaluate_flat.py --model_path ddpm-flat-digits [more dirs] --output_dir eval [--quantize 8]
+    accelerate launch --num_processes 8 training_scripts/evaluate_flat.py --model_path ...  # 8 GPUs share the sampling
 
 The measurements are `diffusers_flat.evaluation`; this script reads the run directories, writes the reports and
 plots, and publishes each model's evaluation into its run directory (`evaluation/`) and refreshes its model card.
@@ -12,11 +13,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 from pathlib import Path
 
+import torch
+from accelerate import PartialState
 from diffusers import DDPMPipeline
 
-from diffusers_flat.cli import OneLineArgumentParser, run_main
+from diffusers_flat.cli import OneLineArgumentParser, UsageError, run_main
 from diffusers_flat.evaluation import (
     METRICS,
     Evaluation,
@@ -40,6 +44,7 @@ from diffusers_flat.plots import (
 from diffusers_flat.run_directory import VARIANTS, RunDirectory, write_atomically, write_json
 from diffusers_flat.sampling import image_grid
 from diffusers_flat.tables import quantization_table, results_table
+from diffusers_flat.training import leave_without_teardown
 
 logger = logging.getLogger("evaluate_flat")
 DEFAULTS = EvaluationSettings()
@@ -132,6 +137,16 @@ def write_model_report(
 def main(args: argparse.Namespace) -> None:
     settings = settings_from(args)
     device = resolve_device(args.device)
+    # Under `accelerate launch --num_processes N`: N processes split the sampling and the features (gloo on the CPU).
+    processes = PartialState(cpu=device.type == "cpu")
+    if processes.num_processes > 1:
+        if device.type == "cuda" and device.index is not None:
+            raise UsageError(f"--device {args.device}: several processes take a GPU each; use auto or cuda")
+        device = processes.device
+    if device.type == "cpu":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(max(1, cores // processes.num_processes))
+    main_process = processes.is_main_process
     runs = {}
     for path in args.model_path:
         run = RunDirectory(path)
@@ -139,8 +154,11 @@ def main(args: argparse.Namespace) -> None:
         name = run.name + ("" if args.variant == "raw" else f"-{args.variant}")
         runs[name if name not in runs else f"{name}-{len(runs)}"] = run
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    fid = FID(batch_size=args.fid_batch_size, device=device) if "fid" in settings.metrics else None
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    fid = None
+    if "fid" in settings.metrics:
+        fid = FID(batch_size=args.fid_batch_size, device=device, show_progress=main_process)
     overrides = {
         k: getattr(args, k) for k in ("dataset_name", "dataset_config_name", "train_data_dir", "image_column")
     }
@@ -154,15 +172,19 @@ def main(args: argparse.Namespace) -> None:
         if shape not in real_images:
             real_images[shape] = load_real_images(*shape)
         real = real_images[shape]
-        if fid is not None:
+        if fid is not None and main_process:
             set_fid_reference(fid, real, settings, args.cache_dir or out / "fid_cache")
-        evaluation = evaluate(pipeline.unet, pipeline.scheduler, real, settings, fid)
+        evaluation = evaluate(pipeline.unet, pipeline.scheduler, real, settings, fid, processes)
+        if not main_process:
+            continue
         evaluation.result.update(model=name, path=str(run.pipeline_path(args.variant)), variant=args.variant)
         results[name] = evaluation.result
         write_model_report(name, evaluation, settings, real, out / name)
         # The run directory keeps its latest evaluation beside the weights, for its model card, the Hub and the Space.
         run.publish_evaluation(args.variant, out / name)
         write_model_card(run.path)
+    if not main_process:
+        return
 
     write_json(out / "eval_results.json", results)
     report = markdown_report(results, list(settings.inference_steps))
@@ -181,6 +203,9 @@ def main(args: argparse.Namespace) -> None:
 def cli(argv: list[str] | None = None) -> None:
     """The command line: parse `argv`, evaluate, and report bad input as one line naming the flag (exit status 1)."""
     run_main(main, parse_args(argv), flags={"bits": "--quantize", "granularity": "--quantize_granularity"})
+    processes = PartialState()
+    processes.wait_for_everyone()
+    leave_without_teardown(processes)
 
 
 if __name__ == "__main__":
