@@ -221,7 +221,9 @@ def set_fid_reference(fid: FID, real: RealImages, settings: EvaluationSettings, 
     """Give `fid` the statistics of the real images `evaluate` compares with, from `cache_dir` when computed
     before."""
     images = real.fid_subset(settings.num_real, settings.seed)
-    real_statistics_cached(fid, images, cache_dir, {**real.key, "n": len(images)})
+    # bf16 features have statistics of their own
+    dtype = str(getattr(fid.features, "dtype", "")).removeprefix("torch.")
+    real_statistics_cached(fid, images, cache_dir, {**real.key, "n": len(images), "features": dtype})
 
 
 def _share(count: int, processes: PartialState | None) -> range:

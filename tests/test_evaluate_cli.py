@@ -17,8 +17,6 @@ from scipy import linalg
 from sklearn.datasets import load_digits
 from test_fid import unbiased_mmd
 
-from diffusers_flat.fid import FID
-
 
 class PooledPixels(torch.nn.Module):
     """A stand-in for InceptionV3: each 8x8 image average-pooled to 2x2, 4 features."""
@@ -52,9 +50,7 @@ def plain_diffusers_samples(path, steps: int, count: int, seed: int = 0) -> np.n
 
 
 def test_two_models_get_json_table_and_every_plot(two_models, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(
-        evaluate_flat, "FID", lambda batch_size, device: FID(PooledPixels(), batch_size, False, device)
-    )
+    monkeypatch.setattr(evaluate_flat, "InceptionFeatures", lambda dtype: PooledPixels())
     out = tmp_path / "eval"
     small = [
         "--num_samples",
@@ -138,9 +134,7 @@ def quantized_by_hand(path, bits: int):
 
 
 def test_quantized_fid_gives_table_4_plots_and_card(two_models, tmp_path, monkeypatch):
-    monkeypatch.setattr(
-        evaluate_flat, "FID", lambda batch_size, device: FID(PooledPixels(), batch_size, False, device)
-    )
+    monkeypatch.setattr(evaluate_flat, "InceptionFeatures", lambda dtype: PooledPixels())
     model = shutil.copytree(two_models[1], tmp_path / "sam")
     out = tmp_path / "eval"
     evaluate_flat.main(

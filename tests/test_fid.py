@@ -151,6 +151,17 @@ def test_features_accept_grayscale_as_replicated_rgb(digit_images, inception):
         features(gray.float())
 
 
+def test_bf16_features_stay_close_to_float32(digit_images, inception):
+    images = torch.from_numpy(digit_images[:2]).permute(0, 3, 1, 2)
+    reference = inception.network(images)
+    bf16 = InceptionFeatures(dtype="bfloat16")(images)
+    assert bf16.dtype == torch.float32 and bf16.shape == reference.shape
+    relative = ((bf16 - reference).norm() / reference.norm()).item()
+    assert 0 < relative < 0.05  # rounded, but the same features
+    with pytest.raises(FIDError, match="dtype 'float16': use float32 or bfloat16"):
+        InceptionFeatures(dtype="float16")
+
+
 class CountingFirstPixels(FirstPixels):
     def __init__(self):
         super().__init__()
