@@ -40,6 +40,7 @@ _EXPORTS = {
     "flatness": ["DiffusionLoss", "loss_surface", "loss_under_perturbation", "lpf_flatness"],
     "hub": ["push_to_hub"],
     "input_perturbation": ["noisy_input_and_target"],
+    "learned_variance": ["hybrid_loss", "vlb_term"],
     "memorization": ["memorization_ratio"],
     "model_card": ["build_model_card", "write_model_card"],
     "models": ["PRESETS", "build_unet", "load_unet_config"],
@@ -47,7 +48,8 @@ _EXPORTS = {
     "run_directory": ["DataSource", "RunDirectory", "TrainingRecord", "write_atomically", "write_json"],
     "sam": ["SAM"],
     "sampling": ["image_grid", "sample_images"],
-    "training": ["MicroBatch", "StepStats", "diffusion_loss", "draw_step_noise", "train_step"],
+    "timestep_sampler": ["LossSecondMomentSampler", "importance_weights"],
+    "training": ["MicroBatch", "StepStats", "diffusion_loss", "draw_step_noise", "seed_dropout", "train_step"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

@@ -19,19 +19,6 @@ import math
 import torch
 from diffusers import DDPMScheduler
 
-from .errors import FlatError
-
-
-def check_learned_range(scheduler: DDPMScheduler) -> None:
-    """The hybrid loss needs an epsilon-prediction scheduler that samples the learned variance as it is trained."""
-    config = scheduler.config
-    if config.prediction_type != "epsilon" or config.variance_type != "learned_range":
-        raise FlatError(
-            "learn_sigma needs prediction_type epsilon and variance_type learned_range, got "
-            f"{config.prediction_type} and {config.variance_type}",
-            parameter="learn_sigma",
-        )
-
 
 def predicted_mean_part(prediction: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
     """The first C channels of a UNet's output for a C-channel `sample`: all of it for a fixed-variance model, the

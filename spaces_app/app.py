@@ -3,7 +3,8 @@
     FLAT_MODELS=ddpm-flat-digits python spaces_app/app.py
 
 FLAT_MODELS lists Hub repo ids or local pipeline dirs, comma-separated. Gradio's own GRADIO_SERVER_NAME and
-GRADIO_SERVER_PORT choose where it listens. Only safetensors weights are read, and no remote code is run.
+GRADIO_SERVER_PORT choose where it listens. Only safetensors weights are read, and no remote code is run. The UNets
+run on the GPU when there is one (a GPU Space), else on the CPU.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import gradio as gr
 import numpy as np
+import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from huggingface_hub import snapshot_download
 
@@ -30,6 +32,7 @@ PRECISIONS = {
 STEPS = (20, 100)
 MAX_SEED = 2**32 - 1
 MAX_IMAGES = 16
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PLOTS = {"fid_vs_bits.png": "FID against weight bits", "perturbation.png": "Loss under random weight perturbation"}
 
 
@@ -46,10 +49,10 @@ def model_dir(name: str) -> RunDirectory:
 def load_unet(name: str, precision: str) -> UNet2DModel:
     unet = UNet2DModel.from_pretrained(model_dir(name).pipeline_path(), subfolder="unet", use_safetensors=True).eval()
     if precision == "8-bit":
-        return quantize_for_deployment(unet)
+        return quantize_for_deployment(unet).to(DEVICE)
     if precision == "4-bit":
         quantize_weights_(unet, bits=4, granularity="per_tensor")
-    return unet
+    return unet.to(DEVICE)
 
 
 @functools.lru_cache(maxsize=8)

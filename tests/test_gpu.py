@@ -1,13 +1,16 @@
-"""On CUDA (skipped without it): training with every method in bf16, resuming with EMA, evaluation of every metric on
-the GPU agreeing with the CPU, and the int8 deployment path. On a GPU machine: `python -m pytest tests/test_gpu.py`.
+"""On CUDA (skipped without it): training with every method in bf16, resuming with EMA, the paper's ADM recipe
+(learned variance, timestep sampler) with SAM, evaluation of every metric on the GPU agreeing with the CPU, the int8
+deployment path and the Space's generate function. On a GPU machine: `python -m pytest tests/test_gpu.py`.
 """
 
+import importlib
 import json
+import os
 import shutil
 
 import pytest
 import torch
-from conftest import micro_args, run_script, run_training
+from conftest import REPO, micro_args, run_script, run_training
 from diffusers import UNet2DModel
 
 from diffusers_flat.quantization import quantize_for_deployment
@@ -69,3 +72,30 @@ def test_int8_deployment_runs_on_cuda(two_models):
         a, b = fp32(x, t).sample, int8(x, t).sample
     assert b.device.type == "cuda"
     assert ((a - b).norm() / a.norm()).item() < 0.05
+
+
+def test_the_adm_recipe_with_sam_trains_and_resumes_on_cuda(tmp_path, micro_unet_config):
+    adm = {**json.loads(micro_unet_config.read_text()), "resnet_time_scale_shift": "scale_shift", "dropout": 0.3}
+    (tmp_path / "adm.json").write_text(json.dumps(adm))
+    flags = [f"@{REPO / 'recipes' / 'paper-cifar10.txt'}", "--dataset_name", "", "--image_column", "image"]
+    flags += ["--model_config_name_or_path", str(tmp_path / "adm.json"), "--resolution", "8", "--ddpm_num_steps", "2"]
+    flags += ["--train_batch_size", "8", "--max_train_steps", "6", "--checkpointing_steps", "3", "--sam_rho", "0.1"]
+    flags += ["--use_ema", "--eval_batch_size", "2", "--ddpm_num_inference_steps", "2"]
+    run_training(*flags, "--output_dir", str(tmp_path / "straight"))
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "straight" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    run_training(*flags, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "latest")
+    for variant in ("", "ema"):
+        unet = UNet2DModel.from_pretrained(tmp_path / "resumed" / variant, subfolder="unet")
+        assert unet.config.out_channels == 2 and all(torch.isfinite(p).all() for p in unet.parameters())
+
+
+def test_the_space_generates_on_cuda(two_models, monkeypatch):
+    monkeypatch.setenv("FLAT_MODELS", str(two_models[1]))
+    monkeypatch.syspath_prepend(str(REPO / "spaces_app"))
+    app = importlib.import_module("app")
+    assert app.DEVICE.type == "cuda" and os.environ["FLAT_MODELS"] in app.MODELS
+    for precision in ("fp32", "4-bit"):
+        assert next(app.load_unet(app.MODELS[0], precision).parameters()).device.type == "cuda"
+    fp32_grid, int8_grid, difference, summary, _ = app.generate(app.MODELS[0], 0, 20, "8-bit", 4)
+    assert fp32_grid.size == int8_grid.size and "**8-bit**" in summary
