@@ -99,3 +99,32 @@ def plot_fid_vs_bits(results: dict[str, dict], path: str | os.PathLike) -> None:
     ax.set_title("FID under weight quantization")
     ax.legend(fontsize=7)
     _save(fig, path)
+
+
+def plot_bands(
+    results: dict[str, dict[int, dict]], order: tuple[str, ...], kind: str, path: str | os.PathLike
+) -> None:
+    """A study's curves, one band (mean ± standard deviation over seeds) per row: the loss under perturbation
+    against gamma (`kind="perturbation"`, the paper's Fig. 5) or the exposure-bias gap of the norms per timestep
+    (`kind="exposure_bias"`, Fig. 6)."""
+    fig, ((ax,),) = _figure((5.5, 4))
+    for i, row in enumerate(r for r in order if r in results):
+        runs = [r[kind] for r in results[row].values() if kind in r]
+        if not runs:
+            continue
+        x = runs[0]["gamma"] if kind == "perturbation" else runs[0]["timesteps"]
+        y = np.asarray([r["loss"] if kind == "perturbation" else r["gap"] for r in runs])
+        mean, std = y.mean(axis=0), (y.std(axis=0, ddof=1) if len(y) > 1 else np.zeros(y.shape[1]))
+        ax.plot(x, mean, color=f"C{i}", label=f"{row} (n={len(y)})")
+        ax.fill_between(x, mean - std, mean + std, color=f"C{i}", alpha=0.2)
+    if kind == "perturbation":
+        ax.set_xlabel(r"perturbation radius $\gamma$")
+        ax.set_ylabel("diffusion loss")
+        ax.set_title("Loss under perturbation (mean ± std over seeds)")
+    else:
+        ax.invert_xaxis()
+        ax.set_xlabel("timestep t")
+        ax.set_ylabel(r"sampling - training mean $\|\epsilon_\theta\|$")
+        ax.set_title("Exposure-bias gap (mean ± std over seeds)")
+    ax.legend(fontsize=7)
+    _save(fig, path)

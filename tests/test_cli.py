@@ -277,6 +277,12 @@ BAD_INPUTS = {
         "'huge' is neither a preset (tiny, ddpm-cifar10, adm-cifar10, adm-64)",
     ),
     "missing card template": (["--model_card_template", "/no/card.md"], "--model_card_template: no file /no/card.md"),
+    "unknown spacing": (["--timestep_spacing", "cosine"], "argument --timestep_spacing: invalid choice: 'cosine'"),
+    "learned sigma, v": (
+        ["--learn_sigma", "--prediction_type", "v_prediction"],
+        "--learn_sigma needs --prediction_type epsilon, got v_prediction",
+    ),
+    "unknown sampler": (["--timestep_sampler", "importance"], "argument --timestep_sampler: invalid choice"),
 }
 
 

@@ -207,10 +207,12 @@ def test_quantized_fid_gives_table_4_plots_and_card(two_models, tmp_path, monkey
         (["--model_path", "{adm}", "--quantize_granularity", "row"], "--quantize_granularity 'row': choose"),
         (["--model_path", "{adm}", "--inference_steps", "0"], "--inference_steps must be >= 1, got [0]"),
         (["--model_path", "{adm}", "--device", "tpu"], "--device 'tpu': use auto, cpu, cuda or cuda:N"),
+        (["--model_path", "{adm}", "--device", "cuda"], "--device cuda: CUDA is not available on this machine"),
+        (["--model_path", "{adm}", "--fid_dtype", "float16"], "argument --fid_dtype: invalid choice: 'float16'"),
     ],
 )
 def test_bad_input(two_models, tmp_path, flags, message, capsys):
-    if "--device" in flags and torch.cuda.is_available():
+    if "cuda" in flags and torch.cuda.is_available():
         pytest.skip("a machine with CUDA")
     fill = {"tmp": tmp_path, "adm": two_models[0]}
     status, stderr = run_cli(

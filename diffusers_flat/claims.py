@@ -1,0 +1,129 @@
+"""The paper's claims as paired differences over seeds, with a 95% t-interval and a computed verdict (SPEC section 6).
+
+Each claim compares two rows of the grid (e.g. +SAM against ADM) on one measurement, seed by seed: the same seed
+means the same data order and noise, so the paired difference removes what the seeds share.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypedDict
+
+import numpy as np
+from scipy import stats
+
+from .errors import FlatError
+
+HOLDS, DOES_NOT_HOLD, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
+
+
+class Interval(TypedDict):
+    mean: float  # the mean paired difference, b - a
+    low: float  # the interval's ends (nan with fewer than two pairs)
+    high: float
+    n: int
+    confidence: float
+
+
+def paired_interval(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> Interval:
+    """The mean of the paired differences b_i - a_i and its t-interval: mean +- t_{(1+c)/2, n-1} s / sqrt(n).
+
+    Example:
+        >>> paired_interval([1.0, 2.0, 3.0], [2.0, 2.5, 4.5])["mean"]
+        1.0
+    """
+    if len(a) != len(b):
+        raise FlatError(f"b: {len(b)} values do not pair with a's {len(a)}", "b")
+    differences = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
+    n = len(differences)
+    mean = float(differences.mean()) if n else math.nan
+    if n < 2:
+        return {"mean": mean, "low": math.nan, "high": math.nan, "n": n, "confidence": confidence}
+    half = stats.t.ppf((1 + confidence) / 2, n - 1) * differences.std(ddof=1) / math.sqrt(n)
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n, "confidence": confidence}
+
+
+def verdict(interval: Interval, expected_sign: int) -> str:
+    """ "holds" when the interval excludes zero on the side of `expected_sign` (-1: the claim says b < a), "does not
+    hold" when it excludes zero on the other side, else "inconclusive" (also with fewer than two pairs)."""
+    low, high = interval["low"], interval["high"]
+    if math.isnan(low) or math.isnan(high):
+        return INCONCLUSIVE
+    if (expected_sign < 0 and high < 0) or (expected_sign > 0 and low > 0):
+        return HOLDS
+    if (expected_sign < 0 and low > 0) or (expected_sign > 0 and high < 0):
+        return DOES_NOT_HOLD
+    return INCONCLUSIVE
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One of the paper's claims: `measure` of row `treated` against row `base`, expected to move by
+    `expected_sign` (-1: lower)."""
+
+    statement: str
+    base: str
+    treated: str
+    measure: Callable[[dict], float]
+    expected_sign: int
+    paper: str
+
+
+def _lpf(result: dict) -> float:
+    return result["lpf"]["lpf"]
+
+
+def _sharpness_excess(result: dict) -> float:
+    return result["lpf"]["lpf"] - result["loss"]
+
+
+def perturbation_slope(result: dict) -> float:
+    """The least-squares slope of the loss-under-perturbation curve against gamma."""
+    return float(np.polyfit(result["perturbation"]["gamma"], result["perturbation"]["loss"], 1)[0])
+
+
+def _quantization_increase(measure: str, bits: str) -> Callable[[dict], float]:
+    def increase(result: dict) -> float:
+        quantized = result["quantization"][measure][bits]["20"]
+        fp32 = result[measure]["20"]
+        return quantized - fp32 if measure == "fid" else quantized["mean"] - fp32["mean"]
+
+    return increase
+
+
+# SPEC section 6, one claim per measurement; EMA/SWA's "do not lower LPF" is tested in the paper's direction (up).
+CLAIMS = (
+    Claim("SAM lowers LPF relative to ADM", "ADM", "+SAM", _lpf, -1, "0.097 -> 0.063"),
+    Claim("SAM lowers the sharpness excess LPF - L(w)", "ADM", "+SAM", _sharpness_excess, -1, "(not reported)"),
+    Claim("SAM lowers the slope of the loss under perturbation", "ADM", "+SAM", perturbation_slope, -1, "(Fig. 5)"),
+    Claim("EMA does not lower LPF relative to ADM", "ADM", "+EMA", _lpf, 1, "0.097 -> 0.099"),
+    Claim("SWA does not lower LPF relative to ADM", "ADM", "+SWA", _lpf, 1, "0.097 -> 0.099"),
+    Claim(
+        "SAM shrinks the exposure-bias gap relative to ADM",
+        "ADM",
+        "+SAM",
+        lambda r: r["exposure_bias"]["squared_norm_gap"],
+        -1,
+        "+11.39 -> +3.32",
+    ),
+    Claim(
+        "SAM loses less FID (T'=20) under 8-bit weights",
+        "ADM",
+        "+SAM",
+        _quantization_increase("fid", "8"),
+        -1,
+        "+13.65 vs -0.07",
+    ),
+    Claim(
+        "SAM loses less KID (T'=20) under 8-bit weights",
+        "ADM",
+        "+SAM",
+        _quantization_increase("kid", "8"),
+        -1,
+        "(not reported)",
+    ),
+    Claim("SAM improves FID at T'=20 over ADM", "ADM", "+SAM", lambda r: r["fid"]["20"], -1, "34.47 -> 9.01"),
+    Claim("SAM improves KID at T'=20 over ADM", "ADM", "+SAM", lambda r: r["kid"]["20"]["mean"], -1, "(not reported)"),
+)

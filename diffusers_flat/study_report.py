@@ -1,0 +1,147 @@
+"""The report of a study: tables shaped like the paper's (mean ± standard deviation over seeds, and n), the paper's
+claims with their paired 95% intervals and computed verdicts, and figures with one band per row."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .claims import CLAIMS, paired_interval, perturbation_slope, verdict
+from .plots import plot_bands
+from .run_directory import write_atomically, write_json
+
+# row -> seed -> the evaluation result of that row's pipeline at that seed
+Results = dict[str, dict[int, dict]]
+ROW_ORDER = ("ADM", "+EMA", "+SWA", "+IP", "+IP+EMA", "+IP+SWA", "+SAM", "+SAM+EMA", "+SAM+SWA")
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    std = f" ± {np.std(values, ddof=1):.4g}" if len(values) > 1 else ""
+    return f"{np.mean(values):.4g}{std} (n={len(values)})"
+
+
+def _column(results: Results, row: str, measure: Callable[[dict], float]) -> list[float]:
+    values = []
+    for result in results.get(row, {}).values():
+        try:
+            values.append(float(measure(result)))
+        except (KeyError, TypeError):
+            continue  # not measured in this study
+    return values
+
+
+def _table(results: Results, columns: dict[str, Callable[[dict], float]]) -> str:
+    rows = [row for row in ROW_ORDER if row in results]
+    lines = ["| row | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for row in rows:
+        cells = [_mean_std(_column(results, row, measure)) for measure in columns.values()]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def claim_results(results: Results) -> list[dict]:
+    """Each claim's paired interval over the seeds both rows have, and its verdict."""
+    out = []
+    for claim in CLAIMS:
+        base, treated = results.get(claim.base, {}), results.get(claim.treated, {})
+        pairs = []
+        for seed in sorted(set(base) & set(treated)):
+            try:
+                pairs.append((claim.measure(base[seed]), claim.measure(treated[seed])))
+            except (KeyError, TypeError):
+                continue
+        interval = paired_interval([a for a, _ in pairs], [b for _, b in pairs])
+        out.append(
+            {
+                "claim": claim.statement,
+                "rows": f"{claim.treated} vs {claim.base}",
+                "paper": claim.paper,
+                "expected_sign": claim.expected_sign,
+                "interval": interval,
+                "verdict": verdict(interval, claim.expected_sign) if interval["n"] else "not measured",
+            }
+        )
+    return out
+
+
+def _claims_table(claims: list[dict]) -> str:
+    lines = [
+        "| claim | rows | paper | measured effect (treated - base), 95% interval | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for c in claims:
+        i = c["interval"]
+        if i["n"] == 0:
+            effect = "not measured"
+        elif math.isnan(i["low"]):
+            effect = f"{i['mean']:+.4g} (n={i['n']}: no interval)"
+        else:
+            effect = f"{i['mean']:+.4g} [{i['low']:+.4g}, {i['high']:+.4g}] (n={i['n']})"
+        lines.append(f"| {c['claim']} | {c['rows']} | {c['paper']} | {effect} | **{c['verdict']}** |")
+    return "\n".join(lines)
+
+
+def write_report(results: Results, settings: dict, out: str | os.PathLike) -> str:
+    """Write report.md, report.json and the figures into `out`; returns the Markdown."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    any_result = next((r for seeds in results.values() for r in seeds.values()), {})
+    steps = sorted(any_result.get("fid", {}), key=int)
+    quality = {}
+    for s in steps:
+        quality[f"FID (T'={s})"] = lambda r, s=s: r["fid"][s]
+        quality[f"KID x10³ (T'={s})"] = lambda r, s=s: 1e3 * r["kid"][s]["mean"]
+    flatness = {
+        "loss L(w)": lambda r: r["loss"],
+        "LPF": lambda r: r["lpf"]["lpf"],
+        "LPF - L(w)": lambda r: r["lpf"]["lpf"] - r["loss"],
+        "perturbation slope": perturbation_slope,
+        "exposure gap (sq. norm)": lambda r: r["exposure_bias"]["squared_norm_gap"],
+        "memorization": lambda r: r["memorization"]["memorization_ratio"],
+    }
+    bits = sorted(any_result.get("quantization", {}).get("fid", {}), key=int, reverse=True)
+    quantization = {
+        f"{b}-bit ΔFID (T'={s})": (lambda r, b=b, s=s: r["quantization"]["fid"][b][s] - r["fid"][s])
+        for b in bits
+        for s in steps
+    }
+    claims = claim_results(results)
+    sections = [
+        "# Flatness study report",
+        f"Seeds per row: {', '.join(f'{row} {len(seeds)}' for row, seeds in results.items())}. Study "
+        f"{settings.get('study')}; evaluation flags: `{' '.join(settings.get('evaluation', [])) or '(defaults)'}`"
+        + (
+            f"; FID and KID from {any_result['fid_num_generated']} generated against {any_result['fid_num_real']} "
+            "real images"
+            if "fid_num_generated" in any_result
+            else ""
+        )
+        + ".",
+        "## Quality (Table 2)",
+        _table(results, quality) if quality else "(FID not measured)",
+        "## Flatness and exposure bias (Tables 1 and 3)",
+        _table(results, flatness),
+    ]
+    if quantization:
+        sections += ["## Quantization: FID after minus before (Table 4)", _table(results, quantization)]
+    sections += [
+        "## Claims",
+        "Each claim is a paired difference over seeds (same seed: same data order and noise), with a 95% "
+        "t-interval; **holds** when the interval excludes zero in the paper's direction, **does not hold** when it "
+        "excludes zero in the other, else **inconclusive**. Computed, never written by hand.",
+        _claims_table(claims),
+        "![loss under perturbation](perturbation.png)",
+        "![exposure bias](exposure_bias.png)",
+    ]
+    markdown = "\n\n".join(sections) + "\n"
+    plot_bands(results, ROW_ORDER, "perturbation", out / "perturbation.png")
+    plot_bands(results, ROW_ORDER, "exposure_bias", out / "exposure_bias.png")
+    write_json(out / "report.json", {"settings": settings, "results": results, "claims": claims})
+    write_atomically(out / "report.md", lambda tmp: tmp.write_text(markdown))
+    return markdown
