@@ -95,6 +95,9 @@ def test_dry_run_lists_every_run_and_evaluation(tmp_path, capsys):
     run_study.main(run_study.parse_args(["--study", str(path), "--output_dir", str(tmp_path / "out"), "--dry_run"]))
     printed = capsys.readouterr().out
     assert "4 trainings and 12 evaluations (shard 1/1)" in printed and "(+SAM+SWA)" in printed
+    # 2 seeds x (ADM: 3 steps, SAM: 3 steps of two passes); 12 pipelines x 1,000 samples x T' = 2 and 4
+    assert "work: 18 forward-backward passes of training (a SAM step is two); 24,000 generated images " in printed
+    assert "(72,000 UNet image-steps)" in printed
     assert not (tmp_path / "out").exists()
 
 

@@ -111,6 +111,25 @@ def collect(study: Study, out: Path) -> Results:
     return results
 
 
+def workload(study: Study, runs: list[Run]) -> str:
+    """The study's work in the units `benchmarks/evaluation.py` measures rates in, for a projection on your GPU."""
+    steps = 0
+    for run in runs:
+        args = train_flat_ddpm.parse_args([*run.flags, "--output_dir", "x"])
+        if args.max_train_steps is None:
+            return "work: set --max_train_steps in the study to project its cost"
+        steps += args.max_train_steps * (2 if args.sam_rho > 0 else 1)  # SAM: two passes per step
+    settings = evaluate_flat.settings_from(evaluate_flat.parse_args(["--model_path", "x", *study.evaluation]))
+    weights = 1 + len(settings.quantize)  # fp32 and each quantized copy sample the same noise
+    images = len(runs) * len(VARIANTS) * settings.num_samples * len(settings.inference_steps) * weights
+    unet_passes = len(runs) * len(VARIANTS) * settings.num_samples * sum(settings.inference_steps) * weights
+    return (
+        f"work: {steps:,} forward-backward passes of training (a SAM step is two); {images:,} generated images "
+        f"({unet_passes:,} UNet image-steps) and as many InceptionV3 images, plus {settings.num_real:,} real ones "
+        "once. Divide by the rates `python benchmarks/evaluation.py --device cuda` prints on your GPU for hours."
+    )
+
+
 def main(args: argparse.Namespace) -> None:
     study = Study.load(args.study)
     index, count = parse_shard(args.shard)
@@ -124,6 +143,7 @@ def main(args: argparse.Namespace) -> None:
                 row = row_name(run.method, variant)
                 print(f"  evaluate {run.name} {variant} ({row}) -> {evaluation_dir(out, run, variant)}")
         print(f"{len(runs)} trainings and {len(runs) * len(VARIANTS)} evaluations (shard {index}/{count})")
+        print(workload(study, runs))
         return
     if not args.report_only:
         with tqdm(total=len(runs) * (1 + len(VARIANTS)), desc="Study") as progress:
