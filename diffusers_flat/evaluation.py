@@ -61,9 +61,14 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 class QuantizationResult(TypedDict):
+    """Robustness to b-bit weights, measured three ways, all paired with the fp32 model (same sampling noise, same
+    (x0, t, eps) triples)."""
+
     granularity: str
     fid: dict[str, dict[str, float]]  # bits -> T' -> FID
     kid: dict[str, dict[str, KIDResult]]  # bits -> T' -> KID
+    loss_increase: dict[str, float]  # bits -> L(quantized w) - L(w), the fixed diffusion loss
+    pixel_displacement: dict[str, dict[str, float]]  # bits -> T' -> mean |quantized - fp32 sample| (0-255)
 
 
 class EvaluationResult(TypedDict, total=False):
@@ -295,8 +300,9 @@ def evaluate(
     if metrics & {"fid", "memorization"}:
         for steps in s.inference_steps if "fid" in metrics else [max(s.inference_steps)]:
             evaluation.samples[steps] = generate(model, 32, steps)
+    quantized_models = {}
     for bits in s.quantize:
-        quantized = copy.deepcopy(model)
+        quantized = quantized_models[bits] = copy.deepcopy(model)
         quantize_weights_(quantized, bits, s.quantize_granularity)
         for steps in s.inference_steps:
             evaluation.quantized_samples[bits, steps] = generate(quantized, bits, steps)
@@ -309,16 +315,25 @@ def evaluate(
         result["kid"] = {steps: score["kid"] for steps, score in scores.items()}
         result["fid_num_generated"] = s.num_samples
         result["fid_num_real"] = fid.num_real
+    triples = real.tensor_subset(min(s.loss_samples, len(real.tensors)), s.seed)
+    loss = DiffusionLoss(scheduler, triples, seed=s.seed, batch_size=s.batch_size)
     if s.quantize:
-        result["quantization"] = {"granularity": s.quantize_granularity, "fid": {}, "kid": {}}
+        q = result["quantization"] = {"granularity": s.quantize_granularity, "fid": {}, "kid": {}}
+        q.update(loss_increase={}, pixel_displacement={})
+        fp32_loss = loss(model)
         for bits in s.quantize:
-            fids, kids = result["quantization"]["fid"][str(bits)], result["quantization"]["kid"][str(bits)] = {}, {}
+            fids, kids, moved = q["fid"][str(bits)], q["kid"][str(bits)], q["pixel_displacement"][str(bits)] = (
+                {},
+                {},
+                {},
+            )
+            q["loss_increase"][str(bits)] = loss(quantized_models[bits]) - fp32_loss
             for steps in s.inference_steps:
                 score = fid.scores_of_features(features[bits, steps], s.seed)
                 fids[str(steps)], kids[str(steps)] = score["fid"], score["kid"]
+                a, b = evaluation.samples[steps], evaluation.quantized_samples[bits, steps]
+                moved[str(steps)] = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).mean())
     if metrics & {"lpf", "perturbation", "surface"}:
-        triples = real.tensor_subset(min(s.loss_samples, len(real.tensors)), s.seed)
-        loss = DiffusionLoss(scheduler, triples, seed=s.seed, batch_size=s.batch_size)
         result["loss"] = loss(model)
         if "lpf" in metrics:
             result["lpf"] = lpf_flatness(model, loss, sigma=s.lpf_sigma, num_draws=s.lpf_draws, seed=s.seed)

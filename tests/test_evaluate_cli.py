@@ -164,13 +164,21 @@ def test_quantized_fid_gives_table_4_plots_and_card(two_models, tmp_path, monkey
     assert r["quantization"]["granularity"] == "per_channel"
     real = pooled(digits_8x8()[np.sort(np.random.default_rng(0).permutation(1797)[:100])])
     scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
-    expected = {}
+    expected, displacement = {}, {}
+    fp32_images = plain_diffusers_samples(model, 2, 100).astype(float)
     for bits in (8, 4):
         pipeline = DDPMPipeline(unet=quantized_by_hand(model, bits), scheduler=scheduler)
         images = pipeline(
             batch_size=100, generator=per_image_generators(100), num_inference_steps=2, output_type="np"
         ).images
         expected[bits] = frechet(real, pooled(np.round(images * 255).astype(np.uint8)))
+        displacement[bits] = np.abs(np.round(images * 255) - fp32_images).mean()
+    # The same noise for fp32 and quantized weights: the samples move by the mean pixel displacement.
+    for bits in (8, 4):
+        moved = r["quantization"]["pixel_displacement"][str(bits)]["2"]
+        assert moved == pytest.approx(displacement[bits], rel=1e-6)
+    assert 0 < displacement[8] < displacement[4]
+    assert set(r["quantization"]["loss_increase"]) == {"8", "4"}
     fp32, q8, q4 = r["fid"]["2"], r["quantization"]["fid"]["8"]["2"], r["quantization"]["fid"]["4"]["2"]
     assert (q8, q4) == (pytest.approx(expected[8], rel=1e-6), pytest.approx(expected[4], rel=1e-6))
     assert q4 != fp32  # 4-bit weights change the samples

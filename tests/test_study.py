@@ -145,7 +145,8 @@ def test_a_micro_study_survives_a_kill_and_reports_every_table(tmp_path, monkeyp
     report = (tmp_path / "full" / "report.md").read_text()
     for heading in ("## Quality (Table 2)", "FID (T'=2)", "KID x10³ (T'=4)", "## Flatness and exposure bias"):
         assert heading in report
-    assert "## Quantization: FID after minus before (Table 4)" in report and "8-bit ΔFID (T'=2)" in report
+    assert "## Quantization robustness (Table 4)" in report and "8-bit ΔFID (T'=2)" in report
+    assert "8-bit pixels moved (T'=4)" in report and "8-bit Δloss" in report
     assert "## Claims" in report and "SAM loses less FID (T'=20) under 8-bit weights" in report
     for figure in ("perturbation.png", "exposure_bias.png"):
         assert (tmp_path / "full" / figure).stat().st_size > 1000
