@@ -317,24 +317,22 @@ def evaluate(
         result["fid_num_real"] = fid.num_real
     triples = real.tensor_subset(min(s.loss_samples, len(real.tensors)), s.seed)
     loss = DiffusionLoss(scheduler, triples, seed=s.seed, batch_size=s.batch_size)
+    flatness_metrics = metrics & {"lpf", "perturbation", "surface"}
+    fp32_loss = loss(model) if s.quantize or flatness_metrics else None
     if s.quantize:
         q = result["quantization"] = {"granularity": s.quantize_granularity, "fid": {}, "kid": {}}
         q.update(loss_increase={}, pixel_displacement={})
-        fp32_loss = loss(model)
         for bits in s.quantize:
-            fids, kids, moved = q["fid"][str(bits)], q["kid"][str(bits)], q["pixel_displacement"][str(bits)] = (
-                {},
-                {},
-                {},
-            )
+            fids, kids, moved = {}, {}, {}
+            q["fid"][str(bits)], q["kid"][str(bits)], q["pixel_displacement"][str(bits)] = fids, kids, moved
             q["loss_increase"][str(bits)] = loss(quantized_models[bits]) - fp32_loss
             for steps in s.inference_steps:
                 score = fid.scores_of_features(features[bits, steps], s.seed)
                 fids[str(steps)], kids[str(steps)] = score["fid"], score["kid"]
                 a, b = evaluation.samples[steps], evaluation.quantized_samples[bits, steps]
                 moved[str(steps)] = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).mean())
-    if metrics & {"lpf", "perturbation", "surface"}:
-        result["loss"] = loss(model)
+    if flatness_metrics:
+        result["loss"] = fp32_loss
         if "lpf" in metrics:
             result["lpf"] = lpf_flatness(model, loss, sigma=s.lpf_sigma, num_draws=s.lpf_draws, seed=s.seed)
         if "perturbation" in metrics:
