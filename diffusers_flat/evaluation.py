@@ -12,6 +12,7 @@ import copy
 import os
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TypedDict
 
@@ -231,16 +232,6 @@ def set_fid_reference(fid: FID, real: RealImages, settings: EvaluationSettings, 
     real_statistics_cached(fid, images, cache_dir, {**real.key, "n": len(images), "features": dtype})
 
 
-def _share(count: int, processes: PartialState | None) -> range:
-    """This process's contiguous share of the indices 0..count-1 (all of them without `processes`); the shares are in
-    rank order, so gathering them restores the order."""
-    if processes is None:
-        return range(count)
-    size, extra = divmod(count, processes.num_processes)
-    start = processes.process_index * size + min(processes.process_index, extra)
-    return range(start, start + size + (processes.process_index < extra))
-
-
 def evaluate(
     model: torch.nn.Module,
     scheduler: DDPMScheduler,
@@ -281,11 +272,14 @@ def evaluate(
 
     def generate(network: torch.nn.Module, bits: int, steps: int) -> np.ndarray:
         """Samples (and their features) of `network` at T' = `steps`, split across the processes and gathered."""
-        share = _share(s.num_samples, processes)
-        start = time.perf_counter()
-        images = sample_images(
-            network, scheduler, len(share), steps, s.seed, s.batch_size, show_progress=is_main, first_index=share.start
-        )
+        # accelerate's contiguous shares, in rank order: gathering them restores the order
+        indices = list(range(s.num_samples))
+        with processes.split_between_processes(indices) if processes else nullcontext(indices) as share:
+            start = time.perf_counter()
+            first = share[0] if share else 0
+            images = sample_images(
+                network, scheduler, len(share), steps, s.seed, s.batch_size, show_progress=is_main, first_index=first
+            )
         seconds = time.perf_counter() - start
         feats = fid.features_of(images).cpu() if "fid" in metrics else None
         if processes is not None and processes.num_processes > 1:
