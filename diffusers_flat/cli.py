@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from .errors import FlatError
 
 
@@ -28,6 +30,13 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def share_cpu_threads(num_processes: int, threads: int | None = None) -> None:
+    """Give this process `threads` torch threads, by default its share of the cores: processes that each spin all the
+    cores slow one another down many times over (`accelerate launch` would otherwise leave one)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(threads or max(1, cores // num_processes))
 
 
 def flag_message(err: FlatError, flags: dict[str, str] | None = None) -> str:

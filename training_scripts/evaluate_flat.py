@@ -13,14 +13,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 from pathlib import Path
 
-import torch
 from accelerate import PartialState
 from diffusers import DDPMPipeline
 
-from diffusers_flat.cli import OneLineArgumentParser, UsageError, run_main
+from diffusers_flat.cli import OneLineArgumentParser, UsageError, run_main, share_cpu_threads
 from diffusers_flat.evaluation import (
     METRICS,
     Evaluation,
@@ -155,8 +153,7 @@ def main(args: argparse.Namespace) -> None:
             raise UsageError(f"--device {args.device}: several processes take a GPU each; use auto or cuda")
         device = processes.device
     if device.type == "cpu":
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(max(1, cores // processes.num_processes))
+        share_cpu_threads(processes.num_processes)
     main_process = processes.is_main_process
     runs = {}
     for path in args.model_path:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from diffusers_flat import __version__
 from diffusers_flat.averaging import averaged_unet, make_ema, make_swa, resolve_swa_start, swa_due
 from diffusers_flat.checkpointing import read_training_state, save_checkpoint, save_pipeline
-from diffusers_flat.cli import OneLineArgumentParser, UsageError, run_main
+from diffusers_flat.cli import OneLineArgumentParser, UsageError, run_main, share_cpu_threads
 from diffusers_flat.data import ImageTransform, StepBatchSampler, TrainingImages, load_image_dataset
 from diffusers_flat.errors import FlatError
 from diffusers_flat.hub import push_to_hub
@@ -293,8 +293,7 @@ def main(args: argparse.Namespace) -> None:
         ),
     )
     if accelerator.device.type == "cpu":
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(args.num_cpu_threads or max(1, cores // accelerator.num_processes))
+        share_cpu_threads(accelerator.num_processes, args.num_cpu_threads)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     if not accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_error()
