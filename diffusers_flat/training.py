@@ -12,7 +12,6 @@ import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from diffusers import DDPMScheduler
@@ -21,6 +20,7 @@ from .errors import FlatError
 from .input_perturbation import noisy_input_and_target
 from .learned_variance import hybrid_loss
 from .sam import SAM
+from .sampling import derived_seed
 
 SAM_ASCENT_MODES = ("global", "local")
 
@@ -59,7 +59,7 @@ def draw_step_noise(
     """The noise, timesteps and (for IP, `input_perturbation` = gamma > 0) the input perturbation gamma * xi of every
     sample of a global step, a pure function of `(seed, step)` and the `timestep_probabilities` (uniform when None).
     Each rank slices its own rows, the same way `StepBatchSampler` slices the images."""
-    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, 2]).generate_state(1)[0]))
+    generator = torch.Generator().manual_seed(derived_seed(seed, step, 2))
     noise = torch.randn((num_samples, *sample_shape), generator=generator)
     if timestep_probabilities is None:
         timesteps = torch.randint(0, num_train_timesteps, (num_samples,), generator=generator)
@@ -75,7 +75,7 @@ def seed_dropout(seed: int, step: int, rank: int) -> None:
     """Seed torch's global generators, which dropout draws from, as a pure function of `(seed, step, rank)`: a resumed
     run then draws the masks a straight one would, whatever else used the generators in between (a DataLoader
     iterator, for one, draws its base seed from them)."""
-    torch.manual_seed(int(np.random.SeedSequence([seed, step, 3, rank]).generate_state(1)[0]))
+    torch.manual_seed(derived_seed(seed, step, 3, rank))
 
 
 def diffusion_loss(model: torch.nn.Module, scheduler: DDPMScheduler, batch: MicroBatch) -> torch.Tensor:
