@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .claims import CLAIMS, paired_interval, perturbation_slope, verdict
+from .claims import CLAIMS, lpf, paired_interval, perturbation_slope, sharpness_excess, verdict
 from .plots import plot_bands
 from .run_directory import write_atomically, write_json
 
@@ -103,8 +103,8 @@ def write_report(results: Results, settings: dict, out: str | os.PathLike) -> st
         quality[f"KID x10³ (T'={s})"] = lambda r, s=s: 1e3 * r["kid"][s]["mean"]
     flatness = {
         "loss L(w)": lambda r: r["loss"],
-        "LPF": lambda r: r["lpf"]["lpf"],
-        "LPF - L(w)": lambda r: r["lpf"]["lpf"] - r["loss"],
+        "LPF": lpf,
+        "LPF - L(w)": sharpness_excess,
         "perturbation slope": perturbation_slope,
         "exposure gap (sq. norm)": lambda r: r["exposure_bias"]["squared_norm_gap"],
         "memorization": lambda r: r["memorization"]["memorization_ratio"],

@@ -43,25 +43,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def script_flags_error(parse, argv: list[str]) -> str | None:
-    """What a script's own parser says of `argv`, or None when it accepts them."""
+def parse_quietly(parse, argv: list[str]) -> tuple[argparse.Namespace | None, str | None]:
+    """A script's own parser on `argv`: the parsed flags, or None and what the parser says of them."""
     with contextlib.redirect_stderr(io.StringIO()) as err, contextlib.suppress(SystemExit):
-        parse(argv)
-        return None
-    return err.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
+        return parse(argv), None
+    return None, err.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
 
 
 def check_study(study: Study) -> None:
     """Parse every training's and the evaluation's flags with the scripts' own parsers, before anything starts."""
     for run in study.runs():
-        problem = script_flags_error(train_flat_ddpm.parse_args, [*run.flags, "--output_dir", "x"])
+        _, problem = parse_quietly(train_flat_ddpm.parse_args, [*run.flags, "--output_dir", "x"])
         if problem:
             raise UsageError(f"--study {study.path}: the {run.method} training's flags: {problem}")
-    problem = script_flags_error(evaluate_flat.parse_args, ["--model_path", "x", *study.evaluation])
+    args, problem = parse_quietly(evaluate_flat.parse_args, ["--model_path", "x", *study.evaluation])
     if problem:
         raise UsageError(f"--study {study.path}: the evaluation's flags: {problem}")
     try:
-        evaluate_flat.settings_from(evaluate_flat.parse_args(["--model_path", "x", *study.evaluation]))
+        evaluate_flat.settings_from(args)
     except FlatError as err:
         raise UsageError(f"--study {study.path}: the evaluation's flags: {flag_message(err)}") from None
 
