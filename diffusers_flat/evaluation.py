@@ -154,6 +154,7 @@ class EvaluationSettings:
         num_real: at most this many real images for FID.
         quantize: also FID with weights quantized to these bits (2-8; the paper's Table 4: 8).
         quantize_granularity: per_tensor (the paper) or per_channel scales.
+        quantize_inference_steps: the FID columns T' also sampled with quantized weights (empty: every column).
         seed: seeds the sampling noise, the real subsets, the (x0, t, eps) triples and the weight noise.
         batch_size: images per UNet batch.
         loss_samples: (x0, t, eps) triples of the fixed diffusion loss.
@@ -176,6 +177,7 @@ class EvaluationSettings:
     num_real: int = 1000
     quantize: tuple[int, ...] = ()
     quantize_granularity: str = "per_tensor"
+    quantize_inference_steps: tuple[int, ...] = ()
     seed: int = 0
     batch_size: int = 250
     loss_samples: int = 256
@@ -200,6 +202,12 @@ class EvaluationSettings:
         if self.quantize and "fid" not in self.metrics:
             raise FlatError("quantize reports FID before -> after quantization: add fid to metrics", "quantize")
         check_granularity(self.quantize_granularity)
+        extra = [s for s in self.quantize_inference_steps if s not in self.inference_steps]
+        if extra:
+            raise FlatError(
+                f"quantize_inference_steps must be among inference_steps {list(self.inference_steps)}, got {extra}",
+                "quantize_inference_steps",
+            )
         for name in (
             "num_real",
             "batch_size",
@@ -298,7 +306,7 @@ def evaluate(
     for bits in s.quantize:
         quantized = quantized_models[bits] = copy.deepcopy(model)
         quantize_weights_(quantized, bits, s.quantize_granularity)
-        for steps in s.inference_steps:
+        for steps in s.quantize_inference_steps or s.inference_steps:
             evaluation.quantized_samples[bits, steps] = generate(quantized, bits, steps)
     if not is_main:
         return Evaluation(result={})
@@ -320,7 +328,7 @@ def evaluate(
             fids, kids, moved = {}, {}, {}
             q["fid"][str(bits)], q["kid"][str(bits)], q["pixel_displacement"][str(bits)] = fids, kids, moved
             q["loss_increase"][str(bits)] = loss(quantized_models[bits]) - fp32_loss
-            for steps in s.inference_steps:
+            for steps in s.quantize_inference_steps or s.inference_steps:
                 score = fid.scores_of_features(features[bits, steps], s.seed)
                 fids[str(steps)], kids[str(steps)] = score["fid"], score["kid"]
                 a, b = evaluation.samples[steps], evaluation.quantized_samples[bits, steps]

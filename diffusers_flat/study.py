@@ -9,6 +9,14 @@ shares (after an optional recipe file) and the evaluation's flags:
     recipe: recipes/paper-cifar10.txt      # optional
     training: [--max_train_steps, "855"]
     evaluation: [--num_samples, "300", --quantize, "8", "6", "4"]
+    tuning:                                # optional: one flag of one method, tuned on its own seed first
+      method: SAM
+      flag: --sam_rho
+      values: ["0.1", "0.01", "0.001"]
+      seed: 0                              # not a seed of the grid: tuning runs never enter the claims
+      select: {metric: kid, inference_steps: 20, variant: raw}   # the lowest wins, fixed before any run
+      baseline: ADM                        # optional: also train this method at the tuning seed, for reference
+      evaluation: [--metrics, fid, --inference_steps, "20"]
 
 Standard library and PyYAML only: checking a study file loads no model.
 """
@@ -24,7 +32,10 @@ from .errors import FlatError
 
 METHODS = ("ADM", "IP", "SAM")
 VARIANT_ROWS = {"raw": "", "ema": "+EMA", "swa": "+SWA"}
-KEYS = ("seeds", "methods", "recipe", "training", "evaluation")
+KEYS = ("seeds", "methods", "recipe", "training", "evaluation", "tuning")
+TUNING_KEYS = ("method", "flag", "values", "seed", "select", "baseline", "evaluation")
+SELECT_METRICS = ("fid", "kid")
+UNTUNED = "TUNED"  # stands for the tuned value in the flags of runs listed before the tuning has finished
 
 
 class StudyError(FlatError):
@@ -44,10 +55,56 @@ class Run:
     method: str
     seed: int
     flags: tuple[str, ...]  # the training script's flags, output dir excluded
+    tag: str = ""  # a tuning run's value, e.g. "rho0.01"
 
     @property
     def name(self) -> str:
-        return f"{self.method.lower()}-seed{self.seed}"
+        return f"{self.method.lower()}{'-' + self.tag if self.tag else ''}-seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """One flag of one method tuned on a seed of its own before the grid, as the paper tuned rho.
+
+    Args:
+        method: the tuned method; its grid runs take the selected value.
+        flag: the training flag tuned, e.g. "--sam_rho".
+        values: the candidates, e.g. ("0.1", "0.01", "0.001").
+        seed: the tuning seed, never one of the grid's: the tuning runs stay out of the claims.
+        metric: "fid" or "kid"; the lowest wins (ties: the first listed).
+        inference_steps: the T' of the metric.
+        variant: the pipeline the metric is read from (raw, ema or swa).
+        baseline: a method also trained at the tuning seed as the table's reference, or None.
+        evaluation: evaluate_flat.py flags of the tuning evaluations.
+
+    Example:
+        >>> tuning = Tuning("SAM", "--sam_rho", ("0.1", "0.01"), 0, "kid", 20, "raw")
+        >>> tuning.select({"0.1": 0.03, "0.01": 0.02})
+        '0.01'
+    """
+
+    method: str
+    flag: str
+    values: tuple[str, ...]
+    seed: int
+    metric: str
+    inference_steps: int
+    variant: str
+    baseline: str | None = None
+    evaluation: tuple[str, ...] = ()
+
+    def tag(self, value: str) -> str:
+        """ "--sam_rho", "0.01" -> "rho0.01": the run name's mark of a tuning value."""
+        return f"{self.flag.lstrip('-').split('_')[-1]}{value}"
+
+    def score(self, result: dict) -> float:
+        """The selection metric of one evaluation result (eval_results.json's content)."""
+        score = result[self.metric][str(self.inference_steps)]
+        return score["mean"] if self.metric == "kid" else score
+
+    def select(self, scores: dict[str, float]) -> str:
+        """The value with the lowest score; ties go to the first listed."""
+        return min(self.values, key=lambda value: scores[value])
 
 
 @dataclass(frozen=True)
@@ -74,6 +131,7 @@ class Study:
     recipe: Path | None = None
     training: tuple[str, ...] = ()
     evaluation: tuple[str, ...] = field(default_factory=tuple)
+    tuning: Tuning | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> Study:
@@ -111,23 +169,91 @@ class Study:
             recipe = Path(recipe)
             if not recipe.is_file():
                 raise StudyError(f"study {path}: recipe {recipe} is not a file", "study")
+        methods = {m: tuple(map(str, f or [])) for m, f in methods.items()}
+        training = tuple(map(str, data.get("training") or []))
+        tuning = _load_tuning(path, data.get("tuning"), seeds, methods, training)
         return cls(
-            path,
-            tuple(seeds),
-            {m: tuple(map(str, f or [])) for m, f in methods.items()},
-            recipe,
-            tuple(map(str, data.get("training") or [])),
-            tuple(map(str, data.get("evaluation") or [])),
+            path, tuple(seeds), methods, recipe, training, tuple(map(str, data.get("evaluation") or [])), tuning
         )
 
-    def runs(self) -> list[Run]:
-        """Every training, seed by seed, methods in the file's order."""
+    def _run(self, method: str, seed: int, extra: tuple[str, ...] = (), tag: str = "") -> Run:
         common = ((f"@{self.recipe}",) if self.recipe else ()) + self.training
-        return [
-            Run(method, seed, (*common, *flags, "--use_ema", "--use_swa", "--seed", str(seed)))
-            for seed in self.seeds
-            for method, flags in self.methods.items()
-        ]
+        flags = (*common, *self.methods[method], *extra, "--use_ema", "--use_swa", "--seed", str(seed))
+        return Run(method, seed, flags, tag)
+
+    def runs(self, tuned: str | None = None) -> list[Run]:
+        """Every training of the grid, seed by seed, methods in the file's order. The tuned method's runs take
+        `tuning.flag tuned` (UNTUNED stands for the value while the tuning has not finished)."""
+        runs = []
+        for seed in self.seeds:
+            for method in self.methods:
+                tuned_flag = self.tuning and method == self.tuning.method
+                runs.append(self._run(method, seed, (self.tuning.flag, tuned or UNTUNED) if tuned_flag else ()))
+        return runs
+
+    def tuning_runs(self) -> list[Run]:
+        """The tuning's trainings: each value of the tuned flag at the tuning seed, then the baseline if any."""
+        if self.tuning is None:
+            return []
+        t = self.tuning
+        runs = [self._run(t.method, t.seed, (t.flag, value), t.tag(value)) for value in t.values]
+        return runs + ([self._run(t.baseline, t.seed)] if t.baseline else [])
+
+
+def _load_tuning(path: Path, data, seeds: list[int], methods: dict, training: tuple[str, ...]) -> Tuning | None:
+    if data is None:
+        return None
+
+    def fail(problem: str) -> StudyError:
+        return StudyError(f"study {path}: tuning.{problem}", "study")
+
+    if not isinstance(data, dict):
+        raise StudyError(f"study {path}: tuning must be a mapping with keys {', '.join(TUNING_KEYS)}", "study")
+    unknown = sorted(set(data) - set(TUNING_KEYS))
+    if unknown:
+        raise fail(f"{unknown[0]} is not a key; the keys are {', '.join(TUNING_KEYS)}")
+    method, flag, baseline = data.get("method"), data.get("flag"), data.get("baseline")
+    if method not in methods:
+        raise fail(f"method must be one of the study's methods ({', '.join(methods)}), got {method}")
+    if not isinstance(flag, str) or not flag.startswith("--"):
+        raise fail(f"flag must be a training flag such as --sam_rho, got {flag}")
+    if flag in methods[method] or flag in training:
+        raise fail(f"flag {flag} is also set in the study's training or methods.{method}: set it in one place")
+    values = data.get("values")
+    if not isinstance(values, list) or not values or not all(isinstance(v, (str, int, float)) for v in values):
+        raise fail("values must be a list of the flag's candidate values")
+    values = tuple(map(str, values))
+    if len(set(values)) != len(values):
+        raise fail(f"values repeat {next(v for v in values if values.count(v) > 1)}")
+    seed = data.get("seed")
+    if type(seed) is not int or seed < 0 or seed in seeds:
+        raise fail(f"seed must be a whole number >= 0 that is not one of the study's seeds, got {seed}")
+    select = data.get("select")
+    if not isinstance(select, dict) or set(select) != {"metric", "inference_steps", "variant"}:
+        raise fail(
+            "select must map metric, inference_steps and variant, e.g. {metric: kid, inference_steps: 20, "
+            "variant: raw}"
+        )
+    if select["metric"] not in SELECT_METRICS:
+        raise fail(f"select.metric must be one of {', '.join(SELECT_METRICS)}, got {select['metric']}")
+    if type(select["inference_steps"]) is not int or select["inference_steps"] < 1:
+        raise fail(f"select.inference_steps must be a whole number >= 1, got {select['inference_steps']}")
+    if select["variant"] not in VARIANT_ROWS:
+        raise fail(f"select.variant must be one of {', '.join(VARIANT_ROWS)}, got {select['variant']}")
+    if baseline is not None and (baseline not in methods or baseline == method):
+        raise fail(f"baseline must be another of the study's methods, got {baseline}")
+    _check_flags(path, "tuning.evaluation", data.get("evaluation") or [])
+    return Tuning(
+        method,
+        flag,
+        values,
+        seed,
+        select["metric"],
+        select["inference_steps"],
+        select["variant"],
+        baseline,
+        tuple(map(str, data.get("evaluation") or [])),
+    )
 
 
 def _check_flags(path: Path, key: str, flags) -> None:

@@ -91,8 +91,32 @@ def _moved(result: dict, bits: str, steps: str) -> float:
     return result["quantization"]["pixel_displacement"][bits][steps]
 
 
-def write_report(results: Results, settings: dict, out: str | os.PathLike) -> str:
-    """Write report.md, report.json and the figures into `out`; returns the Markdown."""
+def _tuning_section(tuning: dict, rows: list[dict]) -> list[str]:
+    """The tuning table: the selection metric (and its companion) of each candidate value, and the baseline."""
+    steps = str(tuning["inference_steps"])
+    title = (
+        f"## Tuning of {tuning['flag']} ({tuning['method']}, seed {tuning['seed']}, excluded from the claims)\n\n"
+        f"Selected by the lowest {tuning['metric'].upper()} at T'={steps} of the {tuning['variant']} pipeline, a "
+        "rule fixed in the study file before any run; the grid's "
+        f"{tuning['method']} runs use {tuning['flag']} **{tuning['selected'] or '(not yet selected)'}**."
+    )
+    lines = [f"| {tuning['flag']} | FID (T'={steps}) | KID x10³ (T'={steps}) | selected |", "|---|---|---|---|"]
+    for row in rows:
+        label = row["value"] if row["value"] is not None else f"{row['run']} (reference)"
+        r = row["result"]
+        cells = (
+            ["not finished"] * 2 if r is None else [f"{r['fid'][steps]:.2f}", f"{1e3 * r['kid'][steps]['mean']:.2f}"]
+        )
+        mark = "**yes**" if row.get("selected") else ""
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} | {mark} |")
+    return [title, "\n".join(lines)]
+
+
+def write_report(
+    results: Results, settings: dict, out: str | os.PathLike, tuning_rows: list[dict] | None = None
+) -> str:
+    """Write report.md, report.json and the figures into `out`; returns the Markdown. With a tuning in
+    `settings["tuning"]`, `tuning_rows` are its runs: {"run", "value" (None: the baseline), "result", "selected"}."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     any_result = next((r for seeds in results.values() for r in seeds.values()), {})
@@ -109,10 +133,10 @@ def write_report(results: Results, settings: dict, out: str | os.PathLike) -> st
         "exposure gap (sq. norm)": lambda r: r["exposure_bias"]["squared_norm_gap"],
         "memorization": lambda r: r["memorization"]["memorization_ratio"],
     }
-    bits = sorted(any_result.get("quantization", {}).get("fid", {}), key=int, reverse=True)
+    quantized_fid = any_result.get("quantization", {}).get("fid", {})
     quantization = {}
-    for b in bits:
-        for s in steps:
+    for b in sorted(quantized_fid, key=int, reverse=True):
+        for s in sorted(quantized_fid[b], key=int):
             quantization[f"{b}-bit ΔFID (T'={s})"] = lambda r, b=b, s=s: r["quantization"]["fid"][b][s] - r["fid"][s]
             quantization[f"{b}-bit pixels moved (T'={s})"] = lambda r, b=b, s=s: _moved(r, b, s)
         quantization[f"{b}-bit Δloss"] = lambda r, b=b: r["quantization"]["loss_increase"][b]
@@ -128,6 +152,7 @@ def write_report(results: Results, settings: dict, out: str | os.PathLike) -> st
             else ""
         )
         + ".",
+        *(_tuning_section(settings["tuning"], tuning_rows or []) if "tuning" in settings else []),
         "## Quality (Table 2)",
         _table(results, quality) if quality else "(FID not measured)",
         "## Flatness and exposure bias (Tables 1 and 3)",
@@ -151,6 +176,7 @@ def write_report(results: Results, settings: dict, out: str | os.PathLike) -> st
     markdown = "\n\n".join(sections) + "\n"
     plot_bands(results, ROW_ORDER, "perturbation", out / "perturbation.png")
     plot_bands(results, ROW_ORDER, "exposure_bias", out / "exposure_bias.png")
-    write_json(out / "report.json", {"settings": settings, "results": results, "claims": claims})
+    data = {"settings": settings, "results": results, "claims": claims, "tuning": tuning_rows or []}
+    write_json(out / "report.json", data)
     write_atomically(out / "report.md", lambda tmp: tmp.write_text(markdown))
     return markdown

@@ -68,6 +68,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quantize_granularity", default=DEFAULTS.quantize_granularity, help="per_tensor or per_channel scales."
     )
+    parser.add_argument(
+        "--quantize_inference_steps",
+        nargs="+",
+        type=int,
+        default=[],
+        help="Sample the quantized weights at these of --inference_steps only (default: all of them).",
+    )
     parser.add_argument("--output_dir", default="eval")
     parser.add_argument(
         "--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N: the UNet and InceptionV3."

@@ -7,7 +7,9 @@ to `<output_dir>/logs/<run>.log`; each of its pipelines (raw, EMA, SWA) is then 
 settings from the study file, all with the same real images, (x0, t, eps) triples and sampling noise. Re-running
 the command skips what is finished and resumes an interrupted training from its latest checkpoint; `--shard I/N`
 does every N-th run (the shards 1..N partition the grid); `--report_only` reports what is finished; `--dry_run`
-lists the runs and evaluations without doing any.
+lists the runs and evaluations without doing any. A study with `tuning` first trains the tuned method at each
+candidate value on the tuning seed, evaluates the pipeline the selection reads, and gives the grid's runs of that
+method the value with the lowest selection metric (the tuning table is in the report).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from tqdm.auto import tqdm
 
 from diffusers_flat.cli import OneLineArgumentParser, UsageError, flag_message, run_main
 from diffusers_flat.errors import FlatError
+from diffusers_flat.evaluation import EvaluationSettings
 from diffusers_flat.run_directory import VARIANTS, RunDirectory
 from diffusers_flat.study import Run, Study, parse_shard, row_name, shard_of
 from diffusers_flat.study_report import Results, write_report
@@ -50,19 +53,32 @@ def parse_quietly(parse, argv: list[str]) -> tuple[argparse.Namespace | None, st
     return None, err.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
 
 
+def check_evaluation(study: Study, flags: tuple[str, ...], what: str) -> EvaluationSettings:
+    """The evaluation settings of `flags`, parsed by evaluate_flat.py's own parser and checked."""
+    args, problem = parse_quietly(evaluate_flat.parse_args, ["--model_path", "x", *flags])
+    if problem:
+        raise UsageError(f"--study {study.path}: {what}: {problem}")
+    try:
+        return evaluate_flat.settings_from(args)
+    except FlatError as err:
+        raise UsageError(f"--study {study.path}: {what}: {flag_message(err)}") from None
+
+
 def check_study(study: Study) -> None:
-    """Parse every training's and the evaluation's flags with the scripts' own parsers, before anything starts."""
-    for run in study.runs():
+    """Parse every training's and evaluation's flags with the scripts' own parsers, before anything starts."""
+    tuning = study.tuning
+    for run in study.tuning_runs() + study.runs(tuning.values[0] if tuning else None):
         _, problem = parse_quietly(train_flat_ddpm.parse_args, [*run.flags, "--output_dir", "x"])
         if problem:
-            raise UsageError(f"--study {study.path}: the {run.method} training's flags: {problem}")
-    args, problem = parse_quietly(evaluate_flat.parse_args, ["--model_path", "x", *study.evaluation])
-    if problem:
-        raise UsageError(f"--study {study.path}: the evaluation's flags: {problem}")
-    try:
-        evaluate_flat.settings_from(args)
-    except FlatError as err:
-        raise UsageError(f"--study {study.path}: the evaluation's flags: {flag_message(err)}") from None
+            raise UsageError(f"--study {study.path}: the {run.name} training's flags: {problem}")
+    check_evaluation(study, study.evaluation, "the evaluation's flags")
+    if tuning:
+        settings = check_evaluation(study, tuning.evaluation, "the tuning's evaluation flags")
+        if "fid" not in settings.metrics or tuning.inference_steps not in settings.inference_steps:
+            raise UsageError(
+                f"--study {study.path}: the tuning selects by {tuning.metric} at T'={tuning.inference_steps}: its "
+                f"evaluation flags must measure fid with --inference_steps including {tuning.inference_steps}"
+            )
 
 
 def train(run: Run, out: Path) -> None:
@@ -88,44 +104,73 @@ def evaluation_dir(out: Path, run: Run, variant: str) -> Path:
     return out / "eval" / f"{run.name}-{variant}"
 
 
-def evaluate(run: Run, variant: str, study: Study, out: Path) -> None:
+def evaluate(run: Run, variant: str, flags: tuple[str, ...], out: Path) -> None:
     """Evaluate one pipeline of a finished run, unless done before (evaluate_flat.py writes its JSON last)."""
     target = evaluation_dir(out, run, variant)
     if (target / "eval_results.json").exists():
         return
     argv = ["--model_path", str(out / "runs" / run.name), "--variant", variant, "--output_dir", str(target)]
-    argv += ["--cache_dir", str(out / "fid_cache"), *study.evaluation]
+    argv += ["--cache_dir", str(out / "fid_cache"), *flags]
     evaluate_flat.main(evaluate_flat.parse_args(argv))
 
 
+def finished_result(out: Path, run: Run, variant: str) -> dict | None:
+    """The evaluation result of a run's pipeline, or None while it is not finished."""
+    path = evaluation_dir(out, run, variant) / "eval_results.json"
+    return next(iter(json.loads(path.read_text()).values())) if path.exists() else None
+
+
 def collect(study: Study, out: Path) -> Results:
-    """The finished evaluations, by row and seed."""
+    """The finished evaluations of the grid, by row and seed."""
     results: Results = {}
     for run in study.runs():
         for variant in VARIANTS:
-            path = evaluation_dir(out, run, variant) / "eval_results.json"
-            if path.exists():
-                result = next(iter(json.loads(path.read_text()).values()))
+            result = finished_result(out, run, variant)
+            if result is not None:
                 results.setdefault(row_name(run.method, variant), {})[run.seed] = result
     return results
 
 
-def workload(study: Study, runs: list[Run]) -> str:
+def tuning_table(study: Study, out: Path) -> tuple[str | None, list[dict]]:
+    """The tuned value (None until every candidate is evaluated) and the tuning table's rows."""
+    tuning = study.tuning
+    if tuning is None:
+        return None, []
+    rows = []
+    for run in study.tuning_runs():
+        value = run.flags[run.flags.index(tuning.flag) + 1] if tuning.flag in run.flags else None
+        rows.append({"run": run.name, "value": value, "result": finished_result(out, run, tuning.variant)})
+    candidates = [row for row in rows if row["value"] is not None]
+    if any(row["result"] is None for row in candidates):
+        return None, rows
+    selected = tuning.select({row["value"]: tuning.score(row["result"]) for row in candidates})
+    for row in candidates:
+        row["selected"] = row["value"] == selected
+    return selected, rows
+
+
+def workload(study: Study, tuning_runs: list[Run], grid: list[Run]) -> str:
     """The study's work in the units `benchmarks/evaluation.py` measures rates in, for a projection on your GPU."""
     steps = 0
-    for run in runs:
+    for run in tuning_runs + grid:
         args = train_flat_ddpm.parse_args([*run.flags, "--output_dir", "x"])
         if args.max_train_steps is None:
             return "work: set --max_train_steps in the study to project its cost"
         steps += args.max_train_steps * (2 if args.sam_rho > 0 else 1)  # SAM: two passes per step
-    settings = evaluate_flat.settings_from(evaluate_flat.parse_args(["--model_path", "x", *study.evaluation]))
-    weights = 1 + len(settings.quantize)  # fp32 and each quantized copy sample the same noise
-    images = len(runs) * len(VARIANTS) * settings.num_samples * len(settings.inference_steps) * weights
-    unet_passes = len(runs) * len(VARIANTS) * settings.num_samples * sum(settings.inference_steps) * weights
+    images = unet_passes = 0
+    evaluations = [(study.tuning.evaluation if study.tuning else (), len(tuning_runs))]
+    for flags, pipelines in [*evaluations, (study.evaluation, len(grid) * len(VARIANTS))]:
+        s = evaluate_flat.settings_from(evaluate_flat.parse_args(["--model_path", "x", *flags]))
+        columns = [
+            (t, 1 + len(s.quantize) * (t in (s.quantize_inference_steps or s.inference_steps)))
+            for t in s.inference_steps
+        ]  # fp32 and each quantized copy sample the same noise
+        images += pipelines * s.num_samples * sum(weights for _, weights in columns)
+        unet_passes += pipelines * s.num_samples * sum(t * weights for t, weights in columns)
     return (
         f"work: {steps:,} forward-backward passes of training (a SAM step is two); {images:,} generated images "
-        f"({unet_passes:,} UNet image-steps) and as many InceptionV3 images, plus {settings.num_real:,} real ones "
-        "once. Divide by the rates `python benchmarks/evaluation.py --device cuda` prints on your GPU for hours."
+        f"({unet_passes:,} UNet image-steps) and as many InceptionV3 images, plus the real ones once. Divide by "
+        "the rates `python benchmarks/evaluation.py --device cuda` prints on your GPU for hours."
     )
 
 
@@ -134,26 +179,57 @@ def main(args: argparse.Namespace) -> None:
     index, count = parse_shard(args.shard)
     check_study(study)
     out = Path(args.output_dir)
-    runs = shard_of(study.runs(), index, count)
+    tuning_runs = study.tuning_runs()
+    # The shards partition the tuning runs and the grid together, by name (a run's flags wait for the tuning).
+    mine = {run.name for run in shard_of(tuning_runs + study.runs(), index, count)}
+    tuning_runs = [run for run in tuning_runs if run.name in mine]
+    variant = study.tuning.variant if study.tuning else None
     if args.dry_run:
-        for run in runs:
+        for run in tuning_runs:
+            print(f"tune {run.name}: {' '.join(run.flags)} --output_dir {out / 'runs' / run.name}")
+            print(f"  evaluate {run.name} {variant} -> {evaluation_dir(out, run, variant)}")
+        tuned, _ = tuning_table(study, out)
+        grid = [run for run in study.runs(tuned) if run.name in mine]
+        for run in grid:
             print(f"train {run.name}: {' '.join(run.flags)} --output_dir {out / 'runs' / run.name}")
-            for variant in VARIANTS:
-                row = row_name(run.method, variant)
-                print(f"  evaluate {run.name} {variant} ({row}) -> {evaluation_dir(out, run, variant)}")
-        print(f"{len(runs)} trainings and {len(runs) * len(VARIANTS)} evaluations (shard {index}/{count})")
-        print(workload(study, runs))
+            for v in VARIANTS:
+                print(f"  evaluate {run.name} {v} ({row_name(run.method, v)}) -> {evaluation_dir(out, run, v)}")
+        trainings, evaluations = len(tuning_runs) + len(grid), len(tuning_runs) + len(grid) * len(VARIANTS)
+        print(f"{trainings} trainings and {evaluations} evaluations (shard {index}/{count})")
+        # the work does not depend on which candidate wins: cost the grid with the first
+        candidate = tuned or (study.tuning.values[0] if study.tuning else None)
+        print(workload(study, tuning_runs, [run for run in study.runs(candidate) if run.name in mine]))
         return
     if not args.report_only:
-        with tqdm(total=len(runs) * (1 + len(VARIANTS)), desc="Study") as progress:
-            for run in runs:
+        grid_size = sum(run.name in mine for run in study.runs())
+        with tqdm(total=2 * len(tuning_runs) + grid_size * (1 + len(VARIANTS)), desc="Study") as progress:
+            for run in tuning_runs:
                 train(run, out)
                 progress.update(1)
-                for variant in VARIANTS:
-                    evaluate(run, variant, study, out)
+                evaluate(run, variant, study.tuning.evaluation, out)
+                progress.update(1)
+            tuned, _ = tuning_table(study, out)
+            grid = [run for run in study.runs(tuned) if run.name in mine]
+            waiting = [run for run in grid if tuned is None and study.tuning and run.method == study.tuning.method]
+            for run in [run for run in grid if run not in waiting]:
+                train(run, out)
+                progress.update(1)
+                for v in VARIANTS:
+                    evaluate(run, v, study.evaluation, out)
                     progress.update(1)
-    report = write_report(collect(study, out), {"study": str(study.path), "evaluation": list(study.evaluation)}, out)
-    print(report)
+        if waiting:
+            raise UsageError(
+                f"--shard {index}/{count}: the {study.tuning.method} runs take the tuned {study.tuning.flag}, and "
+                "the tuning runs of other shards have not finished: run this shard again when they have"
+            )
+    tuned, tuning_rows = tuning_table(study, out)
+    settings = {"study": str(study.path), "evaluation": list(study.evaluation)}
+    if study.tuning:
+        t = study.tuning
+        settings["tuning"] = {"method": t.method, "flag": t.flag, "values": list(t.values), "seed": t.seed}
+        settings["tuning"].update(metric=t.metric, inference_steps=t.inference_steps, variant=t.variant)
+        settings["tuning"].update(evaluation=list(t.evaluation), selected=tuned)
+    print(write_report(collect(study, out), settings, out, tuning_rows))
 
 
 def cli(argv: list[str] | None = None) -> None:
