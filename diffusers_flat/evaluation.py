@@ -221,6 +221,31 @@ class EvaluationSettings:
                 raise FlatError(f"{name} must be >= 1, got {getattr(self, name)}", name)
 
 
+def evaluation_work(s: EvaluationSettings) -> tuple[int, int]:
+    """What `evaluate` costs for one model: (UNet image-forwards, InceptionV3 images). A sampling step of one image
+    is one forward, and so is one (x0, t, eps) term of the fixed loss; the real images' features are extra, once.
+
+    Example:
+        >>> evaluation_work(EvaluationSettings(metrics=("fid",), inference_steps=(20,), num_samples=100))
+        (2000, 100)
+    """
+    metrics = set(s.metrics)
+    columns = [(t, 1) for t in s.inference_steps] if "fid" in metrics else []
+    if "memorization" in metrics and not columns:
+        columns = [(max(s.inference_steps), 1)]  # samples without their features
+    columns += [(t, len(s.quantize)) for t in (s.quantize_inference_steps or s.inference_steps) if s.quantize]
+    forwards = s.num_samples * sum(t * copies for t, copies in columns)
+    images = s.num_samples * sum(copies for _, copies in columns) if "fid" in metrics else 0
+    flatness = metrics & {"lpf", "perturbation", "surface"}
+    losses = (1 + len(s.quantize) if s.quantize or flatness else 0) + s.lpf_draws * ("lpf" in metrics)
+    losses += len(s.gammas) * s.directions * ("perturbation" in metrics)
+    losses += s.surface_resolution**2 * ("surface" in metrics)
+    forwards += losses * s.loss_samples
+    if "exposure_bias" in metrics:  # each step: the chain's image and the freshly noised real one
+        forwards += 2 * s.exposure_samples * max(s.inference_steps)
+    return forwards, images
+
+
 @dataclass
 class Evaluation:
     """An `EvaluationResult` and the images behind it, for the caller's grids and plots."""

@@ -200,6 +200,51 @@ class Study:
         return runs + ([self._run(t.baseline, t.seed)] if t.baseline else [])
 
 
+@dataclass(frozen=True)
+class Work:
+    """What a study (or a shard of it) costs, in the units `benchmarks/study_cost.py` measures rates in.
+
+    Args:
+        plain_steps: optimizer steps of one forward-backward pass (ADM, IP).
+        sam_steps: SAM's optimizer steps (two passes each).
+        unet_image_forwards: evaluation UNet forwards, one image each (sampling steps and loss terms).
+        inception_images: generated images through InceptionV3.
+
+    Example:
+        >>> work = Work(plain_steps=3600, sam_steps=0, unet_image_forwards=0, inception_images=0)
+        >>> rates = {"device": "cpu", "plain_steps_per_s": 2.0, "sam_steps_per_s": 1.0,
+        ...          "unet_image_forwards_per_s": 1.0, "inception_images_per_s": 1.0}
+        >>> work.projection(rates).endswith("= 0.5 h")
+        True
+    """
+
+    plain_steps: int
+    sam_steps: int
+    unet_image_forwards: int
+    inception_images: int
+
+    def describe(self) -> str:
+        return (
+            f"work: {self.plain_steps:,} training steps and {self.sam_steps:,} SAM steps (two passes each); "
+            f"{self.unet_image_forwards:,} UNet image-forwards of evaluation (sampling steps and loss terms) and "
+            f"{self.inception_images:,} generated images through InceptionV3, plus the real ones once"
+        )
+
+    def projection(self, rates: dict) -> str:
+        """The hours this work takes at `rates` (the JSON `benchmarks/study_cost.py` writes)."""
+        training = self.plain_steps / rates["plain_steps_per_s"] + self.sam_steps / rates["sam_steps_per_s"]
+        sampling = self.unet_image_forwards / rates["unet_image_forwards_per_s"]
+        features = self.inception_images / rates["inception_images_per_s"]
+        hours = [seconds / 3600 for seconds in (training, sampling + features)]
+        return (
+            f"projected on {rates['device']}: training {hours[0]:.1f} h ({self.plain_steps:,} steps at "
+            f"{rates['plain_steps_per_s']:.3g} /s, {self.sam_steps:,} SAM steps at {rates['sam_steps_per_s']:.3g} /s) "
+            f"+ evaluation {hours[1]:.1f} h ({self.unet_image_forwards:,} UNet image-forwards at "
+            f"{rates['unet_image_forwards_per_s']:.3g} /s, {self.inception_images:,} InceptionV3 images at "
+            f"{rates['inception_images_per_s']:.3g} /s) = {sum(hours):.1f} h"
+        )
+
+
 def _load_tuning(path: Path, data, seeds: list[int], methods: dict, training: tuple[str, ...]) -> Tuning | None:
     if data is None:
         return None

@@ -17,7 +17,8 @@ from conftest import MICRO_UNET, REPO, TREE_MARKER, kill_tree, run_cli
 from test_evaluate_cli import PooledPixels
 
 from diffusers_flat.claims import DOES_NOT_HOLD, HOLDS, INCONCLUSIVE, paired_interval, verdict
-from diffusers_flat.study import Study, shard_of
+from diffusers_flat.cli import UsageError
+from diffusers_flat.study import Study, Tuning, shard_of
 
 T_975_2 = 4.302652729911275  # Student's t, 97.5% quantile, 2 degrees of freedom (from a table)
 
@@ -38,25 +39,51 @@ def test_paired_interval_is_the_t_interval_of_the_differences():
     assert verdict(paired_interval([0.1], [0.0]), -1) == INCONCLUSIVE
 
 
+def test_tuning_selects_the_lowest_score_and_the_first_of_a_tie():
+    tuning = Tuning("SAM", "--sam_rho", ("0.1", "0.01", "0.001"), 0, "kid", 20, "raw")
+    assert tuning.select({"0.1": 0.030, "0.01": 0.012, "0.001": 0.020}) == "0.01"
+    assert tuning.select({"0.1": 0.030, "0.01": 0.040, "0.001": 0.020}) == "0.001"  # the data move, the choice does
+    assert tuning.select({"0.1": 0.02, "0.01": 0.03, "0.001": 0.02}) == "0.1"
+    result = {"fid": {"20": 31.5, "100": 20.0}, "kid": {"20": {"mean": 0.017, "std": 0.002}}}
+    assert tuning.score(result) == 0.017
+    assert Tuning("SAM", "--sam_rho", ("0.1",), 0, "fid", 100, "ema").score(result) == 20.0
+    assert tuning.tag("0.001") == "rho0.001"
+
+
 @pytest.mark.parametrize("count", [1, 2, 3, 4])
 def test_shards_partition_the_runs(count):
-    study = Study(REPO / "s.yaml", (1, 2, 3), {"ADM": (), "IP": ("--input_perturbation", "0.1"), "SAM": ()})
-    runs = study.runs()
+    tuning = Tuning("SAM", "--sam_rho", ("0.1", "0.01", "0.001"), 0, "kid", 20, "raw", baseline="ADM")
+    methods = {"ADM": (), "IP": ("--input_perturbation", "0.1"), "SAM": ()}
+    study = Study(REPO / "s.yaml", (1, 2, 3), methods, tuning=tuning)
+    runs = study.tuning_runs() + study.runs()
     shards = [shard_of(runs, i, count) for i in range(1, count + 1)]
     assert sorted(r.name for s in shards for r in s) == sorted(r.name for r in runs)
-    assert sum(len(s) for s in shards) == len(runs) == 9
+    assert sum(len(s) for s in shards) == len(runs) == 4 + 9 == len({r.name for r in runs})
+
+
+def tuning(**changes) -> dict:
+    """The micro study's tuning of rho (0.1 or 0.01, seed 0, lowest KID at T'=2 of the raw pipeline)."""
+    return {
+        "method": "SAM",
+        "flag": "--sam_rho",
+        "values": ["0.1", "0.01"],
+        "seed": 0,
+        "select": {"metric": "kid", "inference_steps": 2, "variant": "raw"},
+        "evaluation": ["--metrics", "fid", "--inference_steps", "2", "--num_samples", "100", "--num_real", "100"],
+    } | changes
 
 
 def write_study(path, **overrides):
     study = {
         "seeds": [1, 2],
-        "methods": {"ADM": [], "SAM": ["--sam_rho", "0.1"]},
+        "methods": {"ADM": [], "SAM": []},
         "training": ["--model_config_name_or_path", str(path.parent / "micro.json"), "--resolution", "8"]
         + ["--max_train_steps", "3", "--train_batch_size", "8", "--eval_batch_size", "2"]
         + ["--ddpm_num_inference_steps", "2", "--swa_start", "1", "--swa_cycle", "1", "--lr_warmup_steps", "0"],
         "evaluation": ["--metrics", "lpf", "perturbation", "exposure_bias", "--inference_steps", "2", "4"]
         + ["--lpf_draws", "3", "--loss_samples", "16", "--gammas", "0", "5", "10", "--directions", "1"]
         + ["--exposure_samples", "4"],
+        "tuning": tuning(),
     }
     study.update(overrides)
     (path.parent / "micro.json").write_text(json.dumps(MICRO_UNET))
@@ -72,6 +99,38 @@ BAD = {
     "unknown training flag": ({"training": ["--learnig_rate", "1"]}, "unrecognized arguments: --learnig_rate 1"),
     "unknown metric": ({"evaluation": ["--metrics", "sharpness"]}, "--metrics: unknown sharpness"),
     "bad shard": ({}, "--shard 5/4: I must be from 1 to N"),
+    "tuning seed in the grid": (
+        {"tuning": tuning(seed=1)},
+        "tuning.seed must be a whole number >= 0 that is not one of the study's seeds, got 1",
+    ),
+    "tuned flag set twice": (
+        {"methods": {"ADM": [], "SAM": ["--sam_rho", "0.1"]}},
+        "tuning.flag --sam_rho is also set in the study's training or methods.SAM: set it in one place",
+    ),
+    "tuning of an unknown method": (
+        {"tuning": tuning(method="IP")},
+        "tuning.method must be one of the study's methods (ADM, SAM), got IP",
+    ),
+    "bad tuned value": ({"tuning": tuning(values=["0.1", "large"])}, "invalid float value: 'large'"),
+    "selection not measured": (
+        {"tuning": tuning(evaluation=["--metrics", "lpf", "--inference_steps", "2"])},
+        "the tuning selects by kid at T'=2: its evaluation flags must measure fid with --inference_steps including 2",
+    ),
+    "quantized column not sampled": (
+        {
+            "evaluation": [
+                "--metrics",
+                "fid",
+                "--inference_steps",
+                "2",
+                "--quantize",
+                "8",
+                "--quantize_inference_steps",
+                "4",
+            ]
+        },
+        "--quantize_inference_steps must be among inference_steps [2], got [4]",
+    ),
 }
 
 
@@ -91,40 +150,138 @@ def test_bad_study_is_one_line_and_writes_nothing(case, tmp_path, capsys):
 
 
 def test_dry_run_lists_every_run_and_evaluation(tmp_path, capsys):
-    path = write_study(tmp_path / "study.yaml")
+    path = write_study(tmp_path / "study.yaml", tuning=tuning(baseline="ADM"))
     run_study.main(run_study.parse_args(["--study", str(path), "--output_dir", str(tmp_path / "out"), "--dry_run"]))
     printed = capsys.readouterr().out
-    assert "4 trainings and 12 evaluations (shard 1/1)" in printed and "(+SAM+SWA)" in printed
-    # 2 seeds x (ADM: 3 steps, SAM: 3 steps of two passes); 12 pipelines x 1,000 samples x T' = 2 and 4
-    assert "work: 18 forward-backward passes of training (a SAM step is two); 24,000 generated images " in printed
-    assert "(72,000 UNet image-steps)" in printed
+    # tuning: rho 0.1 and 0.01 and the ADM baseline at seed 0, one evaluation each; the grid: 2 seeds x 2 methods
+    assert "7 trainings and 15 evaluations (shard 1/1)" in printed and "(+SAM+SWA)" in printed
+    assert "tune sam-rho0.01-seed0: " in printed and "--sam_rho 0.01 --use_ema --use_swa --seed 0 " in printed
+    assert "tune adm-seed0: " in printed and "train sam-seed2: " in printed and "--sam_rho TUNED" in printed
+    # steps: ADM at seed 0 and in the grid, 3 x 3; SAM at rho 0.1 and 0.01 and in the grid, 4 x 3.
+    # The tuning's three evaluations sample 100 images of T' = 2: 200 forwards and 100 images each. The grid's twelve
+    # (no FID) take 16 loss terms x (the fixed loss + 3 LPF draws + 3 gammas x 1 direction) and 2 x 4 exposure
+    # chains x 4 steps: 144 forwards each. 3 x 200 + 12 x 144 = 2,328.
+    assert (
+        "work: 9 training steps and 12 SAM steps (two passes each); 2,328 UNet image-forwards of evaluation "
+        "(sampling steps and loss terms) and 300 generated images through InceptionV3" in printed
+    )
+    assert "for hours on your device: python benchmarks/study_cost.py" in printed
+    # with measured rates: 9 steps at 0.0025/s = 1 h, 12 SAM steps at 0.002/s = 1.67 h; 2,328 forwards at 2328/3600
+    # per second = 1 h, 300 images at 300/3600 per second = 1 h
+    rates = {"study": "study.yaml", "device": "a GPU", "plain_steps_per_s": 0.0025, "sam_steps_per_s": 0.002}
+    rates |= {"unet_image_forwards_per_s": 2328 / 3600, "inception_images_per_s": 300 / 3600}
+    (tmp_path / "rates.json").write_text(json.dumps(rates))
+    argv = [
+        "--study",
+        str(path),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--dry_run",
+        "--rates",
+        str(tmp_path / "rates.json"),
+    ]
+    run_study.main(run_study.parse_args(argv))
+    printed = capsys.readouterr().out
+    assert (
+        "projected on a GPU: training 2.7 h (9 steps at 0.0025 /s, 12 SAM steps at 0.002 /s) + evaluation 2.0 h"
+        in printed
+    )
+    assert printed.rstrip().endswith("= 4.7 h")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "study, counts, work",
+    [
+        # tuning: rho 0.1, 0.01, 0.001 and ADM at seed 0; the grid: 3 seeds x (ADM, IP, SAM), 855 steps each.
+        # Each grid pipeline: sampling 100 x (20 + 100) fp32 + 3 bits x 100 x 20 = 18,000 forwards and 500 images;
+        # loss terms 128 x (fixed + 3 quantized + 50 LPF draws + 6 gammas x 3 directions) = 9,216; exposure bias
+        # 2 x 64 chains x 100 steps = 12,800: 40,016 each, x 27 = 1,080,432; the tuning's 4 x 200 x 20 = 16,000.
+        (
+            "digits.yaml",
+            "13 trainings and 31 evaluations",
+            "work: 5,985 training steps and 5,130 SAM steps (two passes each); 1,096,432 UNet image-forwards of "
+            "evaluation (sampling steps and loss terms) and 14,300 generated images",
+        ),
+        # 200K steps: ADM and IP x 3 seeds; SAM x (3 tuning + 3 seeds). Each grid pipeline: 50,000 x (20 + 100) x
+        # (fp32 + 8 bits) = 12,000,000 forwards and 200,000 images; 256 loss terms x (2 + 100 LPF + 18 + 81 surface)
+        # = 51,456; exposure 2 x 128 x 100 = 25,600: 12,077,056, x 27 = 326,080,512; tuning 3 x 50,000 x 20.
+        (
+            "paper-cifar10.yaml",
+            "12 trainings and 30 evaluations",
+            "work: 1,200,000 training steps and 1,200,000 SAM steps (two passes each); 329,080,512 UNet "
+            "image-forwards of evaluation (sampling steps and loss terms) and 5,550,000 generated images",
+        ),
+    ],
+)
+def test_the_shipped_studies_check_and_cost_what_a_hand_count_says(study, counts, work, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)  # a study's recipe is relative to the checkout
+    run_study.main(run_study.parse_args(["--study", f"studies/{study}", "--output_dir", str(tmp_path), "--dry_run"]))
+    printed = capsys.readouterr().out
+    assert f"{counts} (shard 1/1)" in printed and work in printed
+    tuning = Study.load(REPO / "studies" / study).tuning
+    assert tuning.values == ("0.1", "0.01", "0.001") and tuning.seed == 0  # the paper's grid, on a seed of its own
+
+
+def test_rates_of_another_study_are_refused(tmp_path, capsys):
+    path = write_study(tmp_path / "study.yaml")
+    (tmp_path / "rates.json").write_text(json.dumps({"study": "studies/digits.yaml"}))
+    argv = ["--study", path, "--output_dir", tmp_path / "out", "--dry_run", "--rates", tmp_path / "rates.json"]
+    status, err = run_cli(run_study, argv, capsys)
+    assert (
+        status != 0 and f"--rates {tmp_path / 'rates.json'}: measured for study studies/digits.yaml, not {path}" in err
+    )
+
+
+def test_a_shard_whose_tuned_runs_wait_for_another_shards_tuning_says_so(tmp_path, capsys):
+    # runs: sam-rho0.1-seed0, sam-rho0.01-seed0, adm-seed1, sam-seed1, adm-seed2, sam-seed2; shard 4/6: sam-seed1
+    path = write_study(tmp_path / "study.yaml")
+    status, err = run_cli(run_study, ["--study", path, "--output_dir", tmp_path / "out", "--shard", "4/6"], capsys)
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert status != 0 and len(errors) == 1, err
+    assert "--shard 4/6: the SAM runs take the tuned --sam_rho, and the tuning runs of other shards" in errors[0]
+    assert not (tmp_path / "out" / "runs").exists()
 
 
 @pytest.mark.slow
 def test_a_micro_study_survives_a_kill_and_reports_every_table(tmp_path, monkeypatch):
     path = write_study(tmp_path / "study.yaml")
     out = tmp_path / "out"
-    # Killed while training its second run: the first run and its three evaluations are finished by then.
+    # Killed while training the grid's second run: by then rho is tuned (two trainings, each evaluated with the real
+    # InceptionV3), and the grid's first run and its three evaluations are finished.
     marker = "study-kill-test"
     command = [sys.executable, str(REPO / "training_scripts" / "run_study.py"), "--study", str(path)]
     process = subprocess.Popen(
         [*command, "--output_dir", str(out)], env={**os.environ, TREE_MARKER: marker}, cwd=REPO, start_new_session=True
     )
     second_log = out / "logs" / "sam-seed1.log"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 400
     while not second_log.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     kill_tree(marker)
     process.wait(timeout=30)
-    assert second_log.exists(), "the study never reached its second training"
+    assert second_log.exists(), "the study never reached the grid's second training"
+    tuned_evaluations = [out / "eval" / f"sam-rho{rho}-seed0-raw" / "eval_results.json" for rho in ("0.1", "0.01")]
     done = [*(out / "eval").glob("adm-seed1-*/eval_results.json"), out / "runs" / "adm-seed1" / "model_index.json"]
+    done += [*tuned_evaluations, out / "runs" / "sam-rho0.01-seed0" / "model_index.json"]
     finished = {p: p.stat().st_mtime_ns for p in done}
-    assert len(finished) == 4 and (out / "done" / "adm-seed1").exists()
+    assert len(finished) == 7 and (out / "done" / "adm-seed1").exists()
 
     run_study.main(run_study.parse_args(["--study", str(path), "--output_dir", str(out)]))
     assert {p: p.stat().st_mtime_ns for p in finished} == finished  # neither retrained nor evaluated again
+    # the grid's SAM runs were trained with the rho of the lower KID at T'=2, read here from the tuning's results
+    kids = {
+        rho: next(iter(json.loads(p.read_text()).values()))["kid"]["2"]["mean"]
+        for rho, p in zip(("0.1", "0.01"), tuned_evaluations)
+    }
+    selected = min(kids, key=kids.get)
+    for seed in (1, 2):
+        trained_with = json.loads((out / "runs" / f"sam-seed{seed}" / "training_args.json").read_text())
+        assert trained_with["sam_rho"] == float(selected)
     data = json.loads((out / "report.json").read_text())
+    assert data["settings"]["tuning"]["selected"] == selected
+    assert [row["selected"] for row in data["tuning"]] == [rho == selected for rho in ("0.1", "0.01")]
+    assert f"the grid's SAM runs use --sam_rho **{selected}**" in (out / "report.md").read_text()
     assert set(data["results"]) == {"ADM", "+EMA", "+SWA", "+SAM", "+SAM+EMA", "+SAM+SWA"}
     lpf_claim = next(c for c in data["claims"] if c["claim"] == "SAM lowers LPF relative to ADM")
     adm = [data["results"]["ADM"][s]["lpf"]["lpf"] for s in ("1", "2")]
@@ -132,21 +289,34 @@ def test_a_micro_study_survives_a_kill_and_reports_every_table(tmp_path, monkeyp
     assert lpf_claim["interval"]["mean"] == pytest.approx(np.mean(np.subtract(sam, adm)))
     assert lpf_claim["interval"]["n"] == 2 and lpf_claim["verdict"] in (HOLDS, DOES_NOT_HOLD, INCONCLUSIVE)
 
-    # The same trainings evaluated with FID, KID and 8-bit weights too (a pooled-pixel stand-in for InceptionV3):
-    # every table of the report.
+    # A changed study does not reuse runs trained with other flags: one line, nothing retrained.
+    training = json.loads(path.read_text())["training"] + ["--learning_rate", "2e-4"]
+    changed = write_study(tmp_path / "changed.yaml", training=training)
+    with pytest.raises(UsageError, match=r"sam-rho0.1-seed0 was trained with other flags than the study's now"):
+        run_study.main(run_study.parse_args(["--study", str(changed), "--output_dir", str(out)]))
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished
+
+    # The same trainings evaluated with FID, KID and 8-bit weights at T'=2 too (a pooled-pixel stand-in for
+    # InceptionV3; the tuning's evaluations are kept, so the same rho is selected): every table of the report.
     full = write_study(tmp_path / "full.yaml")
     evaluation = json.loads(full.read_text())["evaluation"] + ["--num_samples", "100", "--num_real", "100"]
     evaluation[1:1] = ["fid"]
-    full = write_study(tmp_path / "full.yaml", evaluation=evaluation + ["--quantize", "8"])
+    quantized = ["--quantize", "8", "--quantize_inference_steps", "2"]
+    full = write_study(tmp_path / "full.yaml", evaluation=evaluation + quantized)
     for kept in ("runs", "done"):
         shutil.copytree(out / kept, tmp_path / "full" / kept)
+    for rho in ("0.1", "0.01"):
+        shutil.copytree(
+            out / "eval" / f"sam-rho{rho}-seed0-raw", tmp_path / "full" / "eval" / f"sam-rho{rho}-seed0-raw"
+        )
     monkeypatch.setattr(evaluate_flat, "InceptionFeatures", lambda dtype: PooledPixels())
     run_study.main(run_study.parse_args(["--study", str(full), "--output_dir", str(tmp_path / "full")]))
     report = (tmp_path / "full" / "report.md").read_text()
-    for heading in ("## Quality (Table 2)", "FID (T'=2)", "KID x10³ (T'=4)", "## Flatness and exposure bias"):
+    for heading in ("## Tuning of --sam_rho", "## Quality (Table 2)", "FID (T'=2)", "KID x10³ (T'=4)"):
         assert heading in report
-    assert "## Quantization robustness (Table 4)" in report and "8-bit ΔFID (T'=2)" in report
-    assert "8-bit pixels moved (T'=4)" in report and "8-bit Δloss" in report
+    assert "## Flatness and exposure bias" in report and "## Quantization robustness (Table 4)" in report
+    assert "8-bit ΔFID (T'=2)" in report and "8-bit pixels moved (T'=2)" in report and "8-bit Δloss" in report
+    assert "8-bit ΔFID (T'=4)" not in report  # quantized weights sampled at T'=2 only, as asked
     assert "## Claims" in report and "SAM loses less FID (T'=20) under 8-bit weights" in report
     for figure in ("perturbation.png", "exposure_bias.png"):
         assert (tmp_path / "full" / figure).stat().st_size > 1000

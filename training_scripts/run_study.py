@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 
 from diffusers_flat.cli import OneLineArgumentParser, UsageError, flag_message, run_main
 from diffusers_flat.errors import FlatError
-from diffusers_flat.evaluation import EvaluationSettings
-from diffusers_flat.run_directory import VARIANTS, RunDirectory
-from diffusers_flat.study import Run, Study, parse_shard, row_name, shard_of
+from diffusers_flat.evaluation import EvaluationSettings, evaluation_work
+from diffusers_flat.run_directory import VARIANTS, RunDirectory, write_json
+from diffusers_flat.study import Run, Study, Work, parse_shard, row_name, shard_of
 from diffusers_flat.study_report import Results, write_report
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train_flat_ddpm.py"
@@ -43,6 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shard", default="1/1", help="I/N: do every N-th run, from the I-th.")
     parser.add_argument("--report_only", action="store_true", help="Only aggregate what is finished.")
     parser.add_argument("--dry_run", action="store_true", help="List the runs and evaluations; do none.")
+    parser.add_argument(
+        "--rates",
+        default=None,
+        help="With --dry_run: the JSON benchmarks/study_cost.py wrote for this study on your device; projects hours.",
+    )
     return parser.parse_args(argv)
 
 
@@ -83,8 +88,13 @@ def check_study(study: Study) -> None:
 
 def train(run: Run, out: Path) -> None:
     """Train `run` into out/runs/<name> unless it finished before; resume it if it was interrupted."""
-    run_dir, log = out / "runs" / run.name, out / "logs" / f"{run.name}.log"
-    if (out / "done" / run.name).exists():
+    run_dir, log, done = out / "runs" / run.name, out / "logs" / f"{run.name}.log", out / "done" / run.name
+    if done.exists():
+        if json.loads(done.read_text()) != list(run.flags):  # e.g. the study file changed, or the tuned value
+            raise UsageError(
+                f"--output_dir {out}: {run.name} was trained with other flags than the study's now; remove "
+                f"{run_dir} and {done}, or use another --output_dir"
+            )
         return
     checkpoints = RunDirectory(run_dir).checkpoints() if run_dir.is_dir() else []
     again = ["--resume_from_checkpoint", "latest"] if checkpoints else ["--overwrite_output_dir"]
@@ -96,8 +106,8 @@ def train(run: Run, out: Path) -> None:
         status = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT).returncode
     if status != 0:
         raise UsageError(f"--study: training {run.name} failed (exit status {status}); see {log}")
-    (out / "done").mkdir(exist_ok=True)
-    (out / "done" / run.name).touch()
+    done.parent.mkdir(exist_ok=True)
+    write_json(done, list(run.flags))  # what the run was trained with, checked when the study runs again
 
 
 def evaluation_dir(out: Path, run: Run, variant: str) -> Path:
@@ -131,6 +141,23 @@ def collect(study: Study, out: Path) -> Results:
     return results
 
 
+PROJECT_HINT = (
+    "for hours on your device: python benchmarks/study_cost.py --study STUDY --output rates.json, then this command "
+    "with --rates rates.json"
+)
+
+
+def read_rates(path: str, study: Study) -> dict:
+    """The rates benchmarks/study_cost.py measured for this study."""
+    try:
+        rates = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--rates {path}: not a readable JSON file ({err})") from None
+    if Path(str(rates.get("study"))).name != study.path.name:
+        raise UsageError(f"--rates {path}: measured for study {rates.get('study')}, not {study.path}")
+    return rates
+
+
 def tuning_table(study: Study, out: Path) -> tuple[str | None, list[dict]]:
     """The tuned value (None until every candidate is evaluated) and the tuning table's rows."""
     tuning = study.tuning
@@ -149,35 +176,30 @@ def tuning_table(study: Study, out: Path) -> tuple[str | None, list[dict]]:
     return selected, rows
 
 
-def workload(study: Study, tuning_runs: list[Run], grid: list[Run]) -> str:
-    """The study's work in the units `benchmarks/evaluation.py` measures rates in, for a projection on your GPU."""
-    steps = 0
+def workload(study: Study, tuning_runs: list[Run], grid: list[Run]) -> Work:
+    """The work of these runs and their evaluations (tuning runs: one pipeline each, with the tuning's flags)."""
+    steps = {False: 0, True: 0}  # SAM or not -> optimizer steps
     for run in tuning_runs + grid:
         args = train_flat_ddpm.parse_args([*run.flags, "--output_dir", "x"])
         if args.max_train_steps is None:
-            return "work: set --max_train_steps in the study to project its cost"
-        steps += args.max_train_steps * (2 if args.sam_rho > 0 else 1)  # SAM: two passes per step
-    images = unet_passes = 0
+            raise UsageError(f"--study {study.path}: set --max_train_steps in its training flags to cost it")
+        steps[args.sam_rho > 0] += args.max_train_steps
+    forwards = images = 0
     evaluations = [(study.tuning.evaluation if study.tuning else (), len(tuning_runs))]
     for flags, pipelines in [*evaluations, (study.evaluation, len(grid) * len(VARIANTS))]:
-        s = evaluate_flat.settings_from(evaluate_flat.parse_args(["--model_path", "x", *flags]))
-        columns = [
-            (t, 1 + len(s.quantize) * (t in (s.quantize_inference_steps or s.inference_steps)))
-            for t in s.inference_steps
-        ]  # fp32 and each quantized copy sample the same noise
-        images += pipelines * s.num_samples * sum(weights for _, weights in columns)
-        unet_passes += pipelines * s.num_samples * sum(t * weights for t, weights in columns)
-    return (
-        f"work: {steps:,} forward-backward passes of training (a SAM step is two); {images:,} generated images "
-        f"({unet_passes:,} UNet image-steps) and as many InceptionV3 images, plus the real ones once. Divide by "
-        "the rates `python benchmarks/evaluation.py --device cuda` prints on your GPU for hours."
-    )
+        unet, inception = evaluation_work(
+            evaluate_flat.settings_from(evaluate_flat.parse_args(["--model_path", "x", *flags]))
+        )
+        forwards, images = forwards + pipelines * unet, images + pipelines * inception
+    return Work(steps[False], steps[True], forwards, images)
 
 
 def main(args: argparse.Namespace) -> None:
     study = Study.load(args.study)
     index, count = parse_shard(args.shard)
     check_study(study)
+    if args.rates and not args.dry_run:
+        raise UsageError("--rates projects the cost of a --dry_run: add --dry_run")
     out = Path(args.output_dir)
     tuning_runs = study.tuning_runs()
     # The shards partition the tuning runs and the grid together, by name (a run's flags wait for the tuning).
@@ -198,7 +220,9 @@ def main(args: argparse.Namespace) -> None:
         print(f"{trainings} trainings and {evaluations} evaluations (shard {index}/{count})")
         # the work does not depend on which candidate wins: cost the grid with the first
         candidate = tuned or (study.tuning.values[0] if study.tuning else None)
-        print(workload(study, tuning_runs, [run for run in study.runs(candidate) if run.name in mine]))
+        work = workload(study, tuning_runs, [run for run in study.runs(candidate) if run.name in mine])
+        print(work.describe())
+        print(work.projection(read_rates(args.rates, study)) if args.rates else PROJECT_HINT)
         return
     if not args.report_only:
         grid_size = sum(run.name in mine for run in study.runs())

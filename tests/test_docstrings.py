@@ -1,0 +1,21 @@
+"""Every runnable example in the library's docstrings runs and prints what it says."""
+
+import doctest
+import importlib
+import inspect
+import pkgutil
+
+import pytest
+
+import diffusers_flat
+
+MODULES = sorted(info.name for info in pkgutil.iter_modules(diffusers_flat.__path__))
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_the_docstring_examples_run(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # an example that writes files writes them here
+    module = importlib.import_module(f"diffusers_flat.{name}")
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0
+    assert result.attempted > 0 or ">>>" not in inspect.getsource(module)  # no example went unseen
