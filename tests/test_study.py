@@ -13,12 +13,12 @@ import evaluate_flat
 import numpy as np
 import pytest
 import run_study
-from conftest import MICRO_UNET, REPO, TREE_MARKER, kill_tree, run_cli
+from conftest import MICRO_UNET, REPO, TREE_MARKER, kill_tree, run_cli, run_command
 from test_evaluate_cli import PooledPixels
 
 from diffusers_flat.claims import DOES_NOT_HOLD, HOLDS, INCONCLUSIVE, paired_interval, verdict
 from diffusers_flat.cli import UsageError
-from diffusers_flat.study import Study, Tuning, shard_of
+from diffusers_flat.study import Study, Tuning, Work, shard_of
 
 T_975_2 = 4.302652729911275  # Student's t, 97.5% quantile, 2 degrees of freedom (from a table)
 
@@ -231,6 +231,20 @@ def test_rates_of_another_study_are_refused(tmp_path, capsys):
     assert (
         status != 0 and f"--rates {tmp_path / 'rates.json'}: measured for study studies/digits.yaml, not {path}" in err
     )
+
+
+@pytest.mark.slow
+def test_the_cost_benchmark_measures_rates_and_projects_the_study(tmp_path):
+    path = write_study(tmp_path / "study.yaml")
+    command = [sys.executable, str(REPO / "benchmarks" / "study_cost.py"), "--study", str(path), "--channels", "1"]
+    result = run_command([*command, "--steps", "2", "--device", "cpu", "--output", str(tmp_path / "rates.json")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    rates = json.loads((tmp_path / "rates.json").read_text())
+    keys = ("plain_steps_per_s", "sam_steps_per_s", "unet_image_forwards_per_s", "inception_images_per_s")
+    assert all(math.isfinite(rates[k]) and rates[k] > 0 for k in keys) and rates["device"] == "cpu"
+    assert rates["sam_steps_per_s"] < rates["plain_steps_per_s"]  # two passes cost more than one
+    # the micro study without a baseline: ADM 2 x 3 steps, SAM 4 x 3; 2 x 200 + 12 x 144 forwards, 200 images
+    assert Work(6, 12, 2128, 200).projection(rates) in result.stdout
 
 
 def test_a_shard_whose_tuned_runs_wait_for_another_shards_tuning_says_so(tmp_path, capsys):

@@ -1,0 +1,160 @@
+"""The probability flow distance (arXiv 2505.20123; SPEC section 5): how far apart two denoisers send the same noise.
+
+    PFD(p, q) = sqrt(E_z ||Psi(Phi_p(z)) - Psi(Phi_q(z))||^2)
+
+Phi is a model's deterministic noise-to-data map, its probability-flow ODE integrated from the starting noise z by a
+diffusers solver (DDIM with eta = 0, or DPM-Solver++, the faster); Psi is the identity on pixels or InceptionV3's
+features. PFD is a metric: zero for a model against itself, symmetric, and the triangle inequality holds (a
+Minkowski inequality over the shared z). Teacher-student protocol: E_gen = PFD(student, teacher), E_mem =
+PFD(student, the empirical denoiser of the student's training set).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TypedDict
+
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from tqdm.auto import tqdm
+
+from .errors import FlatError
+from .fid import InceptionFeatures
+from .sampling import derived_seed
+
+SOLVERS = ("ddim", "dpm-solver++")
+DESCRIPTORS = ("pixels", "inception")
+
+
+class PFDResult(TypedDict):
+    pfd: float
+    stderr: float  # the standard error over the noises z (delta method on the mean squared distance)
+    num_noises: int
+    steps: int
+    solver: str
+    descriptor: str
+
+
+def ode_solver(scheduler_config: dict, solver: str = "ddim"):
+    """A deterministic solver of the PF-ODE on the noise schedule of `scheduler_config` (a DDPMScheduler's config):
+    no clipping or thresholding of the x0 prediction, which would leave the ODE."""
+    if solver not in SOLVERS:
+        raise FlatError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}", "solver")
+    if solver == "ddim":  # eta = 0 in step(): deterministic
+        return DDIMScheduler.from_config(scheduler_config, clip_sample=False, thresholding=False)
+    # the model's variance output, if any, is cut off before the solver sees it (flow_map)
+    return DPMSolverMultistepScheduler.from_config(
+        scheduler_config, algorithm_type="dpmsolver++", solver_order=2, thresholding=False, variance_type=None
+    )
+
+
+def starting_noise(shape: tuple[int, ...], first: int, count: int, seed: int) -> torch.Tensor:
+    """The noises z of indices first, ..., first + count - 1: each from a generator of its own seeded from (seed, i),
+    as `sample_images` draws x_T, so every model and batch size sees the same z."""
+    return torch.cat(
+        [
+            torch.randn((1, *shape), generator=torch.Generator().manual_seed(derived_seed(seed, i)))
+            for i in range(first, first + count)
+        ]
+    )
+
+
+@torch.no_grad()
+def flow_map(
+    model: torch.nn.Module,
+    scheduler_config: dict,
+    num_noises: int,
+    steps: int = 50,
+    solver: str = "ddim",
+    seed: int = 0,
+    batch_size: int = 250,
+    show_progress: bool = True,
+) -> torch.Tensor:
+    """Phi(z) for the first `num_noises` noises of the stream `seed` defines: (N, C, H, W) float32 on the CPU, in the
+    model's units ([-1, 1] for images), neither clamped nor rounded."""
+    if steps < 1:
+        raise FlatError(f"steps must be >= 1, got {steps}", "steps")
+    channels, size = model.config.in_channels, model.config.sample_size
+    device = next(iter([*model.parameters(), *model.buffers()])).device
+    was_training = model.training
+    model.eval()
+    outputs = []
+    for first in tqdm(range(0, num_noises, batch_size), desc="PF-ODE", disable=not show_progress, leave=False):
+        scheduler = ode_solver(scheduler_config, solver)  # multistep solvers keep state: a fresh one per batch
+        scheduler.set_timesteps(steps)
+        x = starting_noise((channels, size, size), first, min(batch_size, num_noises - first), seed).to(device)
+        x = x * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            eps = model(x, t).sample[:, :channels]  # a learned-variance model's v is not part of the ODE
+            x = scheduler.step(eps, t, x).prev_sample
+        outputs.append(x.float().cpu())
+    model.train(was_training)
+    return torch.cat(outputs)
+
+
+def pixels_or_features(images: torch.Tensor, descriptor: str, inception: InceptionFeatures | None) -> torch.Tensor:
+    """Psi: the flattened pixels, or InceptionV3's features of the images as 8-bit pictures."""
+    if descriptor == "pixels":
+        return images.flatten(1).double()
+    as_uint8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return inception(as_uint8.to(next(inception.parameters()).device)).double().cpu()
+
+
+def pfd(
+    p: torch.nn.Module,
+    q: torch.nn.Module,
+    scheduler_config: dict,
+    num_noises: int = 1000,
+    steps: int = 50,
+    solver: str = "ddim",
+    descriptor: str = "pixels",
+    seed: int = 0,
+    batch_size: int = 250,
+    inception: InceptionFeatures | None = None,
+) -> PFDResult:
+    """PFD(p, q) over `num_noises` shared noises, and its standard error.
+
+    Args:
+        p, q: denoisers with UNet2DModel's call signature (a UNet, an `EmpiricalDenoiser`) of the same image shape.
+        scheduler_config: the DDPMScheduler config both were trained under (its noise schedule).
+        num_noises: the noises z.
+        steps: solver steps.
+        solver: "ddim" (eta = 0) or "dpm-solver++".
+        descriptor: "pixels" (Psi the identity) or "inception" (InceptionV3 features; pass `inception`).
+        seed: the noise stream.
+        batch_size: images per model call.
+        inception: the feature network for descriptor "inception".
+
+    Example:
+        >>> from diffusers import DDPMScheduler, UNet2DModel
+        >>> blocks = dict(down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+        >>> unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+        ...                    norm_num_groups=4, **blocks)
+        >>> pfd(unet, unet, DDPMScheduler().config, num_noises=4, steps=3)["pfd"]
+        0.0
+    """
+    shapes = [(m.config.in_channels, m.config.sample_size) for m in (p, q)]
+    if shapes[0] != shapes[1]:
+        raise FlatError(f"q: its images are {shapes[1][0]}x{shapes[1][1]}^2 (channels x size^2), p's {shapes[0]}", "q")
+    if descriptor not in DESCRIPTORS:
+        raise FlatError(f"descriptor must be one of {', '.join(DESCRIPTORS)}, got {descriptor!r}", "descriptor")
+    if descriptor == "inception" and inception is None:
+        raise FlatError("inception: pass the InceptionFeatures network for descriptor 'inception'", "inception")
+    if num_noises < 2:
+        raise FlatError(f"num_noises must be >= 2 for a standard error, got {num_noises}", "num_noises")
+    ends = [flow_map(m, scheduler_config, num_noises, steps, solver, seed, batch_size) for m in (p, q)]
+    a, b = (pixels_or_features(images, descriptor, inception) for images in ends)
+    squared = ((a - b) ** 2).sum(1).numpy()
+    mean = float(squared.mean())
+    distance = math.sqrt(mean)
+    stderr_mean = float(squared.std(ddof=1) / math.sqrt(len(squared)))
+    # delta method: d sqrt(m) = dm / (2 sqrt(m)); at distance 0 every term is 0 and so is the error
+    stderr = stderr_mean / (2 * distance) if distance > 0 else 0.0
+    return {
+        "pfd": distance,
+        "stderr": stderr,
+        "num_noises": num_noises,
+        "steps": steps,
+        "solver": solver,
+        "descriptor": descriptor,
+    }

@@ -1,0 +1,121 @@
+"""The smoothed empirical denoiser against hand computations: one image, infinite temperature, a 3-point softmax
+written out here, the noise-unconditional mixture, memorization at T = 1, and saving."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from sklearn.datasets import load_digits
+
+from diffusers_flat.empirical_score import EmpiricalDenoiser
+from diffusers_flat.errors import FlatError
+from diffusers_flat.memorization import memorization_ratio
+from diffusers_flat.pfd import flow_map
+from diffusers_flat.sampling import sample_images
+
+SCHEDULER = DDPMScheduler(timestep_spacing="linspace")
+
+
+def x0_of(model, x, t):
+    """The x0 prediction behind an epsilon prediction: (x - sqrt(1 - abar) eps) / sqrt(abar)."""
+    abar = SCHEDULER.alphas_cumprod[t].double()
+    eps = model(x, t).sample.double()
+    return (x.double() - (1 - abar).sqrt() * eps) / abar.sqrt()
+
+
+def digits(n: int, size: int = 8) -> torch.Tensor:
+    """The first n embedded digits as (n, 1, 8, 8) in [-1, 1]."""
+    images = torch.tensor(load_digits().images[:n], dtype=torch.float32) / 16 * 2 - 1
+    return images[:, None, :size, :size]
+
+
+def test_one_training_image_is_predicted_at_every_timestep():
+    image = digits(1)
+    model = EmpiricalDenoiser.from_training_set(image, SCHEDULER)
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    for t in (0, 10, 500, 999):
+        assert torch.allclose(x0_of(model, x, t), image.double().expand(3, -1, -1, -1), atol=1e-4), t
+
+
+def test_an_infinite_temperature_predicts_the_training_mean():
+    images = digits(10)
+    model = EmpiricalDenoiser.from_training_set(images, SCHEDULER, temperature=1e12)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    mean = images.double().mean(0, keepdim=True).expand(2, -1, -1, -1)
+    assert torch.allclose(x0_of(model, x, 300), mean, atol=1e-4)
+
+
+def test_three_points_give_the_hand_computed_softmax_mean():
+    points = torch.tensor([[[[0.5, -0.5], [0.0, 1.0]]], [[[-1.0, 0.2], [0.3, 0.3]]], [[[0.9, 0.9], [-0.4, 0.0]]]])
+    x = torch.tensor([[[[0.2, 0.1], [-0.3, 0.6]]]])
+    t, temperature = 400, 2.5
+    model = EmpiricalDenoiser.from_training_set(points, SCHEDULER, temperature=temperature, chunk_size=2)
+    abar = float(SCHEDULER.alphas_cumprod[t])
+    distances = [
+        sum((float(x.flatten()[k]) - abar**0.5 * float(p.flatten()[k])) ** 2 for k in range(4)) for p in points
+    ]
+    logits = [-d / (2 * (1 - abar) * temperature) for d in distances]
+    weights = [np.exp(v - max(logits)) for v in logits]
+    weights = [w / sum(weights) for w in weights]
+    by_hand = sum(w * p.double() for w, p in zip(weights, points))
+    assert torch.allclose(x0_of(model, x, t), by_hand, atol=1e-5)
+    # chunking changes nothing: one image per chunk, or all at once
+    whole = EmpiricalDenoiser.from_training_set(points, SCHEDULER, temperature=temperature, chunk_size=1024)
+    assert torch.allclose(whole(x, t).sample, model(x, t).sample, atol=1e-6)
+
+
+def test_the_noise_unconditional_mixture_weighs_points_and_levels_together():
+    points = digits(3, size=2)  # 3 points of 4 pixels
+    model = EmpiricalDenoiser.from_training_set(points, SCHEDULER, noise_unconditional=True, noise_levels=3)
+    x = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(2))
+    levels = [0, 500, 999]  # three levels spread over the 1,000 training timesteps
+    terms, logits = [], []
+    for level in levels:
+        abar = SCHEDULER.alphas_cumprod[level].double()
+        for p in points.double():
+            gap = x.double() - abar.sqrt() * p  # x - a_i mu_j
+            # log N(x; a_i mu_j, v_i I) up to a constant: -(d / 2) log v_i - ||x - a_i mu_j||^2 / (2 v_i)
+            logits.append(-2 * (1 - abar).log() - (gap**2).sum((1, 2, 3)) / (2 * (1 - abar)))
+            terms.append(gap / (1 - abar).sqrt())
+    weights = torch.softmax(torch.stack(logits, 1), 1)
+    by_hand = sum(weights[:, k, None, None, None] * terms[k] for k in range(len(terms)))
+    for t in (0, 700):  # the timestep is ignored
+        assert torch.allclose(model(x, t).sample.double(), by_hand, atol=1e-5)
+
+
+def test_temperature_one_reproduces_training_images_and_warmer_ones_memorize_less():
+    images = digits(12)
+    as_uint8 = np.round((images.permute(0, 2, 3, 1).numpy() + 1) * 127.5).astype(np.uint8)
+    cold = EmpiricalDenoiser.from_training_set(images, SCHEDULER)
+    ode = flow_map(cold, SCHEDULER.config, 16, steps=50, show_progress=False)
+    ode_uint8 = np.round((ode.clamp(-1, 1).permute(0, 2, 3, 1).numpy() + 1) * 127.5).astype(np.uint8)
+    nearest = [np.abs(ode_uint8[i].astype(int) - as_uint8.astype(int)).max(axis=(1, 2, 3)).min() for i in range(16)]
+    assert max(nearest) <= 1  # every PF-ODE sample is a training image, within rounding
+    assert memorization_ratio(ode_uint8, as_uint8)["memorization_ratio"] == 1.0
+    ddpm = sample_images(cold, SCHEDULER, 16, 100, show_progress=False)
+    assert memorization_ratio(ddpm, as_uint8)["memorization_ratio"] == 1.0
+    # the distances between 8x8 digits are large against the last steps' noise: T must reach ~1e4 to spread them
+    ratios = []
+    for temperature in (1.0, 1e2, 1e4, 1e6):
+        model = EmpiricalDenoiser.from_training_set(images, SCHEDULER, temperature=temperature)
+        ratios.append(memorization_ratio(sample_images(model, SCHEDULER, 16, 100, show_progress=False), as_uint8))
+    ratios = [r["memorization_ratio"] for r in ratios]
+    assert ratios == sorted(ratios, reverse=True) and ratios[0] == 1.0 > ratios[-1], ratios
+
+
+def test_a_saved_denoiser_loads_back_and_predicts_bit_for_bit(tmp_path):
+    model = EmpiricalDenoiser.from_training_set(digits(7), SCHEDULER, temperature=3.0, chunk_size=3)
+    model.save_pretrained(tmp_path / "empirical")
+    assert (tmp_path / "empirical" / "diffusion_pytorch_model.safetensors").exists()
+    loaded = EmpiricalDenoiser.from_pretrained(tmp_path / "empirical")
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(loaded(x, 123).sample, model(x, 123).sample)
+    assert loaded.config.temperature == 3.0 and loaded.alphas_cumprod.dtype == torch.float64
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0])
+def test_a_temperature_at_or_below_zero_is_refused(temperature):
+    with pytest.raises(
+        FlatError, match=f"temperature must be > 0 \\(1: the exact empirical score\\), got {temperature}"
+    ):
+        EmpiricalDenoiser.from_training_set(digits(2), SCHEDULER, temperature=temperature)

@@ -1,0 +1,82 @@
+"""The probability flow distance against closed forms: Gaussian data, whose exact denoiser and PF-ODE map are known,
+and the metric's axioms."""
+
+import math
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.unets.unet_2d import UNet2DOutput
+
+from diffusers_flat.errors import FlatError
+from diffusers_flat.pfd import flow_map, pfd
+
+# A schedule that stops short of pure noise (abar_999 = 0.35), so the starting noise level matters to the closed form.
+SCHEDULER = DDPMScheduler(beta_end=0.002, timestep_spacing="linspace")
+STD = 0.5
+
+
+class GaussianDenoiser(ModelMixin, ConfigMixin):
+    """The exact epsilon of data N(m, s^2 I): x_t ~ N(a m, (a^2 s^2 + v) I), E[x0 | x_t] = m + a s^2 (x_t - a m) /
+    (a^2 s^2 + v), epsilon = (x_t - a E[x0 | x_t]) / sqrt(v), with a^2 = abar_t and v = 1 - abar_t."""
+
+    @register_to_config
+    def __init__(self, mean: float, std: float = STD, sample_size: int = 4, in_channels: int = 1):
+        super().__init__()
+        self.register_buffer("abar", SCHEDULER.alphas_cumprod.double().clone())
+
+    def forward(self, sample, timestep):
+        abar = self.abar[int(timestep)]
+        a, v, m, s = abar.sqrt(), 1 - abar, self.config.mean, self.config.std
+        x = sample.double()
+        x0 = m + a * s**2 * (x - a * m) / (a**2 * s**2 + v)
+        return UNet2DOutput(sample=((x - a * x0) / v.sqrt()).float())
+
+
+def closed_form_pfd(m1: float, m2: float, d: int) -> float:
+    """Phi(z) = m + s (z - a0 m) / sigma0 with sigma0^2 = a0^2 s^2 + v0 at the solver's first timestep t0 (999 with
+    linspace spacing) and x_T = z: the exact flow keeps (x - a m) / sigma. So Phi_1(z) - Phi_2(z) = (m1 - m2)(1 - s a0
+    / sigma0) in every pixel, for every z."""
+    abar = SCHEDULER.alphas_cumprod[999].double()
+    a0, v0 = abar.sqrt(), 1 - abar
+    sigma0 = math.sqrt(a0**2 * STD**2 + v0)
+    return abs(m1 - m2) * math.sqrt(d) * abs(1 - STD * float(a0) / sigma0)
+
+
+@pytest.mark.parametrize(
+    "solver, steps, tolerance", [("ddim", (5, 25, 100), 5e-3), ("dpm-solver++", (3, 8, 20), 5e-3)]
+)
+def test_pfd_of_two_gaussians_is_the_closed_form_and_the_solver_error_shrinks(solver, steps, tolerance):
+    p, q = GaussianDenoiser(0.3), GaussianDenoiser(-0.2)
+    exact = closed_form_pfd(0.3, -0.2, 16)
+    assert abs(exact - 2.0) > 0.3  # not the naive ||m1 - m2||: the starting noise level counts
+    errors = [abs(pfd(p, q, SCHEDULER.config, 8, s, solver)["pfd"] - exact) for s in steps]
+    assert errors[0] > errors[1] > errors[2] and errors[2] < tolerance * exact, errors
+
+
+def test_pfd_is_a_metric_with_shared_noise():
+    a, b, c = GaussianDenoiser(0.3), GaussianDenoiser(-0.2), GaussianDenoiser(0.1, std=0.2)
+    config = SCHEDULER.config
+    assert pfd(a, a, config, 16, 10)["pfd"] == 0.0 and pfd(a, a, config, 16, 10)["stderr"] == 0.0
+    ab, ba = pfd(a, b, config, 16, 10), pfd(b, a, config, 16, 10)
+    assert ab["pfd"] == ba["pfd"] > 0
+    ac, cb = pfd(a, c, config, 16, 10)["pfd"], pfd(c, b, config, 16, 10)["pfd"]
+    assert ab["pfd"] <= ac + cb
+    # c's map depends on z (a different std): the distances vary over z, and so the error is positive
+    assert pfd(a, c, config, 16, 10)["stderr"] > 0
+
+
+def test_the_noise_is_shared_whatever_the_batch():
+    model = GaussianDenoiser(0.1, std=0.3)
+    assert torch.equal(flow_map(model, SCHEDULER.config, 7, 5, batch_size=3), flow_map(model, SCHEDULER.config, 7, 5))
+    assert not torch.equal(*flow_map(model, SCHEDULER.config, 2, 5))  # and differs from image to image
+
+
+def test_models_of_different_images_are_refused():
+    with pytest.raises(FlatError, match=r"q: its images are 1x8\^2 \(channels x size\^2\), p's \(1, 4\)") as err:
+        pfd(GaussianDenoiser(0.0), GaussianDenoiser(0.0, sample_size=8), SCHEDULER.config, 4, 2)
+    assert err.value.parameter == "q"
+    with pytest.raises(FlatError, match="solver must be one of ddim, dpm-solver\\+\\+, got 'euler'"):
+        pfd(GaussianDenoiser(0.0), GaussianDenoiser(0.0), SCHEDULER.config, 4, 2, solver="euler")
