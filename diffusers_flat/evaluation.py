@@ -23,6 +23,7 @@ from accelerate.utils import gather_object
 from diffusers import DDPMScheduler
 
 from .data import ImageTransform, load_image_dataset, open_image
+from .empirical_score import EmpiricalDenoiser
 from .errors import FlatError
 from .exposure_bias import ExposureBiasResult, exposure_bias
 from .fid import FID, KIDResult, check_count, real_statistics_cached
@@ -36,11 +37,13 @@ from .flatness import (
     lpf_flatness,
 )
 from .memorization import MemorizationResult, memorization_ratio
+from .pfd import DESCRIPTORS, SOLVERS, PFDResult, pfd
 from .quantization import check_bits, check_granularity, quantize_weights_
 from .run_directory import DataSource
 from .sampling import sample_images
 
-METRICS = ("fid", "lpf", "perturbation", "surface", "exposure_bias", "memorization")
+METRICS = ("fid", "lpf", "perturbation", "surface", "exposure_bias", "memorization", "pfd")
+DEFAULT_METRICS = METRICS[:-1]  # PFD needs a reference model: asked for by name
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -91,6 +94,8 @@ class EvaluationResult(TypedDict, total=False):
     surface: LossSurface
     exposure_bias: ExposureBiasResult
     memorization: MemorizationResult
+    pfd: PFDResult  # against pfd_reference
+    pfd_reference: str  # a pipeline directory or "empirical"
 
 
 @dataclass(frozen=True)
@@ -148,7 +153,7 @@ class EvaluationSettings:
     """What to measure and how much of it. Every field is checked when the settings are made.
 
     Args:
-        metrics: any of METRICS.
+        metrics: any of METRICS (default: all but pfd).
         inference_steps: the respaced sampling steps T' of the FID columns (the paper: 20 and 100).
         num_samples: generated images per FID column (the paper: 50,000).
         num_real: at most this many real images for FID.
@@ -165,13 +170,19 @@ class EvaluationSettings:
         surface_extent: the loss surface spans [-extent, extent] along each direction.
         surface_resolution: points per axis of the loss surface.
         exposure_samples: sampling chains (and real images) of the exposure-bias measurement.
+        pfd_reference: the pfd metric's reference: a pipeline directory, or "empirical" (the training set's
+            empirical denoiser, E_mem).
+        pfd_noises: the shared starting noises of PFD.
+        pfd_steps: the PF-ODE solver's steps.
+        pfd_solver: "ddim" (eta = 0) or "dpm-solver++".
+        pfd_descriptor: "pixels" or "inception" (with the fid metric, which brings InceptionV3).
 
     Example:
         >>> EvaluationSettings(metrics=("lpf",), lpf_draws=5).lpf_draws
         5
     """
 
-    metrics: tuple[str, ...] = METRICS
+    metrics: tuple[str, ...] = DEFAULT_METRICS
     inference_steps: tuple[int, ...] = (20, 100)
     num_samples: int = 1000
     num_real: int = 1000
@@ -188,6 +199,11 @@ class EvaluationSettings:
     surface_extent: float = 0.5
     surface_resolution: int = 9
     exposure_samples: int = 128
+    pfd_reference: str | None = None
+    pfd_noises: int = 1000
+    pfd_steps: int = 50
+    pfd_solver: str = "ddim"
+    pfd_descriptor: str = "pixels"
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.metrics if m not in METRICS]
@@ -202,6 +218,8 @@ class EvaluationSettings:
         if self.quantize and "fid" not in self.metrics:
             raise FlatError("quantize reports FID before -> after quantization: add fid to metrics", "quantize")
         check_granularity(self.quantize_granularity)
+        if "pfd" in self.metrics:
+            check_pfd_settings(self)
         extra = [s for s in self.quantize_inference_steps if s not in self.inference_steps]
         if extra:
             raise FlatError(
@@ -243,7 +261,27 @@ def evaluation_work(s: EvaluationSettings) -> tuple[int, int]:
     forwards += losses * s.loss_samples
     if "exposure_bias" in metrics:  # each step: the chain's image and the freshly noised real one
         forwards += 2 * s.exposure_samples * max(s.inference_steps)
+    if "pfd" in metrics:  # the model's and the reference's flow maps; an empirical reference costs more than a UNet
+        forwards += 2 * s.pfd_noises * s.pfd_steps
+        images += 2 * s.pfd_noises * (s.pfd_descriptor == "inception")
     return forwards, images
+
+
+def check_pfd_settings(s: EvaluationSettings) -> None:
+    if not s.pfd_reference:
+        raise FlatError("pfd_reference: the pfd metric needs a pipeline directory or 'empirical'", "pfd_reference")
+    if s.pfd_solver not in SOLVERS:
+        raise FlatError(f"pfd_solver must be one of {', '.join(SOLVERS)}, got {s.pfd_solver!r}", "pfd_solver")
+    if s.pfd_descriptor not in DESCRIPTORS:
+        raise FlatError(
+            f"pfd_descriptor must be one of {', '.join(DESCRIPTORS)}, got {s.pfd_descriptor!r}", "pfd_descriptor"
+        )
+    if s.pfd_descriptor == "inception" and "fid" not in s.metrics:
+        raise FlatError("pfd_descriptor inception: add fid to metrics, which brings InceptionV3", "pfd_descriptor")
+    if s.pfd_noises < 2 or s.pfd_steps < 1:
+        raise FlatError(
+            f"pfd_noises must be >= 2 and pfd_steps >= 1, got {s.pfd_noises} and {s.pfd_steps}", "pfd_noises"
+        )
 
 
 @dataclass
@@ -272,6 +310,7 @@ def evaluate(
     settings: EvaluationSettings,
     fid: FID | None = None,
     processes: PartialState | None = None,
+    reference: torch.nn.Module | None = None,
 ) -> Evaluation:
     """Measure `settings.metrics` of `model`.
 
@@ -286,6 +325,8 @@ def evaluate(
             calls `evaluate`; each generates its share of the sample indices (image i has its own seed, so the images
             are those of one process) and computes their features; the images and features are gathered, and the main
             process scores them and measures everything else. The other processes get an empty result.
+        reference: the pfd metric's reference model when `settings.pfd_reference` is a directory (the caller loads
+            it); for "empirical" the empirical denoiser of `real` is built here.
 
     Example:
         >>> from diffusers import DDPMPipeline  # doctest: +SKIP
@@ -375,4 +416,23 @@ def evaluate(
         memo = memorization_ratio(evaluation.samples[max(evaluation.samples)], real.uint8)
         evaluation.nearest = memo["nearest"]
         result["memorization"] = {k: memo[k] for k in MemorizationResult.__annotations__}
+    if "pfd" in metrics:
+        if s.pfd_reference == "empirical":  # E_mem: the training set's own denoiser at T = 1
+            reference = EmpiricalDenoiser.from_training_set(real.tensors, scheduler).to(model.device)
+        elif reference is None:
+            raise FlatError(f"reference: pass the model of pfd_reference {s.pfd_reference}", "reference")
+        inception = fid.features if s.pfd_descriptor == "inception" else None
+        result["pfd"] = pfd(
+            model,
+            reference,
+            scheduler.config,
+            s.pfd_noises,
+            s.pfd_steps,
+            s.pfd_solver,
+            s.pfd_descriptor,
+            s.seed,
+            s.batch_size,
+            inception,
+        )
+        result["pfd_reference"] = s.pfd_reference
     return evaluation

@@ -41,11 +41,25 @@ def ode_solver(scheduler_config: dict, solver: str = "ddim"):
     if solver not in SOLVERS:
         raise FlatError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}", "solver")
     if solver == "ddim":  # eta = 0 in step(): deterministic
-        return DDIMScheduler.from_config(scheduler_config, clip_sample=False, thresholding=False)
+        # DDIM steps from t to t - T // steps whatever the spacing; "trailing" (999, 979, ..., 19 for 50 of 1000
+        # steps) is the spacing whose next timestep is that one, starting from the noisiest
+        return DDIMScheduler.from_config(
+            scheduler_config, clip_sample=False, thresholding=False, timestep_spacing="trailing"
+        )
     # the model's variance output, if any, is cut off before the solver sees it (flow_map)
     return DPMSolverMultistepScheduler.from_config(
         scheduler_config, algorithm_type="dpmsolver++", solver_order=2, thresholding=False, variance_type=None
     )
+
+
+def check_steps(steps: int, solver: str, train_steps: int) -> None:
+    """The solver's steps: at least one, and for DDIM a divisor of the training timesteps (its fixed stride)."""
+    if steps < 1 or (solver == "ddim" and train_steps % steps):
+        raise FlatError(
+            f"steps must divide the {train_steps} training timesteps for ddim (its stride is {train_steps} // "
+            f"steps), got {steps}; or use dpm-solver++",
+            "steps",
+        )
 
 
 def starting_noise(shape: tuple[int, ...], first: int, count: int, seed: int) -> torch.Tensor:
@@ -72,8 +86,7 @@ def flow_map(
 ) -> torch.Tensor:
     """Phi(z) for the first `num_noises` noises of the stream `seed` defines: (N, C, H, W) float32 on the CPU, in the
     model's units ([-1, 1] for images), neither clamped nor rounded."""
-    if steps < 1:
-        raise FlatError(f"steps must be >= 1, got {steps}", "steps")
+    check_steps(steps, solver, scheduler_config["num_train_timesteps"])
     channels, size = model.config.in_channels, model.config.sample_size
     device = next(iter([*model.parameters(), *model.buffers()])).device
     was_training = model.training
@@ -97,7 +110,8 @@ def pixels_or_features(images: torch.Tensor, descriptor: str, inception: Incepti
     if descriptor == "pixels":
         return images.flatten(1).double()
     as_uint8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return inception(as_uint8.to(next(inception.parameters()).device)).double().cpu()
+    device = next(iter([*inception.parameters(), *inception.buffers()]), as_uint8).device
+    return inception(as_uint8.to(device)).double().cpu()
 
 
 def pfd(
@@ -135,7 +149,8 @@ def pfd(
     """
     shapes = [(m.config.in_channels, m.config.sample_size) for m in (p, q)]
     if shapes[0] != shapes[1]:
-        raise FlatError(f"q: its images are {shapes[1][0]}x{shapes[1][1]}^2 (channels x size^2), p's {shapes[0]}", "q")
+        (c, n), (c_p, n_p) = shapes[1], shapes[0]
+        raise FlatError(f"q: its images are {c}x{n}x{n}, p's {c_p}x{n_p}x{n_p}: PFD compares models of one shape", "q")
     if descriptor not in DESCRIPTORS:
         raise FlatError(f"descriptor must be one of {', '.join(DESCRIPTORS)}, got {descriptor!r}", "descriptor")
     if descriptor == "inception" and inception is None:

@@ -197,6 +197,48 @@ def test_quantized_fid_gives_table_4_plots_and_card(two_models, tmp_path, monkey
     assert row in card.text and "![FID against weight bits](evaluation/fid_vs_bits.png)" in card.text
 
 
+def ddim_flow_by_hand(unet, abar: torch.Tensor, count: int, steps: int) -> torch.Tensor:
+    """DDIM with eta = 0 written out, from the documented noise stream: from t = 999 down by 1000 / steps,
+    x0 = (x - sqrt(1 - abar_t) eps) / sqrt(abar_t), x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps, with
+    abar = 1 past the last step."""
+    shape = (1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    x = torch.cat([torch.randn(shape, generator=g) for g in per_image_generators(count)]).double()
+    stride = 1000 // steps
+    with torch.no_grad():
+        for t in range(999, -1, -stride):
+            eps = unet(x.float(), t).sample.double()
+            x0 = (x - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()
+            previous = abar[t - stride] if t - stride >= 0 else torch.tensor(1.0, dtype=torch.float64)
+            x = previous.sqrt() * x0 + (1 - previous).sqrt() * eps
+    return x
+
+
+def test_pfd_against_a_teacher_is_the_hand_computed_distance(two_models, tmp_path):
+    adm, sam = two_models
+    out = tmp_path / "eval"
+    argv = ["--model_path", adm, "--metrics", "pfd", "--pfd_reference", sam, "--pfd_noises", 6, "--pfd_steps", 5]
+    evaluate_flat.main(evaluate_flat.parse_args(list(map(str, [*argv, "--batch_size", 4, "--output_dir", out]))))
+    result = json.loads((out / "eval_results.json").read_text())["adm"]
+    pipelines = [DDPMPipeline.from_pretrained(m) for m in (adm, sam)]
+    abar = pipelines[0].scheduler.alphas_cumprod.double()
+    a, b = (ddim_flow_by_hand(p.unet, abar, 6, 5).flatten(1) for p in pipelines)
+    squared = ((a - b) ** 2).sum(1)
+    assert result["pfd"]["pfd"] == pytest.approx(squared.mean().sqrt().item(), rel=1e-4)
+    stderr = (squared.std() / 6**0.5 / (2 * squared.mean().sqrt())).item()  # the delta method, by hand
+    assert result["pfd"]["stderr"] == pytest.approx(stderr, rel=1e-3)
+    assert result["pfd_reference"] == str(sam) and result["pfd"]["solver"] == "ddim"
+
+
+def test_pfd_against_the_empirical_denoiser_of_the_training_set(two_models, tmp_path):
+    out = tmp_path / "eval"
+    argv = ["--model_path", two_models[0], "--metrics", "pfd", "--pfd_reference", "empirical", "--pfd_noises", 4]
+    argv += ["--pfd_steps", 4, "--pfd_solver", "dpm-solver++", "--output_dir", out]
+    evaluate_flat.main(evaluate_flat.parse_args(list(map(str, argv))))
+    result = json.loads((out / "eval_results.json").read_text())["adm"]
+    assert result["pfd_reference"] == "empirical" and result["pfd"]["solver"] == "dpm-solver++"
+    assert 0 < result["pfd"]["pfd"] < float("inf") and result["pfd"]["num_noises"] == 4
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -217,12 +259,43 @@ def test_quantized_fid_gives_table_4_plots_and_card(two_models, tmp_path, monkey
         (["--model_path", "{adm}", "--device", "tpu"], "--device 'tpu': use auto, cpu, cuda or cuda:N"),
         (["--model_path", "{adm}", "--device", "cuda"], "--device cuda: CUDA is not available on this machine"),
         (["--model_path", "{adm}", "--fid_dtype", "float16"], "argument --fid_dtype: invalid choice: 'float16'"),
+        (
+            ["--model_path", "{adm}", "--metrics", "pfd"],
+            "--pfd_reference: the pfd metric needs a pipeline directory or 'empirical'",
+        ),
+        (
+            ["--model_path", "{adm}", "--metrics", "pfd", "--pfd_reference", "{tmp}"],
+            "--pfd_reference {tmp}: neither 'empirical' nor a pipeline directory with raw weights",
+        ),
+        (
+            ["--model_path", "{adm}", "--metrics", "pfd", "--pfd_reference", "{big}"],
+            "--pfd_reference {big}: its images are 1x16x16, adm's 1x8x8: PFD compares models of one shape",
+        ),
+        (
+            ["--model_path", "{adm}", "--metrics", "pfd", "--pfd_reference", "empirical", "--pfd_solver", "euler"],
+            "--pfd_solver must be one of ddim, dpm-solver++, got 'euler'",
+        ),
+        (
+            ["--model_path", "{adm}", "--metrics", "pfd", "--pfd_reference", "empirical", "--pfd_steps", "30"],
+            "--pfd_steps must divide the 1000 training timesteps for ddim",
+        ),
     ],
 )
 def test_bad_input(two_models, tmp_path, flags, message, capsys):
     if "cuda" in flags and torch.cuda.is_available():
         pytest.skip("a machine with CUDA")
-    fill = {"tmp": tmp_path, "adm": two_models[0]}
+    fill = {"tmp": tmp_path, "adm": two_models[0], "big": tmp_path / "big"}
+    # a pipeline of 16x16 images, as PFD's mismatched reference
+    unet = UNet2DModel(
+        sample_size=16,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8,),
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D",),
+        up_block_types=("UpBlock2D",),
+    )
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "big")
     status, stderr = run_cli(
         evaluate_flat, [f.format(**fill) for f in flags] + ["--output_dir", tmp_path / "out"], capsys
     )

@@ -46,7 +46,7 @@ def closed_form_pfd(m1: float, m2: float, d: int) -> float:
 
 
 @pytest.mark.parametrize(
-    "solver, steps, tolerance", [("ddim", (5, 25, 100), 5e-3), ("dpm-solver++", (3, 8, 20), 5e-3)]
+    "solver, steps, tolerance", [("ddim", (5, 25, 200), 5e-3), ("dpm-solver++", (3, 8, 20), 5e-3)]
 )
 def test_pfd_of_two_gaussians_is_the_closed_form_and_the_solver_error_shrinks(solver, steps, tolerance):
     p, q = GaussianDenoiser(0.3), GaussianDenoiser(-0.2)
@@ -75,8 +75,10 @@ def test_the_noise_is_shared_whatever_the_batch():
 
 
 def test_models_of_different_images_are_refused():
-    with pytest.raises(FlatError, match=r"q: its images are 1x8\^2 \(channels x size\^2\), p's \(1, 4\)") as err:
+    with pytest.raises(FlatError, match="q: its images are 1x8x8, p's 1x4x4: PFD compares models of one shape") as err:
         pfd(GaussianDenoiser(0.0), GaussianDenoiser(0.0, sample_size=8), SCHEDULER.config, 4, 2)
     assert err.value.parameter == "q"
+    with pytest.raises(FlatError, match="steps must divide the 1000 training timesteps for ddim"):
+        pfd(GaussianDenoiser(0.0), GaussianDenoiser(0.0), SCHEDULER.config, 4, 30)
     with pytest.raises(FlatError, match="solver must be one of ddim, dpm-solver\\+\\+, got 'euler'"):
         pfd(GaussianDenoiser(0.0), GaussianDenoiser(0.0), SCHEDULER.config, 4, 2, solver="euler")

@@ -15,11 +15,14 @@ import dataclasses
 import logging
 from pathlib import Path
 
+import torch
 from accelerate import PartialState
-from diffusers import DDPMPipeline
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from diffusers_flat.cli import OneLineArgumentParser, UsageError, run_main, share_cpu_threads
+from diffusers_flat.errors import FlatError
 from diffusers_flat.evaluation import (
+    DEFAULT_METRICS,
     METRICS,
     Evaluation,
     EvaluationResult,
@@ -32,6 +35,7 @@ from diffusers_flat.evaluation import (
 )
 from diffusers_flat.fid import FID, FID_DTYPES, InceptionFeatures
 from diffusers_flat.model_card import write_model_card
+from diffusers_flat.pfd import check_steps
 from diffusers_flat.plots import (
     plot_exposure_bias,
     plot_fid_vs_bits,
@@ -52,7 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model_path", nargs="+", required=True, help="Output dirs of train_flat_ddpm.py.")
     parser.add_argument("--variant", default="raw", help=f"Which weights of each model: {', '.join(VARIANTS)}.")
-    parser.add_argument("--metrics", nargs="+", default=list(METRICS), help=f"Any of: {', '.join(METRICS)}.")
+    parser.add_argument(
+        "--metrics",
+        nargs="+",
+        default=list(DEFAULT_METRICS),
+        help=f"Any of: {', '.join(METRICS)} (default: all but pfd, which needs --pfd_reference).",
+    )
     parser.add_argument(
         "--inference_steps", nargs="+", type=int, default=list(DEFAULTS.inference_steps), help="FID columns T'."
     )
@@ -105,6 +114,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--surface_extent", type=float, default=DEFAULTS.surface_extent)
     parser.add_argument("--surface_resolution", type=int, default=DEFAULTS.surface_resolution)
     parser.add_argument("--exposure_samples", type=int, default=DEFAULTS.exposure_samples)
+    parser.add_argument(
+        "--pfd_reference",
+        default=None,
+        help="The pfd metric's reference: a pipeline directory (E_gen against a teacher) or 'empirical' (E_mem: the "
+        "empirical denoiser of the model's training set).",
+    )
+    parser.add_argument("--pfd_reference_variant", default="raw", help="Which weights of a --pfd_reference directory.")
+    parser.add_argument("--pfd_noises", type=int, default=DEFAULTS.pfd_noises, help="Shared starting noises of PFD.")
+    parser.add_argument("--pfd_steps", type=int, default=DEFAULTS.pfd_steps, help="PF-ODE solver steps.")
+    parser.add_argument("--pfd_solver", default=DEFAULTS.pfd_solver, help="ddim (eta = 0) or dpm-solver++.")
+    parser.add_argument("--pfd_descriptor", default=DEFAULTS.pfd_descriptor, help="pixels or inception.")
     parser.add_argument("--cache_dir", default=None, help="Where real-image FID statistics are cached.")
     # Overrides of the dataset recorded in training_args.json
     parser.add_argument("--dataset_name", default=None)
@@ -150,6 +170,41 @@ def write_model_report(
     write_atomically(out / "results.md", lambda tmp: tmp.write_text(report))
 
 
+def load_reference(args: argparse.Namespace, runs: dict[str, RunDirectory], device) -> DDPMPipeline | None:
+    """The pfd metric's reference pipeline (None for 'empirical', built per model), and every model to evaluate
+    checked against it (image shape, noise schedule) and against the solver's steps, before anything is written."""
+    if "pfd" not in args.metrics:
+        return None
+    reference = None
+    if args.pfd_reference != "empirical":
+        try:
+            path = RunDirectory(args.pfd_reference).require_pipeline(args.pfd_reference_variant, "pfd_reference")
+        except FlatError as err:
+            raise UsageError(
+                f"--pfd_reference {args.pfd_reference}: neither 'empirical' nor a pipeline directory with "
+                f"{args.pfd_reference_variant} weights ({err})"
+            ) from None
+        reference = DDPMPipeline.from_pretrained(path).to(device)
+    for name, run in runs.items():
+        model = run.pipeline_path(args.variant)
+        scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+        check_steps(args.pfd_steps, args.pfd_solver, scheduler.config.num_train_timesteps)
+        if reference is None:
+            continue
+        config = UNet2DModel.load_config(model, subfolder="unet")
+        shape, reference_shape = (
+            f"{c['in_channels']}x{c['sample_size']}x{c['sample_size']}" for c in (config, reference.unet.config)
+        )
+        if shape != reference_shape:
+            raise UsageError(
+                f"--pfd_reference {args.pfd_reference}: its images are {reference_shape}, {name}'s {shape}: PFD "
+                "compares models of one shape"
+            )
+        if not torch.equal(scheduler.alphas_cumprod, reference.scheduler.alphas_cumprod):
+            raise UsageError(f"--pfd_reference {args.pfd_reference}: trained under another noise schedule than {name}")
+    return reference
+
+
 def main(args: argparse.Namespace) -> None:
     settings = settings_from(args)
     device = resolve_device(args.device)
@@ -168,6 +223,7 @@ def main(args: argparse.Namespace) -> None:
         run.require_pipeline(args.variant, parameter="model_path")
         name = run.name + ("" if args.variant == "raw" else f"-{args.variant}")
         runs[name if name not in runs else f"{name}-{len(runs)}"] = run
+    reference = load_reference(args, runs, device)
     out = Path(args.output_dir)
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -191,7 +247,9 @@ def main(args: argparse.Namespace) -> None:
         real = real_images[shape]
         if fid is not None and main_process:
             set_fid_reference(fid, real, settings, args.cache_dir or out / "fid_cache")
-        evaluation = evaluate(pipeline.unet, pipeline.scheduler, real, settings, fid, processes)
+        evaluation = evaluate(
+            pipeline.unet, pipeline.scheduler, real, settings, fid, processes, reference.unet if reference else None
+        )
         if not main_process:
             continue
         evaluation.result.update(model=name, path=str(run.pipeline_path(args.variant)), variant=args.variant)
@@ -219,7 +277,9 @@ def main(args: argparse.Namespace) -> None:
 
 def cli(argv: list[str] | None = None) -> None:
     """The command line: parse `argv`, evaluate, and report bad input as one line naming the flag (exit status 1)."""
-    run_main(main, parse_args(argv), flags={"bits": "--quantize", "granularity": "--quantize_granularity"})
+    flags = {"bits": "--quantize", "granularity": "--quantize_granularity", "q": "--pfd_reference"}
+    flags |= {"steps": "--pfd_steps"}
+    run_main(main, parse_args(argv), flags=flags)
     processes = PartialState()
     processes.wait_for_everyone()
     leave_without_teardown(processes)
