@@ -117,7 +117,7 @@ def main() -> None:
     fid_batch = evaluation.fid_batch_size or (200 if device.type == "cuda" else 32)
     size = (2 * fid_batch, flags.resolution, flags.resolution, args.channels)
     images = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
-    inception = InceptionFeatures(evaluation.fid_dtype).to(device)
+    inception = InceptionFeatures(dtype=evaluation.fid_dtype).to(device)
     features, _ = features_per_second(inception, images, fid_batch, device)
     print(f"InceptionV3 ({evaluation.fid_dtype}): {features:.3g} images/s (batch {fid_batch})")
 

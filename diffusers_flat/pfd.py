@@ -144,7 +144,7 @@ def pfd(
         >>> blocks = dict(down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
         >>> unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
         ...                    norm_num_groups=4, **blocks)
-        >>> pfd(unet, unet, DDPMScheduler().config, num_noises=4, steps=3)["pfd"]
+        >>> pfd(unet, unet, DDPMScheduler().config, num_noises=4, steps=5)["pfd"]
         0.0
     """
     shapes = [(m.config.in_channels, m.config.sample_size) for m in (p, q)]
