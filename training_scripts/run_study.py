@@ -187,9 +187,7 @@ def workload(study: Study, tuning_runs: list[Run], grid: list[Run]) -> Work:
     forwards = images = 0
     evaluations = [(study.tuning.evaluation if study.tuning else (), len(tuning_runs))]
     for flags, pipelines in [*evaluations, (study.evaluation, len(grid) * len(VARIANTS))]:
-        unet, inception = evaluation_work(
-            evaluate_flat.settings_from(evaluate_flat.parse_args(["--model_path", "x", *flags]))
-        )
+        unet, inception = evaluation_work(check_evaluation(study, flags, "the evaluation's flags"))
         forwards, images = forwards + pipelines * unet, images + pipelines * inception
     return Work(steps[False], steps[True], forwards, images)
 
