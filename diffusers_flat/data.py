@@ -173,6 +173,22 @@ def _drop_unreadable(dataset: Dataset, image_column: str) -> tuple[Dataset, int]
     return kept.remove_columns("_mode"), channels
 
 
+def subset_indices(dataset_size: int, size: int, seed: int = 0) -> np.ndarray:
+    """The training subset of `size` images (`--train_subset`): the first `size` of a fixed random order of the
+    dataset drawn from `seed`, in dataset order. Subsets of one seed are nested: the 32 images are among the 128.
+
+    Example:
+        >>> small, large = subset_indices(1797, 32), subset_indices(1797, 128)
+        >>> len(small), set(small) <= set(large)
+        (32, True)
+    """
+    if not 2 <= size <= dataset_size:
+        raise DataError(
+            f"train_subset must be from 2 to the dataset's {dataset_size} images, got {size}", "train_subset"
+        )
+    return np.sort(np.random.default_rng(seed).permutation(dataset_size)[:size])
+
+
 class ImageTransform:
     """diffusers' unconditional augmentation without torchvision: resize the shorter side to `resolution`
     (bilinear), crop to a square (centre or random), optionally flip, scale to [-1, 1], CHW float tensor."""

@@ -22,7 +22,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from diffusers import DDPMScheduler
 
-from .data import ImageTransform, load_image_dataset, open_image
+from .data import ImageTransform, load_image_dataset, open_image, subset_indices
 from .empirical_score import EmpiricalDenoiser
 from .errors import FlatError
 from .exposure_bias import ExposureBiasResult, exposure_bias
@@ -103,14 +103,27 @@ class RealImages:
     """The real images a model is compared with, prepared as in training (centre crop, no flip).
 
     Args:
-        uint8: (N, H, W, C) uint8 pixels, for FID and memorization.
-        tensors: (N, C, H, W) float in [-1, 1], for the losses and exposure bias.
+        uint8: (N, H, W, C) uint8 pixels, for FID.
+        tensors: (N, C, H, W) float in [-1, 1].
         key: what identifies the images for the FID statistics cache (dataset fingerprint, source, size, channels).
+        training: the indices of the images the model trained on (a `--train_subset`), or None: all of them.
+            FID compares with all the images; the losses, exposure bias, memorization and the empirical denoiser
+            use the training images (`training_images`).
     """
 
     uint8: np.ndarray
     tensors: torch.Tensor
     key: dict
+    training: np.ndarray | None = None
+
+    def training_images(self) -> RealImages:
+        """The images the model trained on."""
+        if self.training is None:
+            return self
+        chosen = self.training
+        return RealImages(
+            self.uint8[chosen], self.tensors[torch.from_numpy(chosen)], {**self.key, "training": len(chosen)}
+        )
 
     def order(self, seed: int) -> np.ndarray:
         """A fixed random order of the images: the same subsets serve every model evaluated with `seed`."""
@@ -144,8 +157,12 @@ def load_real_images(source: DataSource, resolution: int, channels: int) -> Real
     transform = ImageTransform(resolution, center_crop=True, channels=channels)
     tensors = torch.stack([transform(open_image(record), random.Random(0)) for record in dataset[source.image_column]])
     uint8 = ((tensors + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    key = {"dataset": dataset._fingerprint, "source": source.__dict__, "resolution": resolution, "channels": channels}
-    return RealImages(uint8, tensors, key)
+    # the key names the whole dataset: models trained on subsets of it share its FID statistics
+    everything = {name: value for name, value in source.__dict__.items() if not name.startswith("train_subset")}
+    key = {"dataset": dataset._fingerprint, "source": everything, "resolution": resolution, "channels": channels}
+    subset = source.train_subset
+    training = None if subset is None else subset_indices(len(tensors), subset, source.train_subset_seed)
+    return RealImages(uint8, tensors, key, training)
 
 
 @dataclass(frozen=True)
@@ -326,7 +343,8 @@ def evaluate(
             are those of one process) and computes their features; the images and features are gathered, and the main
             process scores them and measures everything else. The other processes get an empty result.
         reference: the pfd metric's reference model when `settings.pfd_reference` is a directory (the caller loads
-            it); for "empirical" the empirical denoiser of `real` is built here.
+            it); for "empirical", the empirical denoiser of the training images is built here unless given (e.g. its
+            noise-unconditional variant, for a model trained without the noise level).
 
     Example:
         >>> from diffusers import DDPMPipeline  # doctest: +SKIP
@@ -383,7 +401,8 @@ def evaluate(
         result["kid"] = {steps: score["kid"] for steps, score in scores.items()}
         result["fid_num_generated"] = s.num_samples
         result["fid_num_real"] = fid.num_real
-    triples = real.tensor_subset(min(s.loss_samples, len(real.tensors)), s.seed)
+    training = real.training_images()  # FID compares with all the real images; the rest with the training ones
+    triples = training.tensor_subset(min(s.loss_samples, len(training.tensors)), s.seed)
     loss = DiffusionLoss(scheduler, triples, seed=s.seed, batch_size=s.batch_size)
     flatness_metrics = metrics & {"lpf", "perturbation", "surface"}
     fp32_loss = loss(model) if s.quantize or flatness_metrics else None
@@ -408,17 +427,17 @@ def evaluate(
         if "surface" in metrics:
             result["surface"] = loss_surface(model, loss, s.surface_extent, s.surface_resolution, s.seed)
     if "exposure_bias" in metrics:
-        images = real.tensor_subset(min(s.exposure_samples, len(real.tensors)), s.seed)
+        images = training.tensor_subset(min(s.exposure_samples, len(training.tensors)), s.seed)
         result["exposure_bias"] = exposure_bias(
             model, scheduler, images, max(s.inference_steps), seed=s.seed, batch_size=s.batch_size
         )
     if "memorization" in metrics:
-        memo = memorization_ratio(evaluation.samples[max(evaluation.samples)], real.uint8)
+        memo = memorization_ratio(evaluation.samples[max(evaluation.samples)], training.uint8)
         evaluation.nearest = memo["nearest"]
         result["memorization"] = {k: memo[k] for k in MemorizationResult.__annotations__}
     if "pfd" in metrics:
-        if s.pfd_reference == "empirical":  # E_mem: the training set's own denoiser at T = 1
-            reference = EmpiricalDenoiser.from_training_set(real.tensors, scheduler).to(model.device)
+        if s.pfd_reference == "empirical" and reference is None:  # E_mem: the training set's own denoiser at T = 1
+            reference = EmpiricalDenoiser.from_training_set(training.tensors, scheduler).to(model.device)
         elif reference is None:
             raise FlatError(f"reference: pass the model of pfd_reference {s.pfd_reference}", "reference")
         inception = fid.features if s.pfd_descriptor == "inception" else None

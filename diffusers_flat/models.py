@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from diffusers import UNet2DModel
 
 from .errors import FlatError
@@ -120,4 +121,22 @@ def build_unet(config: str, resolution: int, channels: int = 3, learn_sigma: boo
             f"need a multiple of {factor}",
             parameter="resolution",
         )
+    return unet
+
+
+def make_noise_unconditional(unet: UNet2DModel) -> UNet2DModel:
+    """Blind `unet` to the noise level (SPEC section 5, noise unconditioning), in place: the first layer of its time
+    embedding gets zero weights, frozen, so the embedding is a learned constant (its biases still train) whatever the
+    timestep, in training and when plain diffusers loads it.
+
+    Example:
+        >>> unet = make_noise_unconditional(build_unet("tiny", 16, 1))
+        >>> x = torch.randn(1, 1, 16, 16)
+        >>> torch.equal(unet(x, 10).sample, unet(x, 900).sample)
+        True
+    """
+    layer = unet.time_embedding.linear_1
+    with torch.no_grad():
+        layer.weight.zero_()
+    layer.weight.requires_grad_(False)  # the optimizers and SAM skip it: it stays zero
     return unet

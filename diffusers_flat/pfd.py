@@ -4,9 +4,10 @@
 
 Phi is a model's deterministic noise-to-data map, its probability-flow ODE integrated from the starting noise z by a
 diffusers solver (DDIM with eta = 0, or DPM-Solver++, the faster); Psi is the identity on pixels or InceptionV3's
-features. PFD is a metric: zero for a model against itself, symmetric, and the triangle inequality holds (a
-Minkowski inequality over the shared z). Teacher-student protocol: E_gen = PFD(student, teacher), E_mem =
-PFD(student, the empirical denoiser of the student's training set).
+features. Phi's images are clamped to the data range [-1, 1], as a pipeline outputs them (a model's own PF-ODE can
+leave it: `outside` counts how often). PFD is a metric: zero for a model against itself, symmetric, and the
+triangle inequality holds (a Minkowski inequality over the shared z). Teacher-student protocol: E_gen =
+PFD(student, teacher), E_mem = PFD(student, the empirical denoiser of the student's training set).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ class PFDResult(TypedDict):
     steps: int
     solver: str
     descriptor: str
+    outside: list[float]  # for p and q: the fraction of flows ending outside [-1, 1] by more than half an 8-bit level
+    clamped: bool
 
 
 def ode_solver(scheduler_config: dict, solver: str = "ddim"):
@@ -125,6 +128,7 @@ def pfd(
     seed: int = 0,
     batch_size: int = 250,
     inception: InceptionFeatures | None = None,
+    clamp: bool = True,
 ) -> PFDResult:
     """PFD(p, q) over `num_noises` shared noises, and its standard error.
 
@@ -138,6 +142,7 @@ def pfd(
         seed: the noise stream.
         batch_size: images per model call.
         inception: the feature network for descriptor "inception".
+        clamp: clamp Phi's images to [-1, 1], the data range of images (False for data that is not images).
 
     Example:
         >>> from diffusers import DDPMScheduler, UNet2DModel
@@ -158,6 +163,9 @@ def pfd(
     if num_noises < 2:
         raise FlatError(f"num_noises must be >= 2 for a standard error, got {num_noises}", "num_noises")
     ends = [flow_map(m, scheduler_config, num_noises, steps, solver, seed, batch_size) for m in (p, q)]
+    outside = [float((images.flatten(1).abs().amax(1) > 1 + 1 / 255).double().mean()) for images in ends]
+    if clamp:
+        ends = [images.clamp(-1, 1) for images in ends]
     a, b = (pixels_or_features(images, descriptor, inception) for images in ends)
     squared = ((a - b) ** 2).sum(1).numpy()
     mean = float(squared.mean())
@@ -172,4 +180,6 @@ def pfd(
         "steps": steps,
         "solver": solver,
         "descriptor": descriptor,
+        "outside": outside,
+        "clamped": clamp,
     }

@@ -128,3 +128,53 @@ def plot_bands(
         ax.set_title("Exposure-bias gap (mean ± std over seeds)")
     ax.legend(fontsize=7)
     _save(fig, path)
+
+
+def plot_generalization(
+    students: dict[str, dict[int, dict[int, dict]]], measures: dict, path: str | os.PathLike
+) -> None:
+    """A generalization study's measures against the training-set size (log scale), one band (mean ± standard
+    deviation over seeds) per row. `students`: row -> subset size -> seed -> result; `measures`: title -> a function
+    of a result (a measure missing from a result is left out)."""
+    fig, axes = _figure((4.2 * len(measures), 3.6), 1, len(measures))
+    for ax, (title, measure) in zip(axes[0], measures.items()):
+        for i, (row, by_size) in enumerate(students.items()):
+            sizes, means, stds = [], [], []
+            for size in sorted(by_size):
+                values = []
+                for result in by_size[size].values():
+                    try:
+                        values.append(float(measure(result)))
+                    except (KeyError, TypeError):
+                        continue
+                if values:
+                    sizes.append(size)
+                    means.append(np.mean(values))
+                    stds.append(np.std(values, ddof=1) if len(values) > 1 else 0.0)
+            if not sizes:
+                continue
+            means, stds = np.asarray(means), np.asarray(stds)
+            ax.plot(sizes, means, marker="o", color=f"C{i}", label=row)
+            ax.fill_between(sizes, means - stds, means + stds, color=f"C{i}", alpha=0.2)
+        ax.set_xscale("log")
+        ax.set_xlabel("training images")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_temperature_sweep(sweep: list[dict], measures: dict, path: str | os.PathLike) -> None:
+    """The empirical denoiser's measures against its softmax temperature T (log scale); the noise-unconditional
+    variant as a separate marker. `sweep`: evaluation results with "temperature" and "noise_unconditional"."""
+    fig, axes = _figure((4.2 * len(measures), 3.6), 1, len(measures))
+    for ax, (title, measure) in zip(axes[0], measures.items()):
+        for unconditional, style in ((False, "o-"), (True, "s")):
+            points = sorted((r["temperature"], measure(r)) for r in sweep if r["noise_unconditional"] == unconditional)
+            if points:
+                label = "noise-unconditional" if unconditional else "conditional on t"
+                ax.plot(*zip(*points), style, color=f"C{int(unconditional)}", label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("temperature T")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    _save(fig, path)

@@ -67,6 +67,9 @@ _CONFIGURATION = [
     "swa_start_step",
     "swa_cycle",
     "input_perturbation",
+    "noise_unconditional",
+    "train_subset",
+    "dataset_size",
     "seed",
 ]
 
@@ -135,6 +138,8 @@ class DataSource:
     dataset_config_name: str | None = None
     train_data_dir: str | None = None
     image_column: str = "image"
+    train_subset: int | None = None  # the run trained on this many of the images (data.subset_indices)
+    train_subset_seed: int = 0
 
     def replace(self, **overrides: str | None) -> DataSource:
         """A copy with each non-None override applied."""
@@ -165,7 +170,13 @@ class TrainingRecord:
             f.get("dataset_config_name"),
             f.get("train_data_dir"),
             f.get("image_column") or "image",
+            f.get("train_subset"),
+            f.get("train_subset_seed") or 0,
         )
+
+    @property
+    def noise_unconditional(self) -> bool:
+        return bool(self.flags.get("noise_unconditional"))
 
     @property
     def sam_rho(self) -> float:

@@ -32,8 +32,18 @@ from .errors import FlatError
 
 METHODS = ("ADM", "IP", "SAM")
 VARIANT_ROWS = {"raw": "", "ema": "+EMA", "swa": "+SWA"}
-KEYS = ("seeds", "methods", "recipe", "training", "evaluation", "tuning")
+KEYS = ("seeds", "methods", "recipe", "training", "evaluation", "variants", "tuning", "generalization")
 TUNING_KEYS = ("method", "flag", "values", "seed", "select", "baseline", "evaluation")
+GENERALIZATION_KEYS = (
+    "subsets",
+    "teacher",
+    "teacher_training",
+    "teacher_evaluation",
+    "empirical_subset",
+    "temperatures",
+    "empirical_evaluation",
+    "noise_unconditional",
+)
 SELECT_METRICS = ("fid", "kid")
 UNTUNED = "TUNED"  # stands for the tuned value in the flags of runs listed before the tuning has finished
 
@@ -108,6 +118,48 @@ class Tuning:
 
 
 @dataclass(frozen=True)
+class Generalization:
+    """Training-set size as the study's axis (arXiv 2505.20123's teacher-student protocol; SPEC section 5).
+
+    Every method and seed is trained on nested random subsets of the data (`--train_subset`); a teacher trained on
+    all of it gives E_gen = PFD(student, teacher) (`teacher_evaluation` flags, plus `--pfd_reference` the teacher),
+    the study's evaluation flags give E_mem = PFD(student, the empirical denoiser of its subset) with the
+    memorization ratio and KID. The empirical denoiser of `empirical_subset` images is evaluated at each temperature.
+
+    Args:
+        subsets: the training-set sizes, each from 2 to the dataset's size, none repeated.
+        teacher_method: the teacher's method (one of the study's).
+        teacher_seed: the teacher's seed, not one of the grid's.
+        teacher_training: flags the teacher gets after the study's training flags (e.g. more steps).
+        teacher_evaluation: evaluate_flat.py flags of the E_gen evaluation.
+        empirical_subset: the subset whose empirical denoiser is swept over `temperatures`.
+        temperatures: softmax temperatures T > 0 of the sweep.
+        empirical_evaluation: evaluate_flat.py flags of the sweep's evaluations.
+        noise_unconditional: also train the teacher's method blind to the noise level (`--noise_unconditional`) on
+            `empirical_subset` at the teacher seed, and evaluate the empirical denoiser's noise-unconditional variant.
+
+    Example:
+        >>> g = Generalization((32, 128), "ADM", 0, empirical_subset=32, temperatures=(1.0, 100.0))
+        >>> g.tag(32)
+        'n32'
+    """
+
+    subsets: tuple[int, ...]
+    teacher_method: str
+    teacher_seed: int
+    teacher_training: tuple[str, ...] = ()
+    teacher_evaluation: tuple[str, ...] = ()
+    empirical_subset: int | None = None
+    temperatures: tuple[float, ...] = ()
+    empirical_evaluation: tuple[str, ...] = ()
+    noise_unconditional: bool = False
+
+    @staticmethod
+    def tag(subset: int) -> str:
+        return f"n{subset}"
+
+
+@dataclass(frozen=True)
 class Study:
     """A parsed study file (`Study.load`).
 
@@ -118,6 +170,9 @@ class Study:
         recipe: a flags file every training reads first, or None.
         training: flags every training gets (after the recipe).
         evaluation: evaluate_flat.py flags for every variant of every run.
+        tuning: a flag tuned before the grid, or None.
+        variants: the pipelines of each run that are evaluated (raw, ema, swa; default all three).
+        generalization: training-set size as an axis of the grid, or None.
 
     Example:
         >>> study = Study(Path("s.yaml"), (1, 2), {"ADM": (), "SAM": ("--sam_rho", "0.1")})
@@ -132,6 +187,8 @@ class Study:
     training: tuple[str, ...] = ()
     evaluation: tuple[str, ...] = field(default_factory=tuple)
     tuning: Tuning | None = None
+    variants: tuple[str, ...] = tuple(VARIANT_ROWS)
+    generalization: Generalization | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> Study:
@@ -172,23 +229,45 @@ class Study:
         methods = {m: tuple(map(str, f or [])) for m, f in methods.items()}
         training = tuple(map(str, data.get("training") or []))
         tuning = _load_tuning(path, data.get("tuning"), seeds, methods, training)
-        return cls(
-            path, tuple(seeds), methods, recipe, training, tuple(map(str, data.get("evaluation") or [])), tuning
-        )
+        variants = data.get("variants", list(VARIANT_ROWS))
+        if not isinstance(variants, list) or not variants or not set(variants) <= set(VARIANT_ROWS):
+            raise StudyError(f"study {path}: variants must be a list of {', '.join(VARIANT_ROWS)}", "study")
+        generalization = _load_generalization(path, data.get("generalization"), seeds, methods, training)
+        if generalization and tuning:
+            raise StudyError(f"study {path}: tuning and generalization cannot be combined; tune in a study of its own")
+        evaluation = tuple(map(str, data.get("evaluation") or []))
+        return cls(path, tuple(seeds), methods, recipe, training, evaluation, tuning, tuple(variants), generalization)
 
     def _run(self, method: str, seed: int, extra: tuple[str, ...] = (), tag: str = "") -> Run:
         common = ((f"@{self.recipe}",) if self.recipe else ()) + self.training
-        flags = (*common, *self.methods[method], *extra, "--use_ema", "--use_swa", "--seed", str(seed))
+        averages = tuple(f"--use_{v}" for v in ("ema", "swa") if v in self.variants)  # what the evaluation reads
+        flags = (*common, *self.methods[method], *extra, *averages, "--seed", str(seed))
         return Run(method, seed, flags, tag)
 
     def runs(self, tuned: str | None = None) -> list[Run]:
         """Every training of the grid, seed by seed, methods in the file's order. The tuned method's runs take
         `tuning.flag tuned` (UNTUNED stands for the value while the tuning has not finished)."""
         runs = []
+        g = self.generalization
         for seed in self.seeds:
-            for method in self.methods:
-                tuned_flag = self.tuning and method == self.tuning.method
-                runs.append(self._run(method, seed, (self.tuning.flag, tuned or UNTUNED) if tuned_flag else ()))
+            for subset in g.subsets if g else [None]:
+                for method in self.methods:
+                    if subset is not None:
+                        runs.append(self._run(method, seed, ("--train_subset", str(subset)), g.tag(subset)))
+                        continue
+                    tuned_flag = self.tuning and method == self.tuning.method
+                    runs.append(self._run(method, seed, (self.tuning.flag, tuned or UNTUNED) if tuned_flag else ()))
+        return runs
+
+    def teacher_runs(self) -> list[Run]:
+        """A generalization study's teacher (all the data), then the noise-unconditional student if asked for."""
+        g = self.generalization
+        if g is None:
+            return []
+        runs = [self._run(g.teacher_method, g.teacher_seed, g.teacher_training, "teacher")]
+        if g.noise_unconditional:
+            flags = ("--noise_unconditional", "--train_subset", str(g.empirical_subset))
+            runs.append(self._run(g.teacher_method, g.teacher_seed, flags, f"nu-{g.tag(g.empirical_subset)}"))
         return runs
 
     def tuning_runs(self) -> list[Run]:
@@ -298,6 +377,54 @@ def _load_tuning(path: Path, data, seeds: list[int], methods: dict, training: tu
         select["variant"],
         baseline,
         tuple(map(str, data.get("evaluation") or [])),
+    )
+
+
+def _load_generalization(path: Path, data, seeds: list[int], methods: dict, training: tuple[str, ...]):
+    if data is None:
+        return None
+
+    def fail(problem: str) -> StudyError:
+        return StudyError(f"study {path}: generalization.{problem}", "study")
+
+    if not isinstance(data, dict):
+        raise StudyError(f"study {path}: generalization must be a mapping with keys {', '.join(GENERALIZATION_KEYS)}")
+    unknown = sorted(set(data) - set(GENERALIZATION_KEYS))
+    if unknown:
+        raise fail(f"{unknown[0]} is not a key; the keys are {', '.join(GENERALIZATION_KEYS)}")
+    subsets = data.get("subsets")
+    if not isinstance(subsets, list) or not subsets or not all(type(n) is int and n >= 2 for n in subsets):
+        raise fail("subsets must be a list of training-set sizes, whole numbers >= 2")
+    if len(set(subsets)) != len(subsets):
+        raise fail(f"subsets repeat {next(n for n in subsets if subsets.count(n) > 1)}")
+    if "--train_subset" in training or any("--train_subset" in flags for flags in methods.values()):
+        raise fail("subsets set --train_subset: leave it out of training and methods")
+    teacher = data.get("teacher")
+    if not isinstance(teacher, dict) or set(teacher) != {"method", "seed"} or teacher["method"] not in methods:
+        raise fail(f"teacher must be {{method: one of {', '.join(methods)}, seed: a seed not in the grid}}")
+    if type(teacher["seed"]) is not int or teacher["seed"] < 0 or teacher["seed"] in seeds:
+        raise fail(
+            f"teacher.seed must be a whole number >= 0 that is not one of the study's seeds, got {teacher['seed']}"
+        )
+    for key in ("teacher_training", "teacher_evaluation", "empirical_evaluation"):
+        _check_flags(path, f"generalization.{key}", data.get(key) or [])
+    empirical_subset, temperatures = data.get("empirical_subset"), data.get("temperatures") or []
+    if empirical_subset is not None and empirical_subset not in subsets:
+        raise fail(f"empirical_subset must be one of subsets ({', '.join(map(str, subsets))}), got {empirical_subset}")
+    if not isinstance(temperatures, list) or not all(isinstance(t, (int, float)) and t > 0 for t in temperatures):
+        raise fail("temperatures must be a list of numbers > 0 (1: the exact empirical score)")
+    if (empirical_subset is None) != (not temperatures) or (data.get("noise_unconditional") and not temperatures):
+        raise fail("empirical_subset and temperatures come together (noise_unconditional needs both)")
+    return Generalization(
+        tuple(subsets),
+        teacher["method"],
+        teacher["seed"],
+        tuple(map(str, data.get("teacher_training") or [])),
+        tuple(map(str, data.get("teacher_evaluation") or [])),
+        empirical_subset,
+        tuple(float(t) for t in temperatures),
+        tuple(map(str, data.get("empirical_evaluation") or [])),
+        bool(data.get("noise_unconditional")),
     )
 
 

@@ -19,7 +19,8 @@ Results = dict[str, dict[int, dict]]
 ROW_ORDER = ("ADM", "+EMA", "+SWA", "+IP", "+IP+EMA", "+IP+SWA", "+SAM", "+SAM+EMA", "+SAM+SWA")
 
 
-def _mean_std(values: list[float]) -> str:
+def mean_std(values: list[float]) -> str:
+    """ "mean ± standard deviation (n=...)" of a table cell, "-" when empty."""
     if not values:
         return "-"
     std = f" ± {np.std(values, ddof=1):.4g}" if len(values) > 1 else ""
@@ -40,7 +41,7 @@ def _table(results: Results, columns: dict[str, Callable[[dict], float]]) -> str
     rows = [row for row in ROW_ORDER if row in results]
     lines = ["| row | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for row in rows:
-        cells = [_mean_std(_column(results, row, measure)) for measure in columns.values()]
+        cells = [mean_std(_column(results, row, measure)) for measure in columns.values()]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

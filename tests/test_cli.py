@@ -258,6 +258,11 @@ BAD_INPUTS = {
     "swa past end": (["--use_swa", "--swa_start", "50"], "--swa_start 50 is past the end of training (2 steps)"),
     "swa cycle": (["--use_swa", "--swa_cycle", "0"], "--swa_cycle must be >= 1"),
     "negative ip": (["--input_perturbation", "-0.1"], "--input_perturbation must be >= 0"),
+    "subset above the dataset": (
+        ["--train_subset", "5000"],
+        "--train_subset must be from 2 to the dataset's 1797 images, got 5000",
+    ),
+    "subset of one": (["--train_subset", "1"], "--train_subset must be from 2 to the dataset's 1797 images, got 1"),
     "missing dataset": (["--dataset_name", "./no/such/data"], "--dataset_name: path './no/such/data' does not exist"),
     "missing folder": (["--train_data_dir", "/no/such/folder"], "--train_data_dir: '/no/such/folder' is not"),
     "no image column": (["--dataset_name", "{text_dataset}"], "its columns are: caption, label"),

@@ -221,12 +221,15 @@ def test_pfd_against_a_teacher_is_the_hand_computed_distance(two_models, tmp_pat
     result = json.loads((out / "eval_results.json").read_text())["adm"]
     pipelines = [DDPMPipeline.from_pretrained(m) for m in (adm, sam)]
     abar = pipelines[0].scheduler.alphas_cumprod.double()
-    a, b = (ddim_flow_by_hand(p.unet, abar, 6, 5).flatten(1) for p in pipelines)
+    ends = [ddim_flow_by_hand(p.unet, abar, 6, 5).flatten(1) for p in pipelines]
+    outside = [(end.abs().max(1).values > 1 + 1 / 255).double().mean().item() for end in ends]
+    a, b = (end.clamp(-1, 1) for end in ends)  # images: the data range
     squared = ((a - b) ** 2).sum(1)
     assert result["pfd"]["pfd"] == pytest.approx(squared.mean().sqrt().item(), rel=1e-4)
     stderr = (squared.std() / 6**0.5 / (2 * squared.mean().sqrt())).item()  # the delta method, by hand
     assert result["pfd"]["stderr"] == pytest.approx(stderr, rel=1e-3)
     assert result["pfd_reference"] == str(sam) and result["pfd"]["solver"] == "ddim"
+    assert result["pfd"]["outside"] == pytest.approx(outside) and result["pfd"]["clamped"]
 
 
 def test_pfd_against_the_empirical_denoiser_of_the_training_set(two_models, tmp_path):

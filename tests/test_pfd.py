@@ -35,14 +35,14 @@ class GaussianDenoiser(ModelMixin, ConfigMixin):
         return UNet2DOutput(sample=((x - a * x0) / v.sqrt()).float())
 
 
-def closed_form_pfd(m1: float, m2: float, d: int) -> float:
+def closed_form_pfd(m1: float, m2: float, d: int, std: float = STD) -> float:
     """Phi(z) = m + s (z - a0 m) / sigma0 with sigma0^2 = a0^2 s^2 + v0 at the solver's first timestep t0 (999 with
     linspace spacing) and x_T = z: the exact flow keeps (x - a m) / sigma. So Phi_1(z) - Phi_2(z) = (m1 - m2)(1 - s a0
     / sigma0) in every pixel, for every z."""
     abar = SCHEDULER.alphas_cumprod[999].double()
     a0, v0 = abar.sqrt(), 1 - abar
-    sigma0 = math.sqrt(a0**2 * STD**2 + v0)
-    return abs(m1 - m2) * math.sqrt(d) * abs(1 - STD * float(a0) / sigma0)
+    sigma0 = math.sqrt(a0**2 * std**2 + v0)
+    return abs(m1 - m2) * math.sqrt(d) * abs(1 - std * float(a0) / sigma0)
 
 
 @pytest.mark.parametrize(
@@ -52,7 +52,7 @@ def test_pfd_of_two_gaussians_is_the_closed_form_and_the_solver_error_shrinks(so
     p, q = GaussianDenoiser(0.3), GaussianDenoiser(-0.2)
     exact = closed_form_pfd(0.3, -0.2, 16)
     assert abs(exact - 2.0) > 0.3  # not the naive ||m1 - m2||: the starting noise level counts
-    errors = [abs(pfd(p, q, SCHEDULER.config, 8, s, solver)["pfd"] - exact) for s in steps]
+    errors = [abs(pfd(p, q, SCHEDULER.config, 8, s, solver, clamp=False)["pfd"] - exact) for s in steps]
     assert errors[0] > errors[1] > errors[2] and errors[2] < tolerance * exact, errors
 
 
@@ -66,6 +66,20 @@ def test_pfd_is_a_metric_with_shared_noise():
     assert ab["pfd"] <= ac + cb
     # c's map depends on z (a different std): the distances vary over z, and so the error is positive
     assert pfd(a, c, config, 16, 10)["stderr"] > 0
+
+
+def test_images_are_clamped_to_the_data_range_and_the_flows_that_leave_it_counted():
+    # N(4, 0.2^2) and N(5, 0.2^2): every pixel of every flow ends far above 1; N(0, 0.1^2) stays inside
+    high, higher, inside = GaussianDenoiser(4.0, std=0.2), GaussianDenoiser(5.0, std=0.2), GaussianDenoiser(0.0, 0.1)
+    clamped = pfd(high, higher, SCHEDULER.config, 8, 200)
+    assert clamped["pfd"] == 0.0 and clamped["outside"] == [1.0, 1.0] and clamped["clamped"]
+    raw = pfd(high, higher, SCHEDULER.config, 8, 200, clamp=False)
+    assert raw["pfd"] == pytest.approx(closed_form_pfd(4.0, 5.0, 16, std=0.2), rel=5e-3)
+    # against a model inside the range: every pixel of `high` is clamped to 1
+    ends = flow_map(inside, SCHEDULER.config, 8, 200)
+    by_hand = ((1 - ends.flatten(1)) ** 2).sum(1).mean().sqrt().item()
+    result = pfd(high, inside, SCHEDULER.config, 8, 200)
+    assert result["pfd"] == pytest.approx(by_hand, rel=1e-6) and result["outside"] == [1.0, 0.0]
 
 
 def test_the_noise_is_shared_whatever_the_batch():

@@ -20,6 +20,7 @@ from accelerate import PartialState
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from diffusers_flat.cli import OneLineArgumentParser, UsageError, run_main, share_cpu_threads
+from diffusers_flat.empirical_score import EmpiricalDenoiser
 from diffusers_flat.errors import FlatError
 from diffusers_flat.evaluation import (
     DEFAULT_METRICS,
@@ -164,7 +165,7 @@ def write_model_report(
         plot_perturbation_curves({name: result["perturbation"]}, out / "perturbation.png")
     if "memorization" in result:
         generated = evaluation.samples[max(evaluation.samples)]
-        plot_nearest_neighbours(generated, real.uint8, evaluation.nearest, out / "memorization.png")
+        plot_nearest_neighbours(generated, real.training_images().uint8, evaluation.nearest, out / "memorization.png")
     write_json(out / "eval_results.json", result)
     report = markdown_report({name: result}, list(settings.inference_steps))
     write_atomically(out / "results.md", lambda tmp: tmp.write_text(report))
@@ -247,9 +248,13 @@ def main(args: argparse.Namespace) -> None:
         real = real_images[shape]
         if fid is not None and main_process:
             set_fid_reference(fid, real, settings, args.cache_dir or out / "fid_cache")
-        evaluation = evaluate(
-            pipeline.unet, pipeline.scheduler, real, settings, fid, processes, reference.unet if reference else None
-        )
+        against = reference.unet if reference else None
+        if "pfd" in settings.metrics and args.pfd_reference == "empirical" and run.read_record().noise_unconditional:
+            # a model trained blind to the noise level is compared with the empirical denoiser blind to it too
+            training = real.training_images().tensors
+            against = EmpiricalDenoiser.from_training_set(training, pipeline.scheduler, noise_unconditional=True)
+            against = against.to(device)
+        evaluation = evaluate(pipeline.unet, pipeline.scheduler, real, settings, fid, processes, against)
         if not main_process:
             continue
         evaluation.result.update(model=name, path=str(run.pipeline_path(args.variant)), variant=args.variant)

@@ -9,13 +9,17 @@ the command skips what is finished and resumes an interrupted training from its 
 does every N-th run (the shards 1..N partition the grid); `--report_only` reports what is finished; `--dry_run`
 lists the runs and evaluations without doing any. A study with `tuning` first trains the tuned method at each
 candidate value on the tuning seed, evaluates the pipeline the selection reads, and gives the grid's runs of that
-method the value with the lowest selection metric (the tuning table is in the report).
+method the value with the lowest selection metric (the tuning table is in the report). A study with
+`generalization` trains every method and seed on nested random subsets of the data, and a teacher on all of it;
+each student is also evaluated against the teacher (E_gen, PFD), and the empirical denoiser of one subset is
+evaluated at each temperature (studies/digits-generalization.yaml).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import subprocess
@@ -24,12 +28,24 @@ from pathlib import Path
 
 import evaluate_flat
 import train_flat_ddpm
+from diffusers import DDPMPipeline
 from tqdm.auto import tqdm
 
 from diffusers_flat.cli import OneLineArgumentParser, UsageError, flag_message, run_main
+from diffusers_flat.data import load_image_dataset, subset_indices
+from diffusers_flat.empirical_score import EmpiricalDenoiser
 from diffusers_flat.errors import FlatError
-from diffusers_flat.evaluation import EvaluationSettings, evaluation_work
-from diffusers_flat.run_directory import VARIANTS, RunDirectory, write_json
+from diffusers_flat.evaluation import (
+    EvaluationSettings,
+    evaluation_work,
+    load_real_images,
+    resolve_device,
+    set_fid_reference,
+)
+from diffusers_flat.evaluation import evaluate as evaluate_model
+from diffusers_flat.fid import FID, InceptionFeatures
+from diffusers_flat.generalization_report import write_generalization_report
+from diffusers_flat.run_directory import RunDirectory, write_json
 from diffusers_flat.study import Run, Study, Work, parse_shard, row_name, shard_of
 from diffusers_flat.study_report import Results, write_report
 
@@ -72,11 +88,13 @@ def check_evaluation(study: Study, flags: tuple[str, ...], what: str) -> Evaluat
 def check_study(study: Study) -> None:
     """Parse every training's and evaluation's flags with the scripts' own parsers, before anything starts."""
     tuning = study.tuning
-    for run in study.tuning_runs() + study.runs(tuning.values[0] if tuning else None):
+    for run in study.tuning_runs() + study.teacher_runs() + study.runs(tuning.values[0] if tuning else None):
         _, problem = parse_quietly(train_flat_ddpm.parse_args, [*run.flags, "--output_dir", "x"])
         if problem:
             raise UsageError(f"--study {study.path}: the {run.name} training's flags: {problem}")
     check_evaluation(study, study.evaluation, "the evaluation's flags")
+    if study.generalization:
+        check_generalization(study)
     if tuning:
         settings = check_evaluation(study, tuning.evaluation, "the tuning's evaluation flags")
         if "fid" not in settings.metrics or tuning.inference_steps not in settings.inference_steps:
@@ -84,6 +102,27 @@ def check_study(study: Study) -> None:
                 f"--study {study.path}: the tuning selects by {tuning.metric} at T'={tuning.inference_steps}: its "
                 f"evaluation flags must measure fid with --inference_steps including {tuning.inference_steps}"
             )
+
+
+def check_generalization(study: Study) -> None:
+    """The subsets against the dataset's size, and the E_gen and sweep evaluations' flags."""
+    g = study.generalization
+    args = train_flat_ddpm.parse_args([*study.teacher_runs()[0].flags, "--output_dir", "x"])
+    try:
+        dataset, _ = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir)
+        for subset in g.subsets:
+            subset_indices(len(dataset), subset)
+    except FlatError as err:
+        raise UsageError(f"--study {study.path}: generalization.subsets: {flag_message(err)}") from None
+    # the runner gives the E_gen evaluation its reference: the teacher
+    teacher = check_evaluation(study, (*g.teacher_evaluation, "--pfd_reference", "teacher"), "teacher_evaluation")
+    if "pfd" not in teacher.metrics or "--pfd_reference" in g.teacher_evaluation:
+        raise UsageError(
+            f"--study {study.path}: generalization.teacher_evaluation must measure pfd and leave --pfd_reference to "
+            "the runner (the teacher)"
+        )
+    if g.temperatures:
+        check_evaluation(study, g.empirical_evaluation, "generalization.empirical_evaluation")
 
 
 def train(run: Run, out: Path) -> None:
@@ -110,13 +149,13 @@ def train(run: Run, out: Path) -> None:
     write_json(done, list(run.flags))  # what the run was trained with, checked when the study runs again
 
 
-def evaluation_dir(out: Path, run: Run, variant: str) -> Path:
-    return out / "eval" / f"{run.name}-{variant}"
+def evaluation_dir(out: Path, run: Run, variant: str, suffix: str = "") -> Path:
+    return out / "eval" / f"{run.name}-{variant}{suffix}"
 
 
-def evaluate(run: Run, variant: str, flags: tuple[str, ...], out: Path) -> None:
+def evaluate(run: Run, variant: str, flags: tuple[str, ...], out: Path, suffix: str = "") -> None:
     """Evaluate one pipeline of a finished run, unless done before (evaluate_flat.py writes its JSON last)."""
-    target = evaluation_dir(out, run, variant)
+    target = evaluation_dir(out, run, variant, suffix)
     if (target / "eval_results.json").exists():
         return
     argv = ["--model_path", str(out / "runs" / run.name), "--variant", variant, "--output_dir", str(target)]
@@ -124,9 +163,9 @@ def evaluate(run: Run, variant: str, flags: tuple[str, ...], out: Path) -> None:
     evaluate_flat.main(evaluate_flat.parse_args(argv))
 
 
-def finished_result(out: Path, run: Run, variant: str) -> dict | None:
+def finished_result(out: Path, run: Run, variant: str, suffix: str = "") -> dict | None:
     """The evaluation result of a run's pipeline, or None while it is not finished."""
-    path = evaluation_dir(out, run, variant) / "eval_results.json"
+    path = evaluation_dir(out, run, variant, suffix) / "eval_results.json"
     return next(iter(json.loads(path.read_text()).values())) if path.exists() else None
 
 
@@ -134,7 +173,7 @@ def collect(study: Study, out: Path) -> Results:
     """The finished evaluations of the grid, by row and seed."""
     results: Results = {}
     for run in study.runs():
-        for variant in VARIANTS:
+        for variant in study.variants:
             result = finished_result(out, run, variant)
             if result is not None:
                 results.setdefault(row_name(run.method, variant), {})[run.seed] = result
@@ -176,20 +215,83 @@ def tuning_table(study: Study, out: Path) -> tuple[str | None, list[dict]]:
     return selected, rows
 
 
-def workload(study: Study, tuning_runs: list[Run], grid: list[Run]) -> Work:
-    """The work of these runs and their evaluations (tuning runs: one pipeline each, with the tuning's flags)."""
+def workload(study: Study, tuning_runs: list[Run], teachers: list[Run], grid: list[Run], sweep: bool) -> Work:
+    """The work of these runs and their evaluations (tuning runs: one pipeline each, with the tuning's flags; a
+    generalization study's students: E_gen too; `sweep`: the empirical denoiser's temperatures)."""
     steps = {False: 0, True: 0}  # SAM or not -> optimizer steps
-    for run in tuning_runs + grid:
+    for run in tuning_runs + teachers + grid:
         args = train_flat_ddpm.parse_args([*run.flags, "--output_dir", "x"])
         if args.max_train_steps is None:
             raise UsageError(f"--study {study.path}: set --max_train_steps in its training flags to cost it")
         steps[args.sam_rho > 0] += args.max_train_steps
-    forwards = images = 0
+    g, pipelines = study.generalization, len(study.variants)
     evaluations = [(study.tuning.evaluation if study.tuning else (), len(tuning_runs))]
-    for flags, pipelines in [*evaluations, (study.evaluation, len(grid) * len(VARIANTS))]:
+    evaluations.append((study.evaluation, (len(teachers) + len(grid)) * pipelines))
+    if g:
+        students = len(grid) + sum(run.tag != "teacher" for run in teachers)
+        evaluations.append(((*g.teacher_evaluation, "--pfd_reference", "teacher"), students * pipelines))
+        evaluations.append((g.empirical_evaluation, len(empirical_sweep(study)) if sweep else 0))
+    forwards = images = 0
+    for flags, count in evaluations:
         unet, inception = evaluation_work(check_evaluation(study, flags, "the evaluation's flags"))
-        forwards, images = forwards + pipelines * unet, images + pipelines * inception
+        forwards, images = forwards + count * unet, images + count * inception
     return Work(steps[False], steps[True], forwards, images)
+
+
+def teacher_flags(study: Study, out: Path) -> tuple[str, ...]:
+    """The E_gen evaluation's flags: the study's teacher_evaluation against the teacher's pipeline."""
+    return (
+        *study.generalization.teacher_evaluation,
+        "--pfd_reference",
+        str(out / "runs" / study.teacher_runs()[0].name),
+    )
+
+
+def empirical_sweep(study: Study) -> list[tuple[float, bool]]:
+    """(temperature, noise-unconditional) of each empirical denoiser a generalization study evaluates."""
+    g = study.generalization
+    return [(t, False) for t in g.temperatures] + ([(1.0, True)] if g.noise_unconditional else [])
+
+
+def empirical_dir(out: Path, study: Study, temperature: float, unconditional: bool) -> Path:
+    name = f"empirical-{study.generalization.tag(study.generalization.empirical_subset)}-T{temperature:g}"
+    return out / "eval" / (name + ("-nu" if unconditional else ""))
+
+
+def evaluate_empirical(study: Study, out: Path) -> None:
+    """Evaluate the empirical denoiser of the study's empirical_subset at each temperature (and its
+    noise-unconditional variant), with the teacher's noise schedule and image shape; skips what is done."""
+    g, teacher = study.generalization, RunDirectory(out / "runs" / study.teacher_runs()[0].name)
+    todo = [(t, nu) for t, nu in empirical_sweep(study) if not (empirical_dir(out, study, t, nu) / "done").exists()]
+    if not todo:
+        return
+    settings = check_evaluation(study, g.empirical_evaluation, "generalization.empirical_evaluation")
+    device = resolve_device("auto")
+    pipeline = DDPMPipeline.from_pretrained(teacher.pipeline_path("raw"))
+    unet = pipeline.unet.config
+    source = teacher.read_record().data.replace(train_subset=g.empirical_subset)
+    real = load_real_images(source, unet.sample_size, unet.in_channels)
+    fid = None
+    if "fid" in settings.metrics:
+        fid = FID(InceptionFeatures(), batch_size=200 if device.type == "cuda" else 32, device=device)
+        set_fid_reference(fid, real, settings, out / "fid_cache")
+    for temperature, unconditional in todo:
+        target = empirical_dir(out, study, temperature, unconditional)
+        images = real.training_images().tensors
+        config = {"noise_unconditional": unconditional}
+        denoiser = EmpiricalDenoiser.from_training_set(images, pipeline.scheduler, temperature, **config).to(device)
+        evaluation = evaluate_model(denoiser, pipeline.scheduler, real, settings, fid)
+        evaluation.result.update(model=target.name, temperature=temperature, noise_unconditional=unconditional)
+        evaluate_flat.write_model_report(target.name, evaluation, settings, real, target)
+        write_json(target / "done", True)
+
+
+def waiting_for(study: Study, out: Path, runs: list[Run]) -> str | None:
+    """What these runs wait for from another shard, or None."""
+    teacher = study.teacher_runs()[0] if study.generalization else None
+    if teacher and runs and not (out / "done" / teacher.name).exists():
+        return f"the E_gen evaluations need the teacher {teacher.name}, which another shard trains"
+    return None
 
 
 def main(args: argparse.Namespace) -> None:
@@ -199,10 +301,12 @@ def main(args: argparse.Namespace) -> None:
     if args.rates and not args.dry_run:
         raise UsageError("--rates projects the cost of a --dry_run: add --dry_run")
     out = Path(args.output_dir)
-    tuning_runs = study.tuning_runs()
-    # The shards partition the tuning runs and the grid together, by name (a run's flags wait for the tuning).
-    mine = {run.name for run in shard_of(tuning_runs + study.runs(), index, count)}
-    tuning_runs = [run for run in tuning_runs if run.name in mine]
+    tuning_runs, teachers = study.tuning_runs(), study.teacher_runs()
+    # The shards partition the tuning runs, the teachers and the grid together, by name (a run's flags may wait for
+    # the tuning; a student's E_gen for the teacher).
+    mine = {run.name for run in shard_of(tuning_runs + teachers + study.runs(), index, count)}
+    tuning_runs, teachers = ([run for run in runs if run.name in mine] for runs in (tuning_runs, teachers))
+    sweep = bool(study.generalization and teachers and teachers[0].tag == "teacher" and empirical_sweep(study))
     variant = study.tuning.variant if study.tuning else None
     if args.dry_run:
         for run in tuning_runs:
@@ -210,21 +314,36 @@ def main(args: argparse.Namespace) -> None:
             print(f"  evaluate {run.name} {variant} -> {evaluation_dir(out, run, variant)}")
         tuned, _ = tuning_table(study, out)
         grid = [run for run in study.runs(tuned) if run.name in mine]
-        for run in grid:
+        for run in teachers + grid:
             print(f"train {run.name}: {' '.join(run.flags)} --output_dir {out / 'runs' / run.name}")
-            for v in VARIANTS:
+            for v in study.variants:
                 print(f"  evaluate {run.name} {v} ({row_name(run.method, v)}) -> {evaluation_dir(out, run, v)}")
-        trainings, evaluations = len(tuning_runs) + len(grid), len(tuning_runs) + len(grid) * len(VARIANTS)
+                if study.generalization and run.tag != "teacher":
+                    print(
+                        f"  evaluate {run.name} {v} against the teacher -> {evaluation_dir(out, run, v, '-teacher')}"
+                    )
+        for temperature, unconditional in empirical_sweep(study) if sweep else []:
+            print(f"evaluate the empirical denoiser -> {empirical_dir(out, study, temperature, unconditional)}")
+        trainings = len(tuning_runs) + len(teachers) + len(grid)
+        evaluations = len(tuning_runs) + (len(teachers) + len(grid)) * len(study.variants)
+        if study.generalization:  # E_gen of every student, and the empirical denoisers
+            students = len(grid) + sum(run.tag != "teacher" for run in teachers)
+            evaluations += students * len(study.variants) + sweep * len(empirical_sweep(study))
         print(f"{trainings} trainings and {evaluations} evaluations (shard {index}/{count})")
         # the work does not depend on which candidate wins: cost the grid with the first
         candidate = tuned or (study.tuning.values[0] if study.tuning else None)
-        work = workload(study, tuning_runs, [run for run in study.runs(candidate) if run.name in mine])
+        work = workload(
+            study, tuning_runs, teachers, [run for run in study.runs(candidate) if run.name in mine], sweep
+        )
         print(work.describe())
         print(work.projection(read_rates(args.rates, study)) if args.rates else PROJECT_HINT)
         return
+    waiting, egen_waiting = [], None
     if not args.report_only:
         grid_size = sum(run.name in mine for run in study.runs())
-        with tqdm(total=2 * len(tuning_runs) + grid_size * (1 + len(VARIANTS)), desc="Study") as progress:
+        per_run = len(study.variants) * (2 if study.generalization else 1)
+        total = 2 * len(tuning_runs) + (len(teachers) + grid_size) * (1 + per_run) + sweep
+        with tqdm(total=total, desc="Study") as progress:
             for run in tuning_runs:
                 train(run, out)
                 progress.update(1)
@@ -233,25 +352,78 @@ def main(args: argparse.Namespace) -> None:
             tuned, _ = tuning_table(study, out)
             grid = [run for run in study.runs(tuned) if run.name in mine]
             waiting = [run for run in grid if tuned is None and study.tuning and run.method == study.tuning.method]
-            for run in [run for run in grid if run not in waiting]:
+            for run in teachers + [run for run in grid if run not in waiting]:
                 train(run, out)
                 progress.update(1)
-                for v in VARIANTS:
+                for v in study.variants:
                     evaluate(run, v, study.evaluation, out)
                     progress.update(1)
+                    if study.generalization and run.tag != "teacher":
+                        egen_waiting = waiting_for(study, out, [run])
+                        if egen_waiting is None:
+                            evaluate(run, v, teacher_flags(study, out), out, "-teacher")
+                    progress.update(study.generalization is not None)
+            if sweep:
+                evaluate_empirical(study, out)
+                progress.update(1)
         if waiting:
             raise UsageError(
                 f"--shard {index}/{count}: the {study.tuning.method} runs take the tuned {study.tuning.flag}, and "
                 "the tuning runs of other shards have not finished: run this shard again when they have"
             )
+        if egen_waiting:
+            raise UsageError(f"--shard {index}/{count}: {egen_waiting}: run this shard again when it has")
+    if study.generalization:
+        print(write_generalization_report(collect_generalization(study, out), study_settings(study), out))
+        return
     tuned, tuning_rows = tuning_table(study, out)
-    settings = {"study": str(study.path), "evaluation": list(study.evaluation)}
+    print(write_report(collect(study, out), study_settings(study, tuned), out, tuning_rows))
+
+
+def study_settings(study: Study, tuned: str | None = None) -> dict:
+    """What the report records of the study's settings."""
+    settings = {"study": str(study.path), "evaluation": list(study.evaluation), "variants": list(study.variants)}
     if study.tuning:
         t = study.tuning
         settings["tuning"] = {"method": t.method, "flag": t.flag, "values": list(t.values), "seed": t.seed}
         settings["tuning"].update(metric=t.metric, inference_steps=t.inference_steps, variant=t.variant)
         settings["tuning"].update(evaluation=list(t.evaluation), selected=tuned)
-    print(write_report(collect(study, out), settings, out, tuning_rows))
+    if study.generalization:
+        settings["generalization"] = {**dataclasses.asdict(study.generalization), "training": list(study.training)}
+        base, *treated = sorted(study.methods, key=lambda m: m != "ADM")  # each method against ADM (or the first)
+        pairs = [(row_name(base, v), row_name(m, v)) for v in study.variants for m in treated]
+        settings["comparisons"] = pairs
+    return settings
+
+
+def collect_generalization(study: Study, out: Path) -> dict:
+    """A generalization study's finished evaluations: the students by row, subset and seed (E_mem in "pfd", E_gen
+    in "pfd_teacher"), the teacher, the noise-unconditional student and the empirical denoiser's sweep."""
+
+    def merged(run: Run, v: str) -> dict | None:
+        result, against_teacher = finished_result(out, run, v), finished_result(out, run, v, "-teacher")
+        if result is not None and against_teacher is not None:
+            result["pfd_teacher"] = against_teacher["pfd"]
+        return result
+
+    students: dict[str, dict[int, dict[int, dict]]] = {}
+    for run in study.runs():
+        subset = int(run.flags[run.flags.index("--train_subset") + 1])
+        for v in study.variants:
+            if (result := merged(run, v)) is not None:
+                students.setdefault(row_name(run.method, v), {}).setdefault(subset, {})[run.seed] = result
+    teacher, *unconditional = study.teacher_runs()
+    sweep = []
+    for temperature, nu in empirical_sweep(study):
+        path = empirical_dir(out, study, temperature, nu) / "eval_results.json"
+        if path.exists():
+            sweep.append(json.loads(path.read_text()))
+    return {
+        "students": students,
+        "teacher": finished_result(out, teacher, study.variants[0]),
+        "noise_unconditional": merged(unconditional[0], study.variants[0]) if unconditional else None,
+        "empirical": sweep,
+    }
 
 
 def cli(argv: list[str] | None = None) -> None:

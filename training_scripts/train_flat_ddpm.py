@@ -33,11 +33,17 @@ from diffusers_flat import __version__
 from diffusers_flat.averaging import averaged_unet, make_ema, make_swa, resolve_swa_start, swa_due
 from diffusers_flat.checkpointing import read_training_state, save_checkpoint, save_pipeline
 from diffusers_flat.cli import OneLineArgumentParser, UsageError, run_main, share_cpu_threads
-from diffusers_flat.data import ImageTransform, StepBatchSampler, TrainingImages, load_image_dataset
+from diffusers_flat.data import (
+    ImageTransform,
+    StepBatchSampler,
+    TrainingImages,
+    load_image_dataset,
+    subset_indices,
+)
 from diffusers_flat.errors import FlatError
 from diffusers_flat.hub import push_to_hub
 from diffusers_flat.model_card import write_model_card
-from diffusers_flat.models import PRESETS, build_unet
+from diffusers_flat.models import PRESETS, build_unet, make_noise_unconditional
 from diffusers_flat.run_directory import RunDirectory, remove_entry
 from diffusers_flat.sam import SAM, check_rho
 from diffusers_flat.sampling import image_grid, sample_images
@@ -78,6 +84,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="A folder of images (imagefolder layout). Ignored if --dataset_name is given.",
     )
     parser.add_argument("--image_column", type=str, default="image", help="The dataset column holding the images.")
+    parser.add_argument(
+        "--train_subset",
+        type=int,
+        default=None,
+        help="Train on this many images of the dataset, a fixed random subset (nested: the 32 are among the 128).",
+    )
+    parser.add_argument("--train_subset_seed", type=int, default=0, help="Which random subset --train_subset takes.")
     parser.add_argument("--cache_dir", type=str, default=None, help="Where downloaded datasets are stored.")
     parser.add_argument("--resolution", type=int, default=16, help="Images are resized and cropped to this size.")
     parser.add_argument("--center_crop", action="store_true", help="Crop at the centre instead of at random.")
@@ -89,6 +102,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=str,
         default="tiny",
         help=f"A UNet2DModel config file or directory, or a preset: {', '.join(PRESETS)}.",
+    )
+    parser.add_argument(
+        "--noise_unconditional",
+        action="store_true",
+        help="Train a UNet blind to the noise level (its time embedding a learned constant), the learned counterpart "
+        "of the empirical denoiser's noise-unconditional variant.",
     )
     parser.add_argument("--ddpm_num_steps", type=int, default=1000, help="Diffusion steps T of training.")
     parser.add_argument(
@@ -304,8 +323,12 @@ def main(args: argparse.Namespace) -> None:
         dataset, data_channels = load_image_dataset(
             args.dataset_name, args.dataset_config_name, args.train_data_dir, args.image_column, args.cache_dir
         )
+    if args.train_subset is not None:
+        dataset = dataset.select(subset_indices(len(dataset), args.train_subset, args.train_subset_seed))
     torch.manual_seed(args.seed)
     model = build_unet(args.model_config_name_or_path, args.resolution, data_channels, learn_sigma=args.learn_sigma)
+    if args.noise_unconditional:
+        make_noise_unconditional(model)
     if args.enable_xformers_memory_efficient_attention:
         model.enable_xformers_memory_efficient_attention()
     noise_scheduler = DDPMScheduler(

@@ -1,0 +1,173 @@
+"""The report of a generalization study (SPEC section 5): students trained on nested subsets of the data against a
+teacher trained on all of it (E_gen) and against the empirical denoiser of their own subset (E_mem), their
+memorization and quality against the training-set size, the claims that flatness helps at small sizes with paired
+intervals and computed verdicts, and the empirical denoiser's memorization and quality against its temperature."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from .claims import paired_interval, verdict
+from .plots import plot_generalization, plot_temperature_sweep
+from .run_directory import write_atomically, write_json
+from .study_report import mean_std
+
+# row -> training-set size -> seed -> evaluation result (E_mem in "pfd", E_gen in "pfd_teacher")
+Students = dict[str, dict[int, dict[int, dict]]]
+
+# (statement, measure name, expected sign of treated - base)
+CLAIMS = (
+    ("{treated} students are closer to the teacher (lower E_gen)", "E_gen", -1),
+    ("{treated} students memorize less (lower memorization ratio)", "memorization", -1),
+    ("{treated} students are farther from their training set's empirical denoiser (higher E_mem)", "E_mem", +1),
+)
+
+
+def _measures(steps: str | None) -> dict[str, Callable[[dict], float]]:
+    measures = {
+        "E_gen": lambda r: r["pfd_teacher"]["pfd"],
+        "E_mem": lambda r: r["pfd"]["pfd"],
+        "memorization": lambda r: r["memorization"]["memorization_ratio"],
+    }
+    if steps is not None:
+        measures[f"KID x10³ (T'={steps})"] = lambda r: 1e3 * r["kid"][steps]["mean"]
+        measures[f"FID (T'={steps})"] = lambda r: r["fid"][steps]
+    return measures
+
+
+def _values(results: dict[int, dict], measure: Callable[[dict], float]) -> dict[int, float]:
+    values = {}
+    for seed, result in results.items():
+        try:
+            values[seed] = float(measure(result))
+        except (KeyError, TypeError):
+            continue  # not measured
+    return values
+
+
+def _cell(result: dict | None, measure: Callable[[dict], float]) -> str:
+    values = _values({0: result} if result else {}, measure)
+    return f"{values[0]:.4g}" if values else "-"
+
+
+def generalization_claims(students: Students, comparisons: list[tuple[str, str]], measures: dict) -> list[dict]:
+    """Each claim at each training-set size: the paired difference treated - base over the seeds both rows have."""
+    out = []
+    for base, treated in comparisons:
+        sizes = sorted(set(students.get(base, {})) & set(students.get(treated, {})))
+        for statement, name, sign in CLAIMS:
+            for size in sizes:
+                a = _values(students[base][size], measures[name])
+                b = _values(students[treated][size], measures[name])
+                seeds = sorted(set(a) & set(b))
+                interval = paired_interval([a[s] for s in seeds], [b[s] for s in seeds])
+                out.append(
+                    {
+                        "claim": statement.format(treated=treated),
+                        "rows": f"{treated} vs {base}",
+                        "training_images": size,
+                        "expected_sign": sign,
+                        "interval": interval,
+                        "verdict": verdict(interval, sign) if interval["n"] else "not measured",
+                    }
+                )
+    return out
+
+
+def _effect(interval: dict) -> str:
+    if interval["n"] == 0:
+        return "not measured"
+    if interval["n"] < 2:
+        return f"{interval['mean']:+.4g} (n={interval['n']}: no interval)"
+    return f"{interval['mean']:+.4g} [{interval['low']:+.4g}, {interval['high']:+.4g}] (n={interval['n']})"
+
+
+def write_generalization_report(collected: dict, settings: dict, out: str | os.PathLike) -> str:
+    """Write report.md, report.json and the figures of a generalization study into `out`; returns the Markdown.
+
+    Args:
+        collected: {"students": Students, "teacher": its result or None, "noise_unconditional": the
+            noise-unconditional student's result or None, "empirical": the sweep's results (each with "temperature"
+            and "noise_unconditional")}.
+        settings: the study's settings; "comparisons" lists (base row, treated row) pairs for the claims.
+        out: the study's output directory.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    students: Students = collected["students"]
+    any_result = next((r for sizes in students.values() for seeds in sizes.values() for r in seeds.values()), {})
+    steps = min(any_result.get("kid", {}), key=int, default=None)
+    measures = _measures(steps)
+    g = settings.get("generalization", {})
+    lines = ["| row | training images | " + " | ".join(measures) + " |", "|---" * (len(measures) + 2) + "|"]
+    for row, by_size in students.items():
+        for size in sorted(by_size):
+            cells = [mean_std(list(_values(by_size[size], m).values())) for m in measures.values()]
+            lines.append(f"| {row} | {size} | " + " | ".join(cells) + " |")
+    claims = generalization_claims(students, [tuple(c) for c in settings.get("comparisons", [])], measures)
+    claim_lines = [
+        "| claim | rows | training images | measured effect (treated - base), 95% interval | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for c in claims:
+        claim_lines.append(
+            f"| {c['claim']} | {c['rows']} | {c['training_images']} | {_effect(c['interval'])} | **{c['verdict']}** |"
+        )
+    teacher = collected.get("teacher")
+    sections = [
+        "# Generalization study report",
+        f"Study {settings.get('study')}: students trained on nested random subsets of the data "
+        f"({', '.join(map(str, g.get('subsets', [])))} images; training flags `{' '.join(g.get('training', []))}`), "
+        f"a teacher ({g.get('teacher_method')}, seed {g.get('teacher_seed')}) trained on all of it. E_gen = "
+        "PFD(student, teacher), E_mem = PFD(student, the empirical denoiser of its subset at T = 1), both on pixels "
+        "in [-1, 1] from shared starting noise (`--pfd_*` flags below); the memorization ratio against the "
+        "student's own subset; KID and FID against the whole dataset. Evaluation flags: "
+        f"`{' '.join(settings.get('evaluation', []))}`; E_gen: `{' '.join(g.get('teacher_evaluation', []))}`.",
+        "## Students (mean ± standard deviation over seeds)",
+        "\n".join(lines),
+        "The teacher: "
+        + ", ".join(f"{name} {_cell(teacher, m)}" for name, m in measures.items() if name != "E_gen")
+        + " (E_mem against the empirical denoiser of all the data).",
+        "![E_gen, E_mem and memorization against the training-set size](generalization.png)",
+        "## Claims",
+        "Paired differences over seeds at each training-set size (same seed: same data order and noise), with a "
+        "95% t-interval; **holds** when the interval excludes zero in the claimed direction, **does not hold** "
+        "when it excludes zero in the other, else **inconclusive**. Computed, never written by hand.",
+        "\n".join(claim_lines),
+    ]
+    sweep = collected.get("empirical") or []
+    if sweep:
+        sweep_measures = {"memorization": measures["memorization"]}
+        if steps is not None and "kid" in sweep[0]:
+            sweep_steps = min(sweep[0]["kid"], key=int)
+            sweep_measures[f"KID x10³ (T'={sweep_steps})"] = lambda r: 1e3 * r["kid"][sweep_steps]["mean"]
+            sweep_measures[f"FID (T'={sweep_steps})"] = lambda r: r["fid"][sweep_steps]
+        table = ["| T | variant | " + " | ".join(sweep_measures) + " |", "|---" * (len(sweep_measures) + 2) + "|"]
+        for r in sorted(sweep, key=lambda r: (r["noise_unconditional"], r["temperature"])):
+            variant = "noise-unconditional" if r["noise_unconditional"] else "conditional on t"
+            cells = [_cell(r, m) for m in sweep_measures.values()]
+            table.append(f"| {r['temperature']:g} | {variant} | " + " | ".join(cells) + " |")
+        sections += [
+            f"## The empirical denoiser of {g.get('empirical_subset')} training images against its temperature",
+            "\n".join(table),
+            "![memorization and quality against the temperature](temperature.png)",
+        ]
+        plot_temperature_sweep(sweep, sweep_measures, out / "temperature.png")
+    unconditional = collected.get("noise_unconditional")
+    if unconditional:
+        sections += [
+            "## Noise unconditioning: the learned UNet blind to the noise level against its closed form",
+            f"A UNet trained with `--noise_unconditional` on the same {g.get('empirical_subset')} images (seed "
+            f"{g.get('teacher_seed')}): "
+            + ", ".join(f"{name} {_cell(unconditional, m)}" for name, m in measures.items())
+            + " (E_mem against the noise-unconditional empirical denoiser; its own row is in the table above).",
+        ]
+    markdown = "\n\n".join(sections) + "\n"
+    plot_measures = {k: measures[k] for k in ("E_gen", "E_mem", "memorization")}
+    plot_generalization(students, plot_measures, out / "generalization.png")
+    data = {"settings": settings, **collected, "claims": claims}
+    write_json(out / "report.json", data)
+    write_atomically(out / "report.md", lambda tmp: tmp.write_text(markdown))
+    return markdown
