@@ -130,7 +130,7 @@ def main() -> None:
         "inception_images_per_s": features,
     }
     Path(args.output).write_text(json.dumps(rates, indent=2) + "\n")
-    work = run_study.workload(study, study.tuning_runs(), grid)
+    work = run_study.workload(study, study.tuning_runs(), study.teacher_runs(), grid, sweep=True)
     print(work.describe())
     print(work.projection(rates))
     print(f"rates written to {args.output}")

@@ -162,7 +162,7 @@ def write_generalization_report(collected: dict, settings: dict, out: str | os.P
             f"A UNet trained with `--noise_unconditional` on the same {g.get('empirical_subset')} images (seed "
             f"{g.get('teacher_seed')}): "
             + ", ".join(f"{name} {_cell(unconditional, m)}" for name, m in measures.items())
-            + " (E_mem against the noise-unconditional empirical denoiser; its own row is in the table above).",
+            + " (E_mem against the noise-unconditional empirical denoiser, whose row is in the temperature table).",
         ]
     markdown = "\n\n".join(sections) + "\n"
     plot_measures = {k: measures[k] for k in ("E_gen", "E_mem", "memorization")}

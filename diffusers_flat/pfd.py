@@ -5,7 +5,7 @@
 Phi is a model's deterministic noise-to-data map, its probability-flow ODE integrated from the starting noise z by a
 diffusers solver (DDIM with eta = 0, or DPM-Solver++, the faster); Psi is the identity on pixels or InceptionV3's
 features. Phi's images are clamped to the data range [-1, 1], as a pipeline outputs them (a model's own PF-ODE can
-leave it: `outside` counts how often). PFD is a metric: zero for a model against itself, symmetric, and the
+leave it: `outside` says by how much). PFD is a metric: zero for a model against itself, symmetric, and the
 triangle inequality holds (a Minkowski inequality over the shared z). Teacher-student protocol: E_gen =
 PFD(student, teacher), E_mem = PFD(student, the empirical denoiser of the student's training set).
 """
@@ -34,7 +34,8 @@ class PFDResult(TypedDict):
     steps: int
     solver: str
     descriptor: str
-    outside: list[float]  # for p and q: the fraction of flows ending outside [-1, 1] by more than half an 8-bit level
+    # for p and q: sqrt(E_z ||Phi(z) - clamp(Phi(z))||^2), how far the flows end outside [-1, 1], in PFD's units
+    outside: list[float]
     clamped: bool
 
 
@@ -163,7 +164,9 @@ def pfd(
     if num_noises < 2:
         raise FlatError(f"num_noises must be >= 2 for a standard error, got {num_noises}", "num_noises")
     ends = [flow_map(m, scheduler_config, num_noises, steps, solver, seed, batch_size) for m in (p, q)]
-    outside = [float((images.flatten(1).abs().amax(1) > 1 + 1 / 255).double().mean()) for images in ends]
+    outside = [
+        float((images - images.clamp(-1, 1)).double().flatten(1).square().sum(1).mean().sqrt()) for images in ends
+    ]
     if clamp:
         ends = [images.clamp(-1, 1) for images in ends]
     a, b = (pixels_or_features(images, descriptor, inception) for images in ends)

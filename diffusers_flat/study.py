@@ -17,6 +17,16 @@ shares (after an optional recipe file) and the evaluation's flags:
       select: {metric: kid, inference_steps: 20, variant: raw}   # the lowest wins, fixed before any run
       baseline: ADM                        # optional: also train this method at the tuning seed, for reference
       evaluation: [--metrics, fid, --inference_steps, "20"]
+    variants: [raw]                        # optional: the pipelines evaluated (default raw, ema, swa)
+    generalization:                        # optional: training-set size as an axis (not with tuning)
+      subsets: [32, 128, 512, 1797]        # nested random subsets (--train_subset), each method x seed on each
+      teacher: {method: ADM, seed: 0}      # trained on all the data: E_gen = PFD(student, teacher)
+      teacher_training: [--max_train_steps, "855"]
+      teacher_evaluation: [--metrics, pfd, --pfd_noises, "200"]   # the runner adds --pfd_reference the teacher
+      empirical_subset: 128                # the empirical denoiser of these images, at each temperature
+      temperatures: [1, 100, 10000]
+      empirical_evaluation: [--metrics, fid, memorization]
+      noise_unconditional: true            # also its noise-unconditional variant, and a --noise_unconditional UNet
 
 Standard library and PyYAML only: checking a study file loads no model.
 """
@@ -234,7 +244,9 @@ class Study:
             raise StudyError(f"study {path}: variants must be a list of {', '.join(VARIANT_ROWS)}", "study")
         generalization = _load_generalization(path, data.get("generalization"), seeds, methods, training)
         if generalization and tuning:
-            raise StudyError(f"study {path}: tuning and generalization cannot be combined; tune in a study of its own")
+            raise StudyError(
+                f"study {path}: tuning and generalization cannot be combined; tune in a study of its own", "study"
+            )
         evaluation = tuple(map(str, data.get("evaluation") or []))
         return cls(path, tuple(seeds), methods, recipe, training, evaluation, tuning, tuple(variants), generalization)
 

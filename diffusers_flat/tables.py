@@ -10,10 +10,11 @@ def _row(cells: list[str]) -> str:
 
 def results_table(results: dict[str, dict], steps: list[int]) -> str:
     """One row per model: FID at each of `steps`, KID (x 10^3, mean ± std over subsets) where measured, LPF, the
-    exposure-bias gap and the memorization ratio."""
+    exposure-bias gap, the memorization ratio, and PFD (± its standard error) where measured."""
     kid_steps = steps if any("kid" in r for r in results.values()) else []
+    with_pfd = any("pfd" in r for r in results.values())
     header = ["model"] + [f"FID ({s} steps)" for s in steps] + [f"KID x10³ ({s} steps)" for s in kid_steps]
-    header += ["LPF", "exposure gap (sq. norm)", "memorization"]
+    header += ["LPF", "exposure gap (sq. norm)", "memorization"] + (["PFD"] if with_pfd else [])
     lines = [_row(header), "|" + "---|" * len(header)]
     for name, r in results.items():
         row = [name] + [f"{r['fid'][str(s)]:.2f}" if str(s) in r.get("fid", {}) else "-" for s in steps]
@@ -22,12 +23,25 @@ def results_table(results: dict[str, dict], steps: list[int]) -> str:
         row.append(f"{r['lpf']['lpf']:.4f} ± {r['lpf']['stderr']:.4f}" if "lpf" in r else "-")
         row.append(f"{r['exposure_bias']['squared_norm_gap']:+.3f}" if "exposure_bias" in r else "-")
         row.append(f"{r['memorization']['memorization_ratio']:.3f}" if "memorization" in r else "-")
+        if with_pfd:
+            row.append(f"{r['pfd']['pfd']:.3f} ± {r['pfd']['stderr']:.3f}" if "pfd" in r else "-")
         lines.append(_row(row))
     with_fid = [r for r in results.values() if "fid" in r]
     if with_fid:
         metrics = "FID and KID" if kid_steps else "FID"
         counts = f"{with_fid[0]['fid_num_generated']} generated and {with_fid[0]['fid_num_real']} real images"
         lines += ["", f"{metrics} from {counts} (the paper: 50,000 generated)."]
+    for name, r in results.items():
+        if "pfd" in r:
+            p, against = r["pfd"], r["pfd_reference"]
+            against = "the empirical denoiser of its training set (E_mem)" if against == "empirical" else against
+            line = f"PFD of {name} against {against}: {p['num_noises']} shared noises, {p['solver']} in {p['steps']} "
+            line += f"steps, on {p['descriptor']}"
+            if "outside" in p:  # evaluations before flows were clamped do not have it
+                mine, reference = p["outside"]
+                line += f"; its flows end {mine:.3f} outside [-1, 1] (RMS; clamped before PFD), "
+                line += f"the reference's {reference:.3f}"
+            lines += ["", line + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -10,7 +10,7 @@ import torch
 from conftest import REPO, run_cli
 from diffusers import DDPMPipeline, UNet2DModel
 from test_evaluate_cli import PooledPixels
-from test_study import write_study
+from test_study import tuning, write_study
 
 from diffusers_flat.claims import paired_interval
 from diffusers_flat.data import DataError, subset_indices
@@ -109,6 +109,10 @@ BAD = {
         "generalization.teacher_evaluation must measure pfd and leave --pfd_reference to the runner",
     ),
     "empirical subset not a subset": ({"empirical_subset": 32}, "generalization.empirical_subset must be one of"),
+    "with a tuning": (
+        {"teacher": {"method": "ADM", "seed": 0}, "tuning": True},
+        "tuning and generalization cannot be combined; tune in a study of its own",
+    ),
     "zero temperature": ({"temperatures": [1, 0]}, "generalization.temperatures must be a list of numbers > 0"),
 }
 
@@ -116,7 +120,9 @@ BAD = {
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_generalization_study_is_one_line_and_writes_nothing(case, tmp_path, capsys):
     changes, message = BAD[case]
-    path = write_generalization_study(tmp_path / "study.yaml", **changes)
+    path = write_generalization_study(tmp_path / "study.yaml", **{k: v for k, v in changes.items() if k != "tuning"})
+    if "tuning" in changes:  # the flatness study's micro tuning beside the generalization block
+        path = write_study(path, **{**json.loads(path.read_text()), "tuning": tuning()})
     status, err = run_cli(run_study, ["--study", path, "--output_dir", tmp_path / "out"], capsys)
     errors = [line for line in err.splitlines() if "error:" in line]
     assert status != 0 and len(errors) == 1 and message in errors[0], err

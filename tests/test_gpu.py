@@ -1,6 +1,7 @@
 """On CUDA (skipped without it): training with every method in bf16, resuming with EMA, the paper's ADM recipe
 (learned variance, timestep sampler) with SAM, evaluation of every metric on the GPU agreeing with the CPU, the int8
-deployment path and the Space's generate function. On a GPU machine: `python -m pytest tests/test_gpu.py`.
+deployment path, the Space's generate function, PFD against a teacher and against the empirical denoiser, and a
+noise-unconditional training on a subset. On a GPU machine: `python -m pytest tests/test_gpu.py`.
 """
 
 import importlib
@@ -99,3 +100,29 @@ def test_the_space_generates_on_cuda(two_models, monkeypatch):
         assert next(app.load_unet(app.MODELS[0], precision).parameters()).device.type == "cuda"
     fp32_grid, int8_grid, difference, summary, _ = app.generate(app.MODELS[0], 0, 20, "8-bit", 4)
     assert fp32_grid.size == int8_grid.size and "**8-bit**" in summary
+
+
+def test_pfd_on_cuda_agrees_with_the_cpu(two_models, tmp_path):
+    """E_gen (against the other model) and E_mem (the empirical denoiser, built on the model's device)."""
+    flags = "--metrics pfd --pfd_noises 16 --pfd_steps 4"
+    for reference in (two_models[1], "empirical"):
+        results = {}
+        for device in ("cuda", "cpu"):
+            out = tmp_path / f"{device}-{len(results)}-{reference == 'empirical'}"
+            model = shutil.copytree(two_models[0], out / "adm")
+            argv = ["--model_path", model, *flags.split(), "--pfd_reference", reference, "--device", device]
+            result = run_script("evaluate_flat", *argv, "--output_dir", out / "eval")
+            assert result.returncode == 0, result.stderr[-3000:]
+            results[device] = json.loads((out / "eval" / "eval_results.json").read_text())["adm"]["pfd"]
+        assert results["cuda"]["pfd"] == pytest.approx(results["cpu"]["pfd"], rel=1e-2)
+
+
+def test_a_noise_unconditional_training_on_a_subset_on_cuda(tmp_path, micro_unet_config):
+    out = tmp_path / "nu"
+    flags = "--max_train_steps 3 --noise_unconditional --train_subset 16 --sam_rho 0.1 --use_ema"
+    run_training(*micro_args(out, micro_unet_config, *flags.split()))
+    assert json.loads((out / "training_args.json").read_text())["dataset_size"] == 16
+    unet = UNet2DModel.from_pretrained(out, subfolder="unet").to("cuda")
+    x = torch.randn(2, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size, device="cuda")
+    with torch.no_grad():
+        assert torch.equal(unet(x, 0).sample, unet(x, 999).sample)
