@@ -122,7 +122,8 @@ def test_bad_generalization_study_is_one_line_and_writes_nothing(case, tmp_path,
     changes, message = BAD[case]
     path = write_generalization_study(tmp_path / "study.yaml", **{k: v for k, v in changes.items() if k != "tuning"})
     if "tuning" in changes:  # the flatness study's micro tuning beside the generalization block
-        path = write_study(path, **{**json.loads(path.read_text()), "tuning": tuning()})
+        study = json.loads(path.read_text()) | {"tuning": tuning(), "methods": {"ADM": [], "SAM": []}}
+        path = write_study(path, **study)
     status, err = run_cli(run_study, ["--study", path, "--output_dir", tmp_path / "out"], capsys)
     errors = [line for line in err.splitlines() if "error:" in line]
     assert status != 0 and len(errors) == 1 and message in errors[0], err
