@@ -141,7 +141,7 @@ class DataSource:
     train_subset: int | None = None  # the run trained on this many of the images (data.subset_indices)
     train_subset_seed: int = 0
 
-    def replace(self, **overrides: str | None) -> DataSource:
+    def replace(self, **overrides: str | int | None) -> DataSource:
         """A copy with each non-None override applied."""
         return DataSource(**{**self.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
 

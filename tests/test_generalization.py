@@ -252,3 +252,19 @@ def test_the_shipped_generalization_study_checks_and_costs_what_a_hand_count_say
     )
     g = Study.load(REPO / "studies" / "digits-generalization.yaml").generalization
     assert g.subsets == (32, 128, 512, 1797) and g.teacher_seed == 0 and g.noise_unconditional
+
+
+@pytest.mark.slow
+def test_a_shard_whose_students_wait_for_another_shards_teacher_says_so(tmp_path, capsys, monkeypatch):
+    # runs: adm-teacher-seed0, adm-nu-n16-seed0, then the 8 students; shard 3/10 holds adm-n16-seed1 only
+    path = write_generalization_study(tmp_path / "study.yaml")
+    monkeypatch.setattr(run_study.evaluate_flat, "InceptionFeatures", lambda dtype="float32": PooledPixels())
+    out = tmp_path / "out"
+    status, err = run_cli(run_study, ["--study", path, "--output_dir", out, "--shard", "3/10"], capsys)
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert status != 0 and len(errors) == 1, err
+    assert "--shard 3/10: the E_gen evaluations need the teacher adm-teacher-seed0, which another shard trains" in err
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["adm-n16-seed1"]
+    # what it could do is done: the student trained and evaluated, not against the missing teacher
+    assert (out / "eval" / "adm-n16-seed1-raw" / "eval_results.json").exists()
+    assert not (out / "eval" / "adm-n16-seed1-raw-teacher").exists()

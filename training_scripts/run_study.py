@@ -228,7 +228,7 @@ def workload(study: Study, tuning_runs: list[Run], teachers: list[Run], grid: li
     evaluations = [(study.tuning.evaluation if study.tuning else (), len(tuning_runs))]
     evaluations.append((study.evaluation, (len(teachers) + len(grid)) * pipelines))
     if g:
-        students = len(grid) + sum(run.tag != "teacher" for run in teachers)
+        students = sum(against_teacher(study, run) for run in teachers + grid)
         evaluations.append(((*g.teacher_evaluation, "--pfd_reference", "teacher"), students * pipelines))
         evaluations.append((g.empirical_evaluation, len(empirical_sweep(study)) if sweep else 0))
     forwards = images = 0
@@ -275,9 +275,9 @@ def evaluate_empirical(study: Study, out: Path) -> None:
     if "fid" in settings.metrics:
         fid = FID(InceptionFeatures(), batch_size=200 if device.type == "cuda" else 32, device=device)
         set_fid_reference(fid, real, settings, out / "fid_cache")
+    images = real.training_images().tensors
     for temperature, unconditional in todo:
         target = empirical_dir(out, study, temperature, unconditional)
-        images = real.training_images().tensors
         config = {"noise_unconditional": unconditional}
         denoiser = EmpiricalDenoiser.from_training_set(images, pipeline.scheduler, temperature, **config).to(device)
         evaluation = evaluate_model(denoiser, pipeline.scheduler, real, settings, fid)
@@ -286,10 +286,15 @@ def evaluate_empirical(study: Study, out: Path) -> None:
         write_json(target / "done", True)
 
 
-def waiting_for(study: Study, out: Path, runs: list[Run]) -> str | None:
-    """What these runs wait for from another shard, or None."""
-    teacher = study.teacher_runs()[0] if study.generalization else None
-    if teacher and runs and not (out / "done" / teacher.name).exists():
+def against_teacher(study: Study, run: Run) -> bool:
+    """Whether `run` is a generalization study's student, evaluated against the teacher too (E_gen)."""
+    return study.generalization is not None and run.tag != "teacher"
+
+
+def teacher_missing(study: Study, out: Path) -> str | None:
+    """What the E_gen evaluations wait for while another shard trains the teacher, or None."""
+    teacher = study.teacher_runs()[0]
+    if not (out / "done" / teacher.name).exists():
         return f"the E_gen evaluations need the teacher {teacher.name}, which another shard trains"
     return None
 
@@ -318,7 +323,7 @@ def main(args: argparse.Namespace) -> None:
             print(f"train {run.name}: {' '.join(run.flags)} --output_dir {out / 'runs' / run.name}")
             for v in study.variants:
                 print(f"  evaluate {run.name} {v} ({row_name(run.method, v)}) -> {evaluation_dir(out, run, v)}")
-                if study.generalization and run.tag != "teacher":
+                if against_teacher(study, run):
                     print(
                         f"  evaluate {run.name} {v} against the teacher -> {evaluation_dir(out, run, v, '-teacher')}"
                     )
@@ -327,7 +332,7 @@ def main(args: argparse.Namespace) -> None:
         trainings = len(tuning_runs) + len(teachers) + len(grid)
         evaluations = len(tuning_runs) + (len(teachers) + len(grid)) * len(study.variants)
         if study.generalization:  # E_gen of every student, and the empirical denoisers
-            students = len(grid) + sum(run.tag != "teacher" for run in teachers)
+            students = sum(against_teacher(study, run) for run in teachers + grid)
             evaluations += students * len(study.variants) + sweep * len(empirical_sweep(study))
         print(f"{trainings} trainings and {evaluations} evaluations (shard {index}/{count})")
         # the work does not depend on which candidate wins: cost the grid with the first
@@ -358,8 +363,8 @@ def main(args: argparse.Namespace) -> None:
                 for v in study.variants:
                     evaluate(run, v, study.evaluation, out)
                     progress.update(1)
-                    if study.generalization and run.tag != "teacher":
-                        egen_waiting = waiting_for(study, out, [run])
+                    if against_teacher(study, run):
+                        egen_waiting = teacher_missing(study, out)
                         if egen_waiting is None:
                             evaluate(run, v, teacher_flags(study, out), out, "-teacher")
                     progress.update(study.generalization is not None)
