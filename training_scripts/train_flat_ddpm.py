@@ -323,11 +323,11 @@ def main(args: argparse.Namespace) -> None:
         dataset, data_channels = load_image_dataset(
             args.dataset_name, args.dataset_config_name, args.train_data_dir, args.image_column, args.cache_dir
         )
-    if args.train_subset is not None:
+    if args.train_subset is not None:  # the first N of a fixed random order: subsets of one seed are nested
         dataset = dataset.select(subset_indices(len(dataset), args.train_subset, args.train_subset_seed))
     torch.manual_seed(args.seed)
     model = build_unet(args.model_config_name_or_path, args.resolution, data_channels, learn_sigma=args.learn_sigma)
-    if args.noise_unconditional:
+    if args.noise_unconditional:  # blind to t: the time embedding's first layer is zero and frozen
         make_noise_unconditional(model)
     if args.enable_xformers_memory_efficient_attention:
         model.enable_xformers_memory_efficient_attention()
