@@ -139,11 +139,9 @@ def write_generalization_report(collected: dict, settings: dict, out: str | os.P
     ]
     sweep = collected.get("empirical") or []
     if sweep:
-        sweep_measures = {"memorization": measures["memorization"]}
-        if steps is not None and "kid" in sweep[0]:
-            sweep_steps = min(sweep[0]["kid"], key=int)
-            sweep_measures[f"KID x10³ (T'={sweep_steps})"] = lambda r: 1e3 * r["kid"][sweep_steps]["mean"]
-            sweep_measures[f"FID (T'={sweep_steps})"] = lambda r: r["fid"][sweep_steps]
+        # the sweep has no PFD: memorization, and KID and FID at its own first T'
+        by_name = _measures(min(sweep[0]["kid"], key=int) if steps is not None and "kid" in sweep[0] else None).items()
+        sweep_measures = {name: measure for name, measure in by_name if not name.startswith("E_")}
         table = ["| T | variant | " + " | ".join(sweep_measures) + " |", "|---" * (len(sweep_measures) + 2) + "|"]
         for r in sorted(sweep, key=lambda r: (r["noise_unconditional"], r["temperature"])):
             variant = "noise-unconditional" if r["noise_unconditional"] else "conditional on t"
@@ -165,8 +163,14 @@ def write_generalization_report(collected: dict, settings: dict, out: str | os.P
             + " (E_mem against the noise-unconditional empirical denoiser, whose row is in the temperature table).",
         ]
     markdown = "\n\n".join(sections) + "\n"
-    plot_measures = {k: measures[k] for k in ("E_gen", "E_mem", "memorization")}
-    plot_generalization(students, plot_measures, out / "generalization.png")
+    series = {
+        name: {
+            row: {size: list(_values(seeds, measures[name]).values()) for size, seeds in by_size.items()}
+            for row, by_size in students.items()
+        }
+        for name in ("E_gen", "E_mem", "memorization")
+    }
+    plot_generalization(series, out / "generalization.png")
     data = {"settings": settings, **collected, "claims": claims}
     write_json(out / "report.json", data)
     write_atomically(out / "report.md", lambda tmp: tmp.write_text(markdown))

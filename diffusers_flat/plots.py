@@ -130,30 +130,17 @@ def plot_bands(
     _save(fig, path)
 
 
-def plot_generalization(
-    students: dict[str, dict[int, dict[int, dict]]], measures: dict, path: str | os.PathLike
-) -> None:
+def plot_generalization(series: dict[str, dict[str, dict[int, list[float]]]], path: str | os.PathLike) -> None:
     """A generalization study's measures against the training-set size (log scale), one band (mean ± standard
-    deviation over seeds) per row. `students`: row -> subset size -> seed -> result; `measures`: title -> a function
-    of a result (a measure missing from a result is left out)."""
-    fig, axes = _figure((4.2 * len(measures), 3.6), 1, len(measures))
-    for ax, (title, measure) in zip(axes[0], measures.items()):
-        for i, (row, by_size) in enumerate(students.items()):
-            sizes, means, stds = [], [], []
-            for size in sorted(by_size):
-                values = []
-                for result in by_size[size].values():
-                    try:
-                        values.append(float(measure(result)))
-                    except (KeyError, TypeError):
-                        continue
-                if values:
-                    sizes.append(size)
-                    means.append(np.mean(values))
-                    stds.append(np.std(values, ddof=1) if len(values) > 1 else 0.0)
+    deviation over seeds) per row. `series`: measure title -> row -> subset size -> the seeds' values."""
+    fig, axes = _figure((4.2 * len(series), 3.6), 1, len(series))
+    for ax, (title, rows) in zip(axes[0], series.items()):
+        for i, (row, by_size) in enumerate(rows.items()):
+            sizes = sorted(size for size, values in by_size.items() if values)
             if not sizes:
                 continue
-            means, stds = np.asarray(means), np.asarray(stds)
+            means = np.asarray([np.mean(by_size[size]) for size in sizes])
+            stds = np.asarray([np.std(by_size[size], ddof=1) if len(by_size[size]) > 1 else 0.0 for size in sizes])
             ax.plot(sizes, means, marker="o", color=f"C{i}", label=row)
             ax.fill_between(sizes, means - stds, means + stds, color=f"C{i}", alpha=0.2)
         ax.set_xscale("log")
