@@ -26,10 +26,16 @@ from diffusers import DDPMPipeline, DDPMScheduler
 from scipy import linalg
 from sklearn.datasets import load_digits
 
-from diffusers_flat.evaluation import resolve_device
-from diffusers_flat.fid import FID, InceptionFeatures, nhwc_to_nchw, nvidia_bilinear_resize
-from diffusers_flat.models import build_unet
-from diffusers_flat.sampling import sample_images
+from diffusers_flat.evaluation.evaluate import resolve_device
+from diffusers_flat.metrics.fid import (
+    FID,
+    InceptionFeatures,
+    default_fid_batch_size,
+    nhwc_to_nchw,
+    nvidia_bilinear_resize,
+)
+from diffusers_flat.training.models import build_unet
+from diffusers_flat.utils.sampling import sample_images
 
 PROTOCOL_SAMPLES = 50_000
 
@@ -84,7 +90,7 @@ def main() -> None:
     parser.add_argument("--skip_full", action="store_true", help="Skip the full evaluation timing.")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    fid_batch = args.fid_batch_size or (200 if device.type == "cuda" else 32)
+    fid_batch = args.fid_batch_size or default_fid_batch_size(device)
     where = f"{device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
     print(f"device: {where}; {torch.get_num_threads()} CPU threads; InceptionV3 batches of {fid_batch}")
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DModel
 
-from diffusers_flat.models import PRESETS, build_unet
 from diffusers_flat.quantization import QUANTIZED_WEIGHTS, model_size_bytes, quantize_for_deployment, save_quantized
+from diffusers_flat.training.models import PRESETS, build_unet
 
 
 def main() -> None:

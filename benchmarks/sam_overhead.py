@@ -17,9 +17,9 @@ import torch
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
 
-from diffusers_flat.models import build_unet
-from diffusers_flat.sam import SAM
-from diffusers_flat.training import MicroBatch, draw_step_noise, train_step
+from diffusers_flat.methods.sam import SAM
+from diffusers_flat.training.models import build_unet
+from diffusers_flat.training.step import MicroBatch, draw_step_noise, train_step
 
 
 def tensor_bytes(tensors) -> int:

@@ -32,13 +32,13 @@ import evaluate_flat  # noqa: E402
 import run_study  # noqa: E402
 import train_flat_ddpm  # noqa: E402
 
-from diffusers_flat.evaluation import resolve_device  # noqa: E402
-from diffusers_flat.fid import InceptionFeatures  # noqa: E402
-from diffusers_flat.models import build_unet  # noqa: E402
-from diffusers_flat.sam import SAM  # noqa: E402
-from diffusers_flat.sampling import sample_images  # noqa: E402
-from diffusers_flat.study import Study  # noqa: E402
-from diffusers_flat.training import MicroBatch, train_step  # noqa: E402
+from diffusers_flat.evaluation.evaluate import resolve_device  # noqa: E402
+from diffusers_flat.methods.sam import SAM  # noqa: E402
+from diffusers_flat.metrics.fid import InceptionFeatures, default_fid_batch_size  # noqa: E402
+from diffusers_flat.studies.config import Study  # noqa: E402
+from diffusers_flat.training.models import build_unet  # noqa: E402
+from diffusers_flat.training.step import MicroBatch, train_step  # noqa: E402
+from diffusers_flat.utils.sampling import sample_images  # noqa: E402
 
 SAM_RHO = 0.05  # any rho > 0 costs the same two passes
 
@@ -114,7 +114,7 @@ def main() -> None:
     forwards = settings.batch_size * 20 / (time.perf_counter() - start)
     print(f"sampling: {forwards:.4g} UNet image-forwards/s (batch {settings.batch_size})")
 
-    fid_batch = evaluation.fid_batch_size or (200 if device.type == "cuda" else 32)
+    fid_batch = evaluation.fid_batch_size or default_fid_batch_size(device)
     size = (2 * fid_batch, flags.resolution, flags.resolution, args.channels)
     images = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
     inception = InceptionFeatures(dtype=evaluation.fid_dtype).to(device)

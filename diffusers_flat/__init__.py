@@ -14,9 +14,9 @@ __version__ = "0.1.0"
 
 # public name -> the module (file) it lives in
 _EXPORTS = {
-    "averaging": ["averaged_unet", "make_ema", "make_swa", "resolve_swa_start", "swa_due"],
-    "checkpointing": ["save_checkpoint", "save_pipeline"],
-    "data": [
+    "methods.averaging": ["averaged_unet", "make_ema", "make_swa", "resolve_swa_start", "swa_due"],
+    "training.checkpointing": ["save_checkpoint", "save_pipeline"],
+    "training.data": [
         "DataError",
         "ImageTransform",
         "StepBatchSampler",
@@ -25,7 +25,7 @@ _EXPORTS = {
         "load_image_dataset",
     ],
     "errors": ["FlatError"],
-    "evaluation": [
+    "evaluation.evaluate": [
         "METRICS",
         "Evaluation",
         "EvaluationResult",
@@ -35,21 +35,21 @@ _EXPORTS = {
         "load_real_images",
         "set_fid_reference",
     ],
-    "exposure_bias": ["exposure_bias"],
-    "fid": ["FID", "InceptionFeatures"],
-    "flatness": ["DiffusionLoss", "loss_surface", "loss_under_perturbation", "lpf_flatness"],
-    "hub": ["push_to_hub"],
-    "input_perturbation": ["noisy_input_and_target"],
-    "learned_variance": ["hybrid_loss", "vlb_term"],
-    "memorization": ["memorization_ratio"],
-    "model_card": ["build_model_card", "write_model_card"],
-    "models": ["PRESETS", "build_unet", "load_unet_config"],
+    "metrics.exposure_bias": ["exposure_bias"],
+    "metrics.fid": ["FID", "InceptionFeatures"],
+    "metrics.flatness": ["DiffusionLoss", "loss_surface", "loss_under_perturbation", "lpf_flatness"],
+    "hub.push": ["push_to_hub"],
+    "methods.input_perturbation": ["noisy_input_and_target"],
+    "methods.learned_variance": ["hybrid_loss", "vlb_term"],
+    "metrics.memorization": ["memorization_ratio"],
+    "hub.model_card": ["build_model_card", "write_model_card"],
+    "training.models": ["PRESETS", "build_unet", "load_unet_config"],
     "quantization": ["load_quantized", "quantize_for_deployment", "quantize_weights_", "save_quantized"],
     "run_directory": ["DataSource", "RunDirectory", "TrainingRecord", "write_atomically", "write_json"],
-    "sam": ["SAM"],
-    "sampling": ["image_grid", "sample_images"],
-    "timestep_sampler": ["LossSecondMomentSampler", "importance_weights"],
-    "training": ["MicroBatch", "StepStats", "diffusion_loss", "draw_step_noise", "seed_dropout", "train_step"],
+    "methods.sam": ["SAM"],
+    "utils.sampling": ["image_grid", "sample_images"],
+    "methods.timestep_sampler": ["LossSecondMomentSampler", "importance_weights"],
+    "training.step": ["MicroBatch", "StepStats", "diffusion_loss", "draw_step_noise", "seed_dropout", "train_step"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

@@ -22,8 +22,8 @@ from diffusers import UNet2DModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import FlatError
-from .run_directory import write_json
+from diffusers_flat.errors import FlatError
+from diffusers_flat.run_directory import write_json
 
 GRANULARITIES = ("per_tensor", "per_channel")
 QUANTIZED_TYPES = (nn.Conv2d, nn.Linear)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import FlatError
+from diffusers_flat.errors import FlatError
 
 VARIANTS = ("raw", "ema", "swa")
 _SUBDIRS = {"raw": "", "ema": "ema", "swa": "swa"}

@@ -22,7 +22,7 @@ from huggingface_hub import snapshot_download
 
 from diffusers_flat.quantization import quantize_for_deployment, quantize_weights_
 from diffusers_flat.run_directory import RunDirectory, hub_download_patterns
-from diffusers_flat.sampling import image_grid, sample_images
+from diffusers_flat.utils.sampling import image_grid, sample_images
 
 MODELS = [m.strip() for m in os.environ.get("FLAT_MODELS", "ddpm-flat-digits").split(",") if m.strip()]
 PRECISIONS = {

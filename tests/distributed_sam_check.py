@@ -14,8 +14,8 @@ from accelerate.utils import InitProcessGroupKwargs
 from conftest import MICRO_UNET
 from diffusers import DDPMScheduler, UNet2DModel
 
-from diffusers_flat.sam import SAM
-from diffusers_flat.training import MicroBatch, draw_step_noise, leave_without_teardown, train_step
+from diffusers_flat.methods.sam import SAM
+from diffusers_flat.training.step import MicroBatch, draw_step_noise, leave_without_teardown, train_step
 
 
 class RecordingSAM(SAM):

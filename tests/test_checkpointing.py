@@ -6,9 +6,9 @@ from accelerate import Accelerator
 from conftest import MICRO_UNET
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from diffusers_flat.checkpointing import save_checkpoint, save_pipeline
 from diffusers_flat.errors import FlatError
 from diffusers_flat.run_directory import RunDirectory
+from diffusers_flat.training.checkpointing import save_checkpoint, save_pipeline
 
 
 def list_checkpoints(path):

@@ -10,7 +10,7 @@ from datasets import Dataset, Features, Value
 from datasets import Image as ImageFeature
 from PIL import Image
 
-from diffusers_flat.data import (
+from diffusers_flat.training.data import (
     DataError,
     ImageTransform,
     StepBatchSampler,

@@ -7,11 +7,11 @@ import torch
 from diffusers import DDPMScheduler
 from sklearn.datasets import load_digits
 
-from diffusers_flat.empirical_score import EmpiricalDenoiser
 from diffusers_flat.errors import FlatError
-from diffusers_flat.memorization import memorization_ratio
-from diffusers_flat.pfd import flow_map
-from diffusers_flat.sampling import sample_images
+from diffusers_flat.metrics.empirical_score import EmpiricalDenoiser
+from diffusers_flat.metrics.memorization import memorization_ratio
+from diffusers_flat.metrics.pfd import flow_map
+from diffusers_flat.utils.sampling import sample_images
 
 SCHEDULER = DDPMScheduler(timestep_spacing="linspace")
 

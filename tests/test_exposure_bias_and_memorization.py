@@ -5,8 +5,8 @@ import torch
 from conftest import MICRO_UNET
 from diffusers import DDPMScheduler, UNet2DModel
 
-from diffusers_flat.exposure_bias import exposure_bias
-from diffusers_flat.memorization import memorization_ratio
+from diffusers_flat.metrics.exposure_bias import exposure_bias
+from diffusers_flat.metrics.memorization import memorization_ratio
 
 
 def micro():

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import linalg
 
-from diffusers_flat.fid import (
+from diffusers_flat.metrics.fid import (
     FID,
     MIN_FID_IMAGES,
     FIDError,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusers_flat.flatness import loss_surface, loss_under_perturbation, lpf_flatness
+from diffusers_flat.metrics.flatness import loss_surface, loss_under_perturbation, lpf_flatness
 
 
 class Quadratic(torch.nn.Module):

@@ -12,11 +12,11 @@ from diffusers import DDPMPipeline, UNet2DModel
 from test_evaluate_cli import PooledPixels
 from test_study import tuning, write_study
 
-from diffusers_flat.claims import paired_interval
-from diffusers_flat.data import DataError, subset_indices
-from diffusers_flat.generalization_report import generalization_claims, write_generalization_report
-from diffusers_flat.models import build_unet, make_noise_unconditional
-from diffusers_flat.study import Study
+from diffusers_flat.studies.claims import paired_interval
+from diffusers_flat.studies.config import Study
+from diffusers_flat.studies.generalization_report import generalization_claims, write_generalization_report
+from diffusers_flat.training.data import DataError, subset_indices
+from diffusers_flat.training.models import build_unet, make_noise_unconditional
 
 STUDENT_EVALUATION = ["--metrics", "fid", "memorization", "pfd", "--pfd_reference", "empirical", "--pfd_noises", "4"]
 STUDENT_EVALUATION += ["--pfd_steps", "2", "--inference_steps", "2", "--num_samples", "100", "--num_real", "100"]

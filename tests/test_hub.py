@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO, micro_args, run_cli, run_command, run_script
 from huggingface_hub import HfApi, ModelCard
 
-from diffusers_flat.model_card import write_model_card
+from diffusers_flat.hub.model_card import write_model_card
 
 TOKEN = "hf_testTOKEN0123456789"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"  # the cache names snapshots by full commit hashes

@@ -5,8 +5,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from diffusers_flat.input_perturbation import noisy_input_and_target
-from diffusers_flat.training import draw_step_noise
+from diffusers_flat.methods.input_perturbation import noisy_input_and_target
+from diffusers_flat.training.step import draw_step_noise
 
 # alpha-bar of the linear schedule, computed here without diffusers.
 ABAR = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))

@@ -10,8 +10,8 @@ from conftest import run_command
 from diffusers import DDPMScheduler
 from torch.distributions import Normal, kl_divergence
 
-from diffusers_flat.learned_variance import hybrid_loss, vlb_term
-from diffusers_flat.models import build_unet
+from diffusers_flat.methods.learned_variance import hybrid_loss, vlb_term
+from diffusers_flat.training.models import build_unet
 
 
 def cosine_scheduler(**kwargs) -> DDPMScheduler:

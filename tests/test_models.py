@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from diffusers_flat.models import ModelConfigError, build_unet
+from diffusers_flat.training.models import ModelConfigError, build_unet
 
 
 def parameters(model) -> int:

@@ -28,10 +28,11 @@ def test_quantization_and_sampling_import_nothing_beyond_diffusers_and_torchao()
     """What the Space imports pulls in no more heavy packages than diffusers and torchao do by themselves."""
     baseline = top_level_modules("from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel\nimport torchao")
     ours = top_level_modules(
-        "import diffusers_flat.quantization, diffusers_flat.sampling, diffusers_flat.run_directory, diffusers_flat"
+        "import diffusers_flat.quantization, diffusers_flat.utils.sampling, diffusers_flat.run_directory, "
+        "diffusers_flat"
     )
     assert (ours - baseline) & HEAVY == set(), sorted((ours - baseline) & HEAVY)
-    assert "matplotlib" not in top_level_modules("import diffusers_flat.model_card, diffusers_flat.hub")
+    assert "matplotlib" not in top_level_modules("import diffusers_flat.hub.model_card, diffusers_flat.hub.push")
 
 
 def test_plots_leave_the_matplotlib_backend_alone():
@@ -39,7 +40,8 @@ def test_plots_leave_the_matplotlib_backend_alone():
         [
             sys.executable,
             "-c",
-            "import matplotlib; matplotlib.use('svg'); import diffusers_flat.plots;print(matplotlib.get_backend())",
+            "import matplotlib; matplotlib.use('svg'); import diffusers_flat.evaluation.plots; "
+            "print(matplotlib.get_backend())",
         ],
         timeout=300,
     )

@@ -13,7 +13,7 @@ from datasets import Dataset
 from datasets import Image as ImageFeature
 from safetensors.torch import load_file
 
-from diffusers_flat.models import build_unet
+from diffusers_flat.training.models import build_unet
 
 # SPEC section 7, written out: what every recipe must resolve to.
 COMMON = {

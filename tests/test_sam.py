@@ -9,8 +9,8 @@ from conftest import MICRO_UNET
 from diffusers import DDPMScheduler, UNet2DModel
 from torch.func import functional_call
 
-from diffusers_flat.sam import SAM
-from diffusers_flat.training import MicroBatch, draw_step_noise, train_step
+from diffusers_flat.methods.sam import SAM
+from diffusers_flat.training.step import MicroBatch, draw_step_noise, train_step
 
 LR = 0.05
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from diffusers import DDPMScheduler
 
-from diffusers_flat.sampling import image_grid
+from diffusers_flat.utils.sampling import image_grid
 
 
 def test_grid_places_each_image_enlarged_with_padding():

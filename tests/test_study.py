@@ -16,9 +16,9 @@ import run_study
 from conftest import MICRO_UNET, REPO, TREE_MARKER, kill_tree, run_cli, run_command
 from test_evaluate_cli import PooledPixels
 
-from diffusers_flat.claims import DOES_NOT_HOLD, HOLDS, INCONCLUSIVE, paired_interval, verdict
-from diffusers_flat.cli import UsageError
-from diffusers_flat.study import Study, Tuning, Work, shard_of
+from diffusers_flat.studies.claims import DOES_NOT_HOLD, HOLDS, INCONCLUSIVE, paired_interval, verdict
+from diffusers_flat.studies.config import Study, Tuning, Work, shard_of
+from diffusers_flat.utils.cli import UsageError
 
 T_975_2 = 4.302652729911275  # Student's t, 97.5% quantile, 2 degrees of freedom (from a table)
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from diffusers_flat.timestep_sampler import LossSecondMomentSampler, importance_weights
-from diffusers_flat.training import draw_step_noise
+from diffusers_flat.methods.timestep_sampler import LossSecondMomentSampler, importance_weights
+from diffusers_flat.training.step import draw_step_noise
 
 
 def test_uniform_until_every_timestep_has_its_history():

@@ -4,8 +4,8 @@ exposure bias, memorization and FID under weight quantization, per model and sid
     python training_scripts/evaluate_flat.py --model_path ddpm-flat-digits [more dirs] --output_dir eval [--quantize 8]
     accelerate launch --num_processes 8 training_scripts/evaluate_flat.py --model_path ...  # 8 GPUs share the sampling
 
-The measurements are `diffusers_flat.evaluation`; this script reads the run directories, writes the reports and
-plots, and publishes each model's evaluation into its run directory (`evaluation/`) and refreshes its model card.
+The measurements are `diffusers_flat.evaluation.evaluate`; this script reads the run directories, writes the reports
+and plots, and publishes each model's evaluation into its run directory (`evaluation/`) and refreshes its model card.
 """
 
 from __future__ import annotations
@@ -19,10 +19,8 @@ import torch
 from accelerate import PartialState
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from diffusers_flat.cli import OneLineArgumentParser, UsageError, run_main, share_cpu_threads
-from diffusers_flat.empirical_score import EmpiricalDenoiser
 from diffusers_flat.errors import FlatError
-from diffusers_flat.evaluation import (
+from diffusers_flat.evaluation.evaluate import (
     DEFAULT_METRICS,
     METRICS,
     Evaluation,
@@ -34,20 +32,22 @@ from diffusers_flat.evaluation import (
     resolve_device,
     set_fid_reference,
 )
-from diffusers_flat.fid import FID, FID_DTYPES, InceptionFeatures
-from diffusers_flat.model_card import write_model_card
-from diffusers_flat.pfd import check_steps
-from diffusers_flat.plots import (
+from diffusers_flat.evaluation.plots import (
     plot_exposure_bias,
     plot_fid_vs_bits,
     plot_loss_surfaces,
     plot_nearest_neighbours,
     plot_perturbation_curves,
 )
+from diffusers_flat.evaluation.tables import quantization_table, results_table
+from diffusers_flat.hub.model_card import write_model_card
+from diffusers_flat.metrics.empirical_score import EmpiricalDenoiser
+from diffusers_flat.metrics.fid import FID, FID_DTYPES, InceptionFeatures
+from diffusers_flat.metrics.pfd import check_steps
 from diffusers_flat.run_directory import VARIANTS, RunDirectory, write_atomically, write_json
-from diffusers_flat.sampling import image_grid
-from diffusers_flat.tables import quantization_table, results_table
-from diffusers_flat.training import leave_without_teardown
+from diffusers_flat.training.step import leave_without_teardown
+from diffusers_flat.utils.cli import OneLineArgumentParser, UsageError, run_main, share_cpu_threads
+from diffusers_flat.utils.sampling import image_grid
 
 logger = logging.getLogger("evaluate_flat")
 DEFAULTS = EvaluationSettings()
@@ -230,9 +230,8 @@ def main(args: argparse.Namespace) -> None:
         out.mkdir(parents=True, exist_ok=True)
     fid = None
     if "fid" in settings.metrics:
-        batch_size = args.fid_batch_size or (200 if device.type == "cuda" else 32)
         features = InceptionFeatures(dtype=args.fid_dtype)
-        fid = FID(features, batch_size=batch_size, device=device, show_progress=main_process)
+        fid = FID(features, batch_size=args.fid_batch_size, device=device, show_progress=main_process)
     overrides = {
         k: getattr(args, k) for k in ("dataset_name", "dataset_config_name", "train_data_dir", "image_column")
     }

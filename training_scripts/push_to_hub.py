@@ -12,8 +12,8 @@ import argparse
 
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-from diffusers_flat.cli import OneLineArgumentParser, run_main
-from diffusers_flat.hub import push_to_hub
+from diffusers_flat.hub.push import push_to_hub
+from diffusers_flat.utils.cli import OneLineArgumentParser, run_main
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -31,23 +31,23 @@ import train_flat_ddpm
 from diffusers import DDPMPipeline
 from tqdm.auto import tqdm
 
-from diffusers_flat.cli import OneLineArgumentParser, UsageError, flag_message, run_main
-from diffusers_flat.data import load_image_dataset, subset_indices
-from diffusers_flat.empirical_score import EmpiricalDenoiser
 from diffusers_flat.errors import FlatError
-from diffusers_flat.evaluation import (
+from diffusers_flat.evaluation.evaluate import (
     EvaluationSettings,
     evaluation_work,
     load_real_images,
     resolve_device,
     set_fid_reference,
 )
-from diffusers_flat.evaluation import evaluate as evaluate_model
-from diffusers_flat.fid import FID, InceptionFeatures
-from diffusers_flat.generalization_report import write_generalization_report
+from diffusers_flat.evaluation.evaluate import evaluate as evaluate_model
+from diffusers_flat.metrics.empirical_score import EmpiricalDenoiser
+from diffusers_flat.metrics.fid import FID, InceptionFeatures
 from diffusers_flat.run_directory import RunDirectory, write_json
-from diffusers_flat.study import Run, Study, Work, parse_shard, row_name, shard_of
-from diffusers_flat.study_report import Results, write_report
+from diffusers_flat.studies.config import Run, Study, Work, parse_shard, row_name, shard_of
+from diffusers_flat.studies.generalization_report import write_generalization_report
+from diffusers_flat.studies.report import Results, write_report
+from diffusers_flat.training.data import load_image_dataset, subset_indices
+from diffusers_flat.utils.cli import OneLineArgumentParser, UsageError, flag_message, run_main
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train_flat_ddpm.py"
 
@@ -273,7 +273,7 @@ def evaluate_empirical(study: Study, out: Path) -> None:
     real = load_real_images(source, unet.sample_size, unet.in_channels)
     fid = None
     if "fid" in settings.metrics:
-        fid = FID(InceptionFeatures(), batch_size=200 if device.type == "cuda" else 32, device=device)
+        fid = FID(InceptionFeatures(), device=device)
         set_fid_reference(fid, real, settings, out / "fid_cache")
     images = real.training_images().tensors
     for temperature, unconditional in todo:

@@ -30,25 +30,23 @@ from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from tqdm.auto import tqdm
 
 from diffusers_flat import __version__
-from diffusers_flat.averaging import averaged_unet, make_ema, make_swa, resolve_swa_start, swa_due
-from diffusers_flat.checkpointing import read_training_state, save_checkpoint, save_pipeline
-from diffusers_flat.cli import OneLineArgumentParser, UsageError, run_main, share_cpu_threads
-from diffusers_flat.data import (
+from diffusers_flat.errors import FlatError
+from diffusers_flat.hub.model_card import write_model_card
+from diffusers_flat.hub.push import push_to_hub
+from diffusers_flat.methods.averaging import averaged_unet, make_ema, make_swa, resolve_swa_start, swa_due
+from diffusers_flat.methods.sam import SAM, check_rho
+from diffusers_flat.methods.timestep_sampler import TIMESTEP_SAMPLERS, LossSecondMomentSampler, importance_weights
+from diffusers_flat.run_directory import RunDirectory, remove_entry
+from diffusers_flat.training.checkpointing import read_training_state, save_checkpoint, save_pipeline
+from diffusers_flat.training.data import (
     ImageTransform,
     StepBatchSampler,
     TrainingImages,
     load_image_dataset,
     subset_indices,
 )
-from diffusers_flat.errors import FlatError
-from diffusers_flat.hub import push_to_hub
-from diffusers_flat.model_card import write_model_card
-from diffusers_flat.models import PRESETS, build_unet, make_noise_unconditional
-from diffusers_flat.run_directory import RunDirectory, remove_entry
-from diffusers_flat.sam import SAM, check_rho
-from diffusers_flat.sampling import image_grid, sample_images
-from diffusers_flat.timestep_sampler import TIMESTEP_SAMPLERS, LossSecondMomentSampler, importance_weights
-from diffusers_flat.training import (
+from diffusers_flat.training.models import PRESETS, build_unet, make_noise_unconditional
+from diffusers_flat.training.step import (
     SAM_ASCENT_MODES,
     MicroBatch,
     draw_step_noise,
@@ -56,6 +54,8 @@ from diffusers_flat.training import (
     seed_dropout,
     train_step,
 )
+from diffusers_flat.utils.cli import OneLineArgumentParser, UsageError, run_main, share_cpu_threads
+from diffusers_flat.utils.sampling import image_grid, sample_images
 
 logger = get_logger(__name__, log_level="INFO")
 

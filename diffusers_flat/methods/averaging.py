@@ -9,7 +9,7 @@ from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 from torch.optim.swa_utils import AveragedModel
 
-from .errors import FlatError
+from diffusers_flat.errors import FlatError
 
 
 def resolve_swa_start(swa_start: float, max_train_steps: int) -> int:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from diffusers import UNet2DModel
 
-from .errors import FlatError
+from diffusers_flat.errors import FlatError
 
 # Each preset is a plain UNet2DModel config; `sample_size`, `in_channels` and `out_channels` come from the data.
 PRESETS: dict[str, dict[str, Any]] = {

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .errors import FlatError
-from .run_directory import RunDirectory, TrainingRecord, write_atomically
-from .tables import quantization_table, results_table
+from diffusers_flat.errors import FlatError
+from diffusers_flat.evaluation.tables import quantization_table, results_table
+from diffusers_flat.run_directory import RunDirectory, TrainingRecord, write_atomically
 
 TASK = "unconditional-image-generation"
 LABELS = {"raw": "", "ema": "EMA", "swa": "SWA"}

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .errors import FlatError
+from diffusers_flat.errors import FlatError
 
 
 def check_rho(rho: float) -> None:

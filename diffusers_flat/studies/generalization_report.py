@@ -9,10 +9,10 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from .claims import paired_interval, verdict
-from .plots import plot_generalization, plot_temperature_sweep
-from .run_directory import write_atomically, write_json
-from .study_report import mean_std
+from diffusers_flat.evaluation.plots import plot_generalization, plot_temperature_sweep
+from diffusers_flat.run_directory import write_atomically, write_json
+from diffusers_flat.studies.claims import paired_interval, verdict
+from diffusers_flat.studies.report import mean_std
 
 # row -> training-set size -> seed -> evaluation result (E_mem in "pfd", E_gen in "pfd_teacher")
 Students = dict[str, dict[int, dict[int, dict]]]

@@ -8,9 +8,9 @@ import os
 
 from huggingface_hub import CommitOperationAdd, HfApi
 
-from .errors import FlatError
-from .model_card import write_model_card
-from .run_directory import RunDirectory
+from diffusers_flat.errors import FlatError
+from diffusers_flat.hub.model_card import write_model_card
+from diffusers_flat.run_directory import RunDirectory
 
 
 class HubError(FlatError):

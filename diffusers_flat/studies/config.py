@@ -38,7 +38,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import FlatError
+from diffusers_flat.errors import FlatError
 
 METHODS = ("ADM", "IP", "SAM")
 VARIANT_ROWS = {"raw": "", "ema": "+EMA", "swa": "+SWA"}

@@ -24,7 +24,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
-from .errors import FlatError
+from diffusers_flat.errors import FlatError
 
 
 def check_temperature(temperature: float) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import FlatError
+from diffusers_flat.errors import FlatError
 
 
 class UsageError(FlatError):

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .claims import CLAIMS, lpf, paired_interval, perturbation_slope, sharpness_excess, verdict
-from .plots import plot_bands
-from .run_directory import write_atomically, write_json
+from diffusers_flat.evaluation.plots import plot_bands
+from diffusers_flat.run_directory import write_atomically, write_json
+from diffusers_flat.studies.claims import CLAIMS, lpf, paired_interval, perturbation_slope, sharpness_excess, verdict
 
 # row -> seed -> the evaluation result of that row's pipeline at that seed
 Results = dict[str, dict[int, dict]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMScheduler
 
-from .errors import FlatError
+from diffusers_flat.errors import FlatError
 
 
 def noisy_input_and_target(

@@ -19,8 +19,8 @@ import torch
 from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
-from .input_perturbation import noisy_input_and_target
-from .learned_variance import predicted_mean_part
+from diffusers_flat.methods.input_perturbation import noisy_input_and_target
+from diffusers_flat.methods.learned_variance import predicted_mean_part
 
 LossFn = Callable[[torch.nn.Module], float]
 

@@ -20,7 +20,8 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, load_dataset, l
 from datasets import Image as ImageFeature
 from PIL import Image
 
-from .errors import FlatError
+from diffusers_flat.errors import FlatError
+from diffusers_flat.utils.seeding import augmentation_rng, data_order_rng
 
 logger = logging.getLogger(__name__)
 
@@ -268,13 +269,13 @@ class StepBatchSampler(torch.utils.data.Sampler):
 
     @lru_cache(maxsize=4)  # noqa: B019 - a handful of permutations of one sampler, freed with it
     def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return data_order_rng(self.seed, epoch).permutation(self.n)
 
     def step_keys(self, step: int) -> list[tuple[int, int]]:
         """All `(index, augmentation_seed)` keys of step `step`, in global order."""
         positions = np.arange(step * self.samples_per_step, (step + 1) * self.samples_per_step)
         indices = [int(self._permutation(int(p // self.n))[p % self.n]) for p in positions]
-        aug_seeds = np.random.default_rng([self.seed, step, 1]).integers(0, 2**32, len(indices))
+        aug_seeds = augmentation_rng(self.seed, step).integers(0, 2**32, len(indices))
         return list(zip(indices, aug_seeds.tolist()))
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:

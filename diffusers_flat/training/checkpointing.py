@@ -11,7 +11,7 @@ from typing import Any
 from accelerate import Accelerator
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from .run_directory import CHECKPOINT_STATE, RunDirectory, remove_entry, write_atomically, write_json
+from diffusers_flat.run_directory import CHECKPOINT_STATE, RunDirectory, remove_entry, write_atomically, write_json
 
 
 def read_training_state(checkpoint: Path) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import TypedDict
 import numpy as np
 from scipy import stats
 
-from .errors import FlatError
+from diffusers_flat.errors import FlatError
 
 HOLDS, DOES_NOT_HOLD, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
 

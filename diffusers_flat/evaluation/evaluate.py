@@ -22,12 +22,11 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from diffusers import DDPMScheduler
 
-from .data import ImageTransform, load_image_dataset, open_image, subset_indices
-from .empirical_score import EmpiricalDenoiser
-from .errors import FlatError
-from .exposure_bias import ExposureBiasResult, exposure_bias
-from .fid import FID, KIDResult, check_count, real_statistics_cached
-from .flatness import (
+from diffusers_flat.errors import FlatError
+from diffusers_flat.metrics.empirical_score import EmpiricalDenoiser
+from diffusers_flat.metrics.exposure_bias import ExposureBiasResult, exposure_bias
+from diffusers_flat.metrics.fid import FID, KIDResult, check_count, real_statistics_cached
+from diffusers_flat.metrics.flatness import (
     DiffusionLoss,
     LossSurface,
     LPFResult,
@@ -36,11 +35,12 @@ from .flatness import (
     loss_under_perturbation,
     lpf_flatness,
 )
-from .memorization import MemorizationResult, memorization_ratio
-from .pfd import DESCRIPTORS, SOLVERS, PFDResult, pfd
-from .quantization import check_bits, check_granularity, quantize_weights_
-from .run_directory import DataSource
-from .sampling import sample_images
+from diffusers_flat.metrics.memorization import MemorizationResult, memorization_ratio
+from diffusers_flat.metrics.pfd import DESCRIPTORS, SOLVERS, PFDResult, pfd
+from diffusers_flat.quantization import check_bits, check_granularity, quantize_weights_
+from diffusers_flat.run_directory import DataSource
+from diffusers_flat.training.data import ImageTransform, load_image_dataset, open_image, subset_indices
+from diffusers_flat.utils.sampling import sample_images
 
 METRICS = ("fid", "lpf", "perturbation", "surface", "exposure_bias", "memorization", "pfd")
 DEFAULT_METRICS = METRICS[:-1]  # PFD needs a reference model: asked for by name

@@ -19,9 +19,9 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 
-from .errors import FlatError
-from .fid import InceptionFeatures
-from .sampling import derived_seed
+from diffusers_flat.errors import FlatError
+from diffusers_flat.metrics.fid import InceptionFeatures
+from diffusers_flat.utils.seeding import sampling_generator
 
 SOLVERS = ("ddim", "dpm-solver++")
 DESCRIPTORS = ("pixels", "inception")
@@ -70,10 +70,7 @@ def starting_noise(shape: tuple[int, ...], first: int, count: int, seed: int) ->
     """The noises z of indices first, ..., first + count - 1: each from a generator of its own seeded from (seed, i),
     as `sample_images` draws x_T, so every model and batch size sees the same z."""
     return torch.cat(
-        [
-            torch.randn((1, *shape), generator=torch.Generator().manual_seed(derived_seed(seed, i)))
-            for i in range(first, first + count)
-        ]
+        [torch.randn((1, *shape), generator=sampling_generator(seed, i)) for i in range(first, first + count)]
     )
 
 

@@ -8,7 +8,7 @@ from typing import TypedDict
 import numpy as np
 import torch
 
-from .errors import FlatError
+from diffusers_flat.errors import FlatError
 
 
 def nearest_training_images(

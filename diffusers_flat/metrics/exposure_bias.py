@@ -10,8 +10,8 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
-from .errors import FlatError
-from .learned_variance import predicted_mean_part
+from diffusers_flat.errors import FlatError
+from diffusers_flat.methods.learned_variance import predicted_mean_part
 
 
 class ExposureBiasResult(TypedDict):

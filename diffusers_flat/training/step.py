@@ -16,11 +16,11 @@ import torch
 from accelerate import Accelerator, PartialState
 from diffusers import DDPMScheduler
 
-from .errors import FlatError
-from .input_perturbation import noisy_input_and_target
-from .learned_variance import hybrid_loss
-from .sam import SAM
-from .sampling import derived_seed
+from diffusers_flat.errors import FlatError
+from diffusers_flat.methods.input_perturbation import noisy_input_and_target
+from diffusers_flat.methods.learned_variance import hybrid_loss
+from diffusers_flat.methods.sam import SAM
+from diffusers_flat.utils.seeding import dropout_seed, step_noise_generator
 
 SAM_ASCENT_MODES = ("global", "local")
 
@@ -59,7 +59,7 @@ def draw_step_noise(
     """The noise, timesteps and (for IP, `input_perturbation` = gamma > 0) the input perturbation gamma * xi of every
     sample of a global step, a pure function of `(seed, step)` and the `timestep_probabilities` (uniform when None).
     Each rank slices its own rows, the same way `StepBatchSampler` slices the images."""
-    generator = torch.Generator().manual_seed(derived_seed(seed, step, 2))
+    generator = step_noise_generator(seed, step)
     noise = torch.randn((num_samples, *sample_shape), generator=generator)
     if timestep_probabilities is None:
         timesteps = torch.randint(0, num_train_timesteps, (num_samples,), generator=generator)
@@ -75,7 +75,7 @@ def seed_dropout(seed: int, step: int, rank: int) -> None:
     """Seed torch's global generators, which dropout draws from, as a pure function of `(seed, step, rank)`: a resumed
     run then draws the masks a straight one would, whatever else used the generators in between (a DataLoader
     iterator, for one, draws its base seed from them)."""
-    torch.manual_seed(derived_seed(seed, step, 3, rank))
+    torch.manual_seed(dropout_seed(seed, step, rank))
 
 
 def diffusion_loss(model: torch.nn.Module, scheduler: DDPMScheduler, batch: MicroBatch) -> torch.Tensor:

@@ -9,6 +9,8 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
 
+from diffusers_flat.utils.seeding import sampling_generator
+
 
 @torch.no_grad()
 def sample_images(
@@ -37,19 +39,13 @@ def sample_images(
     for start in range(first_index, first_index + num_images, batch_size):
         indices = range(start, min(start + batch_size, first_index + num_images))
         # diffusers draws sample k of the batch from generators[k], for x_T and for every step's noise
-        generators = [torch.Generator().manual_seed(derived_seed(seed, i)) for i in indices]
+        generators = [sampling_generator(seed, i) for i in indices]
         output = pipeline(
             batch_size=len(indices), generator=generators, num_inference_steps=num_inference_steps, output_type="np"
         )
         batches.append(np.round(output.images * 255).astype(np.uint8))
     unet.train(was_training)
     return np.concatenate(batches)
-
-
-def derived_seed(*keys: int) -> int:
-    """A seed that is a pure function of `keys` (numpy's SeedSequence): image i of the stream `seed` defines is
-    `derived_seed(seed, i)`; training derives its per-step seeds the same way."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
 
 def image_grid(images: np.ndarray, min_cell: int = 64, padding: int = 2) -> Image.Image:

@@ -1,0 +1,1 @@
+"""Evaluating one run: the metrics it names, its report, tables and plots."""

@@ -1,0 +1,1 @@
+"""The Hub: model cards and pushing a run."""

@@ -1,0 +1,1 @@
+"""The training step, the data it reads, the UNet it trains and the checkpoints it writes."""

@@ -1,0 +1,1 @@
+"""Helpers shared by every layer: command-line plumbing, sampling, seed streams."""
