@@ -17,7 +17,8 @@ import torch
 from diffusers import DDPMPipeline
 from evaluation import synchronize  # benchmarks/evaluation.py
 
-from diffusers_flat.evaluation.evaluate import load_real_images, resolve_device
+from diffusers_flat.evaluation.evaluate import resolve_device
+from diffusers_flat.evaluation.real_images import load_real_images
 from diffusers_flat.metrics.empirical_score import EmpiricalDenoiser
 from diffusers_flat.metrics.pfd import pfd
 from diffusers_flat.run_directory import RunDirectory

@@ -20,18 +20,7 @@ from accelerate import PartialState
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from diffusers_flat.errors import FlatError
-from diffusers_flat.evaluation.evaluate import (
-    DEFAULT_METRICS,
-    METRICS,
-    Evaluation,
-    EvaluationResult,
-    EvaluationSettings,
-    RealImages,
-    evaluate,
-    load_real_images,
-    resolve_device,
-    set_fid_reference,
-)
+from diffusers_flat.evaluation.evaluate import evaluate, resolve_device, set_fid_reference
 from diffusers_flat.evaluation.plots import (
     plot_exposure_bias,
     plot_fid_vs_bits,
@@ -39,6 +28,9 @@ from diffusers_flat.evaluation.plots import (
     plot_nearest_neighbours,
     plot_perturbation_curves,
 )
+from diffusers_flat.evaluation.real_images import RealImages, load_real_images
+from diffusers_flat.evaluation.registry import METRICS, Evaluation, EvaluationResult
+from diffusers_flat.evaluation.settings import DEFAULT_METRICS, EvaluationSettings
 from diffusers_flat.evaluation.tables import quantization_table, results_table
 from diffusers_flat.hub.model_card import write_model_card
 from diffusers_flat.metrics.empirical_score import EmpiricalDenoiser

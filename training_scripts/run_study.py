@@ -32,14 +32,10 @@ from diffusers import DDPMPipeline
 from tqdm.auto import tqdm
 
 from diffusers_flat.errors import FlatError
-from diffusers_flat.evaluation.evaluate import (
-    EvaluationSettings,
-    evaluation_work,
-    load_real_images,
-    resolve_device,
-    set_fid_reference,
-)
 from diffusers_flat.evaluation.evaluate import evaluate as evaluate_model
+from diffusers_flat.evaluation.evaluate import resolve_device, set_fid_reference
+from diffusers_flat.evaluation.real_images import load_real_images
+from diffusers_flat.evaluation.settings import EvaluationSettings, evaluation_work
 from diffusers_flat.metrics.empirical_score import EmpiricalDenoiser
 from diffusers_flat.metrics.fid import FID, InceptionFeatures
 from diffusers_flat.run_directory import RunDirectory, write_json

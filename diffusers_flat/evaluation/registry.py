@@ -1,0 +1,216 @@
+"""The metrics `evaluate` knows, in one table: name -> the function that measures it from a `MetricInputs`, and the
+one definition of the results JSON (`EvaluationResult`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, TypedDict
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler
+
+from diffusers_flat.errors import FlatError
+from diffusers_flat.evaluation.real_images import RealImages
+from diffusers_flat.metrics.empirical_score import EmpiricalDenoiser
+from diffusers_flat.metrics.exposure_bias import ExposureBiasResult, exposure_bias
+from diffusers_flat.metrics.fid import FID, KIDResult
+from diffusers_flat.metrics.flatness import (
+    DiffusionLoss,
+    LossSurface,
+    LPFResult,
+    PerturbationCurve,
+    loss_surface,
+    loss_under_perturbation,
+    lpf_flatness,
+)
+from diffusers_flat.metrics.memorization import MemorizationResult, memorization_ratio
+from diffusers_flat.metrics.pfd import PFDResult, pfd
+
+if TYPE_CHECKING:  # the settings check their metrics against this table
+    from diffusers_flat.evaluation.settings import EvaluationSettings
+
+
+class QuantizationResult(TypedDict):
+    """Robustness to b-bit weights, measured three ways, all paired with the fp32 model (same sampling noise, same
+    (x0, t, eps) triples)."""
+
+    granularity: str
+    fid: dict[str, dict[str, float]]  # bits -> T' -> FID
+    kid: dict[str, dict[str, KIDResult]]  # bits -> T' -> KID
+    loss_increase: dict[str, float]  # bits -> L(quantized w) - L(w), the fixed diffusion loss
+    pixel_displacement: dict[str, dict[str, float]]  # bits -> T' -> mean |quantized - fp32 sample| (0-255)
+
+
+class EvaluationResult(TypedDict, total=False):
+    """What `evaluate` measured, keyed as in `eval_results.json`; a metric that was not asked for is absent.
+    FID columns and quantization bits are string keys (JSON object keys)."""
+
+    model: str  # set by the caller: the name the model is reported under
+    path: str  # set by the caller: where the model was loaded from
+    variant: str  # set by the caller: raw, ema or swa
+    fid: dict[str, float]  # T' -> FID
+    kid: dict[str, KIDResult]  # T' -> KID, on the same features
+    fid_num_generated: int
+    fid_num_real: int
+    sampling_seconds: dict[str, float]  # T' -> wall time of sampling
+    quantization: QuantizationResult
+    loss: float  # the fixed diffusion loss L(w)
+    lpf: LPFResult
+    perturbation: PerturbationCurve
+    surface: LossSurface
+    exposure_bias: ExposureBiasResult
+    memorization: MemorizationResult
+    pfd: PFDResult  # against pfd_reference
+    pfd_reference: str  # a pipeline directory or "empirical"
+
+
+@dataclass
+class Evaluation:
+    """An `EvaluationResult` and the images behind it, for the caller's grids and plots."""
+
+    result: EvaluationResult
+    samples: dict[int, np.ndarray] = field(default_factory=dict)  # T' -> generated uint8 NHWC
+    quantized_samples: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)  # (bits, T') -> images
+    nearest: list[int] = field(default_factory=list)  # memorization: each sample's nearest real image
+
+
+@dataclass
+class MetricInputs:
+    """What a metric reads: the model and its scheduler, the data, the settings, the samples drawn for FID and
+    memorization, and the result it writes into (`evaluation.result`).
+
+    Args:
+        model: the model under evaluation (eval mode).
+        scheduler: its DDPMScheduler.
+        real: all the real images; the losses, exposure bias and memorization use `real.training_images()`.
+        settings: what to measure (`EvaluationSettings`).
+        evaluation: the samples (T' -> uint8 NHWC) and the result being filled.
+        fid: the FID with its real statistics set, for the fid metric.
+        features: (bits, T') -> InceptionV3 features of the samples; bits 32: unquantized.
+        quantized: bits -> the model with quantized weights.
+        reference: the pfd metric's reference model, when the caller gives one.
+    """
+
+    model: torch.nn.Module
+    scheduler: DDPMScheduler
+    real: RealImages
+    settings: EvaluationSettings
+    evaluation: Evaluation
+    fid: FID | None = None
+    features: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    quantized: dict[int, torch.nn.Module] = field(default_factory=dict)
+    reference: torch.nn.Module | None = None
+
+    @cached_property
+    def training(self) -> RealImages:
+        return self.real.training_images()
+
+    @cached_property
+    def loss(self) -> DiffusionLoss:
+        """The fixed diffusion loss: the same (x0, t, eps) triples for every model and perturbation."""
+        s = self.settings
+        triples = self.training.tensor_subset(min(s.loss_samples, len(self.training.tensors)), s.seed)
+        return DiffusionLoss(self.scheduler, triples, seed=s.seed, batch_size=s.batch_size)
+
+    @cached_property
+    def fp32_loss(self) -> float:
+        """L(w) of the unquantized, unperturbed model."""
+        return self.loss(self.model)
+
+
+def measure_fid(m: MetricInputs) -> None:
+    """FID and KID of each T' column, on the same features."""
+    scores = {str(t): m.fid.scores_of_features(m.features[32, t], m.settings.seed) for t in m.evaluation.samples}
+    m.evaluation.result["fid"] = {t: score["fid"] for t, score in scores.items()}
+    m.evaluation.result["kid"] = {t: score["kid"] for t, score in scores.items()}
+    m.evaluation.result["fid_num_generated"] = m.settings.num_samples
+    m.evaluation.result["fid_num_real"] = m.fid.num_real
+
+
+def measure_quantization(m: MetricInputs) -> None:
+    """Each bit width against fp32, paired: FID/KID, the fixed loss's increase, the samples' pixel displacement."""
+    s, samples = m.settings, m.evaluation.samples
+    q = m.evaluation.result["quantization"] = {"granularity": s.quantize_granularity, "fid": {}, "kid": {}}
+    q.update(loss_increase={}, pixel_displacement={})
+    for bits in s.quantize:
+        fids, kids, moved = {}, {}, {}
+        q["fid"][str(bits)], q["kid"][str(bits)], q["pixel_displacement"][str(bits)] = fids, kids, moved
+        q["loss_increase"][str(bits)] = m.loss(m.quantized[bits]) - m.fp32_loss
+        for steps in s.quantize_inference_steps or s.inference_steps:
+            score = m.fid.scores_of_features(m.features[bits, steps], s.seed)
+            fids[str(steps)], kids[str(steps)] = score["fid"], score["kid"]
+            a, b = samples[steps], m.evaluation.quantized_samples[bits, steps]
+            moved[str(steps)] = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).mean())
+
+
+def measure_lpf(m: MetricInputs) -> None:
+    s = m.settings
+    m.evaluation.result["loss"] = m.fp32_loss
+    m.evaluation.result["lpf"] = lpf_flatness(m.model, m.loss, sigma=s.lpf_sigma, num_draws=s.lpf_draws, seed=s.seed)
+
+
+def measure_perturbation(m: MetricInputs) -> None:
+    s = m.settings
+    m.evaluation.result["loss"] = m.fp32_loss
+    m.evaluation.result["perturbation"] = loss_under_perturbation(
+        m.model, m.loss, list(s.gammas), s.directions, s.seed
+    )
+
+
+def measure_surface(m: MetricInputs) -> None:
+    s = m.settings
+    m.evaluation.result["loss"] = m.fp32_loss
+    m.evaluation.result["surface"] = loss_surface(m.model, m.loss, s.surface_extent, s.surface_resolution, s.seed)
+
+
+def measure_exposure_bias(m: MetricInputs) -> None:
+    s = m.settings
+    images = m.training.tensor_subset(min(s.exposure_samples, len(m.training.tensors)), s.seed)
+    m.evaluation.result["exposure_bias"] = exposure_bias(
+        m.model, m.scheduler, images, max(s.inference_steps), seed=s.seed, batch_size=s.batch_size
+    )
+
+
+def measure_memorization(m: MetricInputs) -> None:
+    samples = m.evaluation.samples
+    memo = memorization_ratio(samples[max(samples)], m.training.uint8)
+    m.evaluation.nearest = memo["nearest"]
+    m.evaluation.result["memorization"] = {k: memo[k] for k in MemorizationResult.__annotations__}
+
+
+def measure_pfd(m: MetricInputs) -> None:
+    s, reference = m.settings, m.reference
+    if s.pfd_reference == "empirical" and reference is None:  # E_mem: the training set's own denoiser at T = 1
+        reference = EmpiricalDenoiser.from_training_set(m.training.tensors, m.scheduler).to(m.model.device)
+    elif reference is None:
+        raise FlatError(f"reference: pass the model of pfd_reference {s.pfd_reference}", "reference")
+    inception = m.fid.features if s.pfd_descriptor == "inception" else None
+    m.evaluation.result["pfd"] = pfd(
+        m.model,
+        reference,
+        m.scheduler.config,
+        s.pfd_noises,
+        s.pfd_steps,
+        s.pfd_solver,
+        s.pfd_descriptor,
+        s.seed,
+        s.batch_size,
+        inception,
+    )
+    m.evaluation.result["pfd_reference"] = s.pfd_reference
+
+
+# name -> what measures it. Adding a metric is one entry here (and its fields in EvaluationSettings/EvaluationResult).
+METRICS: dict[str, Callable[[MetricInputs], None]] = {
+    "fid": measure_fid,
+    "lpf": measure_lpf,
+    "perturbation": measure_perturbation,
+    "surface": measure_surface,
+    "exposure_bias": measure_exposure_bias,
+    "memorization": measure_memorization,
+    "pfd": measure_pfd,
+}

@@ -1,0 +1,149 @@
+"""What an evaluation measures and how much of it: `EvaluationSettings`, checked when made, and what it costs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from diffusers_flat.errors import FlatError
+from diffusers_flat.evaluation.registry import METRICS
+from diffusers_flat.metrics.fid import check_count
+from diffusers_flat.metrics.pfd import DESCRIPTORS, SOLVERS
+from diffusers_flat.quantization import check_bits, check_granularity
+
+DEFAULT_METRICS = tuple(name for name in METRICS if name != "pfd")  # PFD needs a reference model: asked for by name
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """What to measure and how much of it. Every field is checked when the settings are made.
+
+    Args:
+        metrics: any of METRICS (default: all but pfd).
+        inference_steps: the respaced sampling steps T' of the FID columns (the paper: 20 and 100).
+        num_samples: generated images per FID column (the paper: 50,000).
+        num_real: at most this many real images for FID.
+        quantize: also FID with weights quantized to these bits (2-8; the paper's Table 4: 8).
+        quantize_granularity: per_tensor (the paper) or per_channel scales.
+        quantize_inference_steps: the FID columns T' also sampled with quantized weights (empty: every column).
+        seed: seeds the sampling noise, the real subsets, the (x0, t, eps) triples and the weight noise.
+        batch_size: images per UNet batch.
+        loss_samples: (x0, t, eps) triples of the fixed diffusion loss.
+        lpf_sigma: LPF's noise scale sigma.
+        lpf_draws: LPF's Monte Carlo draws K.
+        gammas: radii of the loss-under-perturbation curve.
+        directions: random directions the curve averages over.
+        surface_extent: the loss surface spans [-extent, extent] along each direction.
+        surface_resolution: points per axis of the loss surface.
+        exposure_samples: sampling chains (and real images) of the exposure-bias measurement.
+        pfd_reference: the pfd metric's reference: a pipeline directory, or "empirical" (the training set's
+            empirical denoiser, E_mem).
+        pfd_noises: the shared starting noises of PFD.
+        pfd_steps: the PF-ODE solver's steps.
+        pfd_solver: "ddim" (eta = 0) or "dpm-solver++".
+        pfd_descriptor: "pixels" or "inception" (with the fid metric, which brings InceptionV3).
+
+    Example:
+        >>> EvaluationSettings(metrics=("lpf",), lpf_draws=5).lpf_draws
+        5
+    """
+
+    metrics: tuple[str, ...] = DEFAULT_METRICS
+    inference_steps: tuple[int, ...] = (20, 100)
+    num_samples: int = 1000
+    num_real: int = 1000
+    quantize: tuple[int, ...] = ()
+    quantize_granularity: str = "per_tensor"
+    quantize_inference_steps: tuple[int, ...] = ()
+    seed: int = 0
+    batch_size: int = 250
+    loss_samples: int = 256
+    lpf_sigma: float = 0.01
+    lpf_draws: int = 100
+    gammas: tuple[float, ...] = (0, 10, 20, 30, 40, 50)
+    directions: int = 3
+    surface_extent: float = 0.5
+    surface_resolution: int = 9
+    exposure_samples: int = 128
+    pfd_reference: str | None = None
+    pfd_noises: int = 1000
+    pfd_steps: int = 50
+    pfd_solver: str = "ddim"
+    pfd_descriptor: str = "pixels"
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown:
+            raise FlatError(f"metrics: unknown {', '.join(unknown)}; choose from {', '.join(METRICS)}", "metrics")
+        if "fid" in self.metrics:
+            check_count(self.num_samples, "num_samples")
+        if not self.inference_steps or any(s < 1 for s in self.inference_steps):
+            raise FlatError(f"inference_steps must be >= 1, got {list(self.inference_steps)}", "inference_steps")
+        for bits in self.quantize:
+            check_bits(bits)
+        if self.quantize and "fid" not in self.metrics:
+            raise FlatError("quantize reports FID before -> after quantization: add fid to metrics", "quantize")
+        check_granularity(self.quantize_granularity)
+        if "pfd" in self.metrics:
+            check_pfd_settings(self)
+        extra = [s for s in self.quantize_inference_steps if s not in self.inference_steps]
+        if extra:
+            raise FlatError(
+                f"quantize_inference_steps must be among inference_steps {list(self.inference_steps)}, got {extra}",
+                "quantize_inference_steps",
+            )
+        for name in (
+            "num_real",
+            "batch_size",
+            "loss_samples",
+            "lpf_draws",
+            "directions",
+            "surface_resolution",
+            "exposure_samples",
+        ):
+            if getattr(self, name) < 1:
+                raise FlatError(f"{name} must be >= 1, got {getattr(self, name)}", name)
+
+
+def evaluation_work(s: EvaluationSettings) -> tuple[int, int]:
+    """What `evaluate` costs for one model: (UNet image-forwards, InceptionV3 images). A sampling step of one image
+    is one forward, and so is one (x0, t, eps) term of the fixed loss; the real images' features are extra, once.
+
+    Example:
+        >>> evaluation_work(EvaluationSettings(metrics=("fid",), inference_steps=(20,), num_samples=100))
+        (2000, 100)
+    """
+    metrics = set(s.metrics)
+    columns = [(t, 1) for t in s.inference_steps] if "fid" in metrics else []
+    if "memorization" in metrics and not columns:
+        columns = [(max(s.inference_steps), 1)]  # samples without their features
+    columns += [(t, len(s.quantize)) for t in (s.quantize_inference_steps or s.inference_steps) if s.quantize]
+    forwards = s.num_samples * sum(t * copies for t, copies in columns)
+    images = s.num_samples * sum(copies for _, copies in columns) if "fid" in metrics else 0
+    flatness = metrics & {"lpf", "perturbation", "surface"}
+    losses = (1 + len(s.quantize) if s.quantize or flatness else 0) + s.lpf_draws * ("lpf" in metrics)
+    losses += len(s.gammas) * s.directions * ("perturbation" in metrics)
+    losses += s.surface_resolution**2 * ("surface" in metrics)
+    forwards += losses * s.loss_samples
+    if "exposure_bias" in metrics:  # each step: the chain's image and the freshly noised real one
+        forwards += 2 * s.exposure_samples * max(s.inference_steps)
+    if "pfd" in metrics:  # the model's and the reference's flow maps; an empirical reference costs more than a UNet
+        forwards += 2 * s.pfd_noises * s.pfd_steps
+        images += 2 * s.pfd_noises * (s.pfd_descriptor == "inception")
+    return forwards, images
+
+
+def check_pfd_settings(s: EvaluationSettings) -> None:
+    if not s.pfd_reference:
+        raise FlatError("pfd_reference: the pfd metric needs a pipeline directory or 'empirical'", "pfd_reference")
+    if s.pfd_solver not in SOLVERS:
+        raise FlatError(f"pfd_solver must be one of {', '.join(SOLVERS)}, got {s.pfd_solver!r}", "pfd_solver")
+    if s.pfd_descriptor not in DESCRIPTORS:
+        raise FlatError(
+            f"pfd_descriptor must be one of {', '.join(DESCRIPTORS)}, got {s.pfd_descriptor!r}", "pfd_descriptor"
+        )
+    if s.pfd_descriptor == "inception" and "fid" not in s.metrics:
+        raise FlatError("pfd_descriptor inception: add fid to metrics, which brings InceptionV3", "pfd_descriptor")
+    if s.pfd_noises < 2 or s.pfd_steps < 1:
+        raise FlatError(
+            f"pfd_noises must be >= 2 and pfd_steps >= 1, got {s.pfd_noises} and {s.pfd_steps}", "pfd_noises"
+        )
