@@ -11,6 +11,7 @@ import numpy
 import psutil
 import pytest
 import torch
+from helpers import MICRO_UNET, PooledPixels
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "training_scripts" / "train_flat_ddpm.py"
@@ -20,22 +21,20 @@ sys.path.insert(0, str(REPO / "training_scripts"))
 # No outbound attempts, and caches inside the test session's temp space.
 os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", GRADIO_ANALYTICS_ENABLED="False")
 
-# A UNet small enough for a training step in a few milliseconds: two levels, 8x8 images.
-MICRO_UNET = {
-    "block_out_channels": [8, 16],
-    "layers_per_block": 1,
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-    "norm_num_groups": 4,
-    "attention_head_dim": None,
-}
-
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_caches(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     for var in ("HF_HOME", "MPLCONFIGDIR", "TORCHINDUCTOR_CACHE_DIR"):
         os.environ[var] = str(cache / var.lower())
+
+
+@pytest.fixture
+def pooled_inception(monkeypatch) -> None:
+    """InceptionV3 replaced by `PooledPixels` wherever the library builds it for an evaluation."""
+    import diffusers_flat.evaluation.runs
+
+    monkeypatch.setattr(diffusers_flat.evaluation.runs, "InceptionFeatures", lambda dtype="float32": PooledPixels())
 
 
 @pytest.fixture(scope="session")

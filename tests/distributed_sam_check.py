@@ -11,8 +11,8 @@ from datetime import timedelta
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
-from conftest import MICRO_UNET
 from diffusers import DDPMScheduler, UNet2DModel
+from helpers import MICRO_UNET
 
 from diffusers_flat.methods.sam import SAM
 from diffusers_flat.training.step import MicroBatch, draw_step_noise, leave_without_teardown, train_step

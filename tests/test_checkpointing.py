@@ -3,8 +3,8 @@
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import MICRO_UNET
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from helpers import MICRO_UNET
 
 from diffusers_flat.errors import FlatError
 from diffusers_flat.run_directory import RunDirectory

@@ -11,20 +11,11 @@ import pytest
 import torch
 from conftest import REPO, launch_two_processes, per_image_generators, run_cli, run_script
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from helpers import unbiased_mmd
 from huggingface_hub import ModelCard
 from PIL import Image
 from scipy import linalg
 from sklearn.datasets import load_digits
-from test_fid import unbiased_mmd
-
-
-class PooledPixels(torch.nn.Module):
-    """A stand-in for InceptionV3: each 8x8 image average-pooled to 2x2, 4 features."""
-
-    num_features = 4
-
-    def forward(self, images):
-        return torch.nn.functional.avg_pool2d(images.double(), 4).flatten(1)
 
 
 def pooled(images: np.ndarray) -> np.ndarray:
@@ -49,8 +40,7 @@ def plain_diffusers_samples(path, steps: int, count: int, seed: int = 0) -> np.n
     return np.round(images * 255).astype(np.uint8)
 
 
-def test_two_models_get_json_table_and_every_plot(two_models, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(evaluate_flat, "InceptionFeatures", lambda dtype: PooledPixels())
+def test_two_models_get_json_table_and_every_plot(two_models, tmp_path, pooled_inception, capsys):
     out = tmp_path / "eval"
     small = [
         "--num_samples",
@@ -133,8 +123,7 @@ def quantized_by_hand(path, bits: int):
     return unet
 
 
-def test_quantized_fid_gives_table_4_plots_and_card(two_models, tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluate_flat, "InceptionFeatures", lambda dtype: PooledPixels())
+def test_quantized_fid_gives_table_4_plots_and_card(two_models, tmp_path, pooled_inception):
     model = shutil.copytree(two_models[1], tmp_path / "sam")
     out = tmp_path / "eval"
     evaluate_flat.main(

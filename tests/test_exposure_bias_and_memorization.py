@@ -2,8 +2,8 @@
 
 import numpy as np
 import torch
-from conftest import MICRO_UNET
 from diffusers import DDPMScheduler, UNet2DModel
+from helpers import MICRO_UNET
 
 from diffusers_flat.metrics.exposure_bias import exposure_bias
 from diffusers_flat.metrics.memorization import memorization_ratio

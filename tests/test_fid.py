@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from helpers import unbiased_mmd
 from scipy import linalg
 
 from diffusers_flat.metrics.fid import (
@@ -41,15 +42,6 @@ def test_frechet_distance_matches_the_gaussian_closed_form():
     expected = closed_form(as_images(a).reshape(-1, 4).astype(float), as_images(b).reshape(-1, 4).astype(float))
     assert got == pytest.approx(expected, rel=1e-6)
     assert got > 10  # the two sets do differ
-
-
-def unbiased_mmd(x: np.ndarray, y: np.ndarray) -> float:
-    """KID's estimate, written out: the unbiased MMD^2 with the kernel k(a, b) = (a.b / d + 1)^3."""
-    d = x.shape[1]
-    kxx, kyy, kxy = ((x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3)
-    m, n = len(x), len(y)
-    within = (kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
-    return float(within - 2 * kxy.mean())
 
 
 def test_kid_matches_the_unbiased_mmd_and_its_subsets_are_seeded():

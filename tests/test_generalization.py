@@ -9,8 +9,7 @@ import run_study
 import torch
 from conftest import REPO, run_cli
 from diffusers import DDPMPipeline, UNet2DModel
-from test_evaluate_cli import PooledPixels
-from test_study import tuning, write_study
+from helpers import PooledPixels, tuning, write_study
 
 from diffusers_flat.studies.claims import paired_interval
 from diffusers_flat.studies.config import Study

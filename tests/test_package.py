@@ -8,7 +8,8 @@ import sys
 import zipfile
 
 import pytest
-from conftest import MICRO_UNET, REPO, run_command
+from conftest import REPO, run_command
+from helpers import MICRO_UNET
 
 MODULES_AFTER = """
 import sys

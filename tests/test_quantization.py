@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import MICRO_UNET
 from diffusers import UNet2DModel
+from helpers import MICRO_UNET
 from torch import nn
 from torchao.quantization import Int8Tensor
 

@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import MICRO_UNET
 from diffusers import DDPMScheduler, UNet2DModel
+from helpers import MICRO_UNET
 from torch.func import functional_call
 
 from diffusers_flat.methods.sam import SAM

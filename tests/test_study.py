@@ -13,8 +13,8 @@ import evaluate_flat
 import numpy as np
 import pytest
 import run_study
-from conftest import MICRO_UNET, REPO, TREE_MARKER, kill_tree, run_cli, run_command
-from test_evaluate_cli import PooledPixels
+from conftest import REPO, TREE_MARKER, kill_tree, run_cli, run_command
+from helpers import PooledPixels, tuning, write_study
 
 from diffusers_flat.studies.claims import DOES_NOT_HOLD, HOLDS, INCONCLUSIVE, paired_interval, verdict
 from diffusers_flat.studies.config import Study, Tuning, Work, shard_of
@@ -59,36 +59,6 @@ def test_shards_partition_the_runs(count):
     shards = [shard_of(runs, i, count) for i in range(1, count + 1)]
     assert sorted(r.name for s in shards for r in s) == sorted(r.name for r in runs)
     assert sum(len(s) for s in shards) == len(runs) == 4 + 9 == len({r.name for r in runs})
-
-
-def tuning(**changes) -> dict:
-    """The micro study's tuning of rho (0.1 or 0.01, seed 0, lowest KID at T'=2 of the raw pipeline)."""
-    return {
-        "method": "SAM",
-        "flag": "--sam_rho",
-        "values": ["0.1", "0.01"],
-        "seed": 0,
-        "select": {"metric": "kid", "inference_steps": 2, "variant": "raw"},
-        "evaluation": ["--metrics", "fid", "--inference_steps", "2", "--num_samples", "100", "--num_real", "100"],
-    } | changes
-
-
-def write_study(path, **overrides):
-    study = {
-        "seeds": [1, 2],
-        "methods": {"ADM": [], "SAM": []},
-        "training": ["--model_config_name_or_path", str(path.parent / "micro.json"), "--resolution", "8"]
-        + ["--max_train_steps", "3", "--train_batch_size", "8", "--eval_batch_size", "2"]
-        + ["--ddpm_num_inference_steps", "2", "--swa_start", "1", "--swa_cycle", "1", "--lr_warmup_steps", "0"],
-        "evaluation": ["--metrics", "lpf", "perturbation", "exposure_bias", "--inference_steps", "2", "4"]
-        + ["--lpf_draws", "3", "--loss_samples", "16", "--gammas", "0", "5", "10", "--directions", "1"]
-        + ["--exposure_samples", "4"],
-        "tuning": tuning(),
-    }
-    study.update(overrides)
-    (path.parent / "micro.json").write_text(json.dumps(MICRO_UNET))
-    path.write_text(json.dumps(study))  # JSON is YAML
-    return path
 
 
 BAD = {

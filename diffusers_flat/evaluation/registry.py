@@ -182,10 +182,26 @@ def measure_memorization(m: MetricInputs) -> None:
     m.evaluation.result["memorization"] = {k: memo[k] for k in MemorizationResult.__annotations__}
 
 
+def empirical_reference(
+    real: RealImages,
+    scheduler: DDPMScheduler,
+    device: str | torch.device,
+    temperature: float = 1.0,
+    noise_unconditional: bool = False,
+) -> EmpiricalDenoiser:
+    """The empirical denoiser of the images a model trained on (`real.training_images()`), on `device`: PFD's E_mem
+    reference (temperature 1), and what a generalization study sweeps over temperatures."""
+    images = real.training_images().tensors
+    denoiser = EmpiricalDenoiser.from_training_set(
+        images, scheduler, temperature, noise_unconditional=noise_unconditional
+    )
+    return denoiser.to(device)
+
+
 def measure_pfd(m: MetricInputs) -> None:
     s, reference = m.settings, m.reference
     if s.pfd_reference == "empirical" and reference is None:  # E_mem: the training set's own denoiser at T = 1
-        reference = EmpiricalDenoiser.from_training_set(m.training.tensors, m.scheduler).to(m.model.device)
+        reference = empirical_reference(m.real, m.scheduler, m.model.device)
     elif reference is None:
         raise FlatError(f"reference: pass the model of pfd_reference {s.pfd_reference}", "reference")
     inception = m.fid.features if s.pfd_descriptor == "inception" else None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import shlex
 import sys
@@ -30,6 +32,15 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_flags(parser: argparse.ArgumentParser, flags: list[str] | tuple[str, ...]) -> argparse.Namespace:
+    """`parser` on a list of flags that did not come from the command line (a study file's): its complaint is raised
+    as a UsageError instead of exiting the process."""
+    with contextlib.redirect_stderr(io.StringIO()) as err, contextlib.suppress(SystemExit):
+        return parser.parse_args(list(flags))
+    lines = err.getvalue().strip().splitlines() or ["not a list of flags"]
+    raise UsageError(lines[-1].split("error: ", 1)[-1])
 
 
 def share_cpu_threads(num_processes: int, threads: int | None = None) -> None:

@@ -1,0 +1,124 @@
+"""The evaluation's flags, one parser for evaluate_flat.py and for a study file's `evaluation:` lists, so that a
+study's flags are checked the way the script checks them, before anything runs."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Sequence
+
+from diffusers_flat.evaluation.registry import METRICS
+from diffusers_flat.evaluation.settings import DEFAULT_METRICS, EvaluationSettings
+from diffusers_flat.metrics.fid import FID_DTYPES
+from diffusers_flat.utils.cli import OneLineArgumentParser, parse_flags
+
+DEFAULTS = EvaluationSettings()
+# The flags that are not settings: how `evaluate_runs` loads the models and the data (its keyword arguments).
+DATA_OVERRIDES = ("dataset_name", "dataset_config_name", "train_data_dir", "image_column")
+RUN_OPTIONS = ("device", "fid_batch_size", "fid_dtype", "pfd_reference_variant")
+
+
+def add_evaluation_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the flags of what to measure and how (not which models, nor where the results go) to `parser`."""
+    parser.add_argument(
+        "--metrics",
+        nargs="+",
+        default=list(DEFAULT_METRICS),
+        help=f"Any of: {', '.join(METRICS)} (default: all but pfd, which needs --pfd_reference).",
+    )
+    parser.add_argument(
+        "--inference_steps", nargs="+", type=int, default=list(DEFAULTS.inference_steps), help="FID columns T'."
+    )
+    parser.add_argument("--num_samples", type=int, default=DEFAULTS.num_samples, help="Generated images per column.")
+    parser.add_argument("--num_real", type=int, default=DEFAULTS.num_real, help="At most this many real images.")
+    parser.add_argument(
+        "--quantize",
+        nargs="+",
+        type=int,
+        default=[],
+        help="Also FID with weights quantized to these bits (2-8; the paper: 8), as in Table 4.",
+    )
+    parser.add_argument(
+        "--quantize_granularity", default=DEFAULTS.quantize_granularity, help="per_tensor or per_channel scales."
+    )
+    parser.add_argument(
+        "--quantize_inference_steps",
+        nargs="+",
+        type=int,
+        default=[],
+        help="Sample the quantized weights at these of --inference_steps only (default: all of them).",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N: the UNet and InceptionV3."
+    )
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    parser.add_argument("--batch_size", type=int, default=DEFAULTS.batch_size, help="Images per UNet batch.")
+    parser.add_argument(
+        "--fid_batch_size",
+        type=int,
+        default=None,
+        help="Images per InceptionV3 batch (default: 200 on a GPU, about 6 GB; 32 on the CPU, its fastest).",
+    )
+    parser.add_argument(
+        "--fid_dtype",
+        default="float32",
+        choices=list(FID_DTYPES),
+        help="InceptionV3's precision: float32 (the reference) or bfloat16 (faster on GPUs; FID deviates slightly).",
+    )
+    parser.add_argument(
+        "--loss_samples", type=int, default=DEFAULTS.loss_samples, help="(x0, t, eps) triples of the fixed loss."
+    )
+    parser.add_argument("--lpf_sigma", type=float, default=DEFAULTS.lpf_sigma)
+    parser.add_argument("--lpf_draws", type=int, default=DEFAULTS.lpf_draws, help="K, the Monte Carlo draws of LPF.")
+    parser.add_argument("--gammas", nargs="+", type=float, default=list(DEFAULTS.gammas))
+    parser.add_argument(
+        "--directions", type=int, default=DEFAULTS.directions, help="Random directions of the perturbation curve."
+    )
+    parser.add_argument("--surface_extent", type=float, default=DEFAULTS.surface_extent)
+    parser.add_argument("--surface_resolution", type=int, default=DEFAULTS.surface_resolution)
+    parser.add_argument("--exposure_samples", type=int, default=DEFAULTS.exposure_samples)
+    parser.add_argument(
+        "--pfd_reference",
+        default=None,
+        help="The pfd metric's reference: a pipeline directory (E_gen against a teacher) or 'empirical' (E_mem: the "
+        "empirical denoiser of the model's training set).",
+    )
+    parser.add_argument("--pfd_reference_variant", default="raw", help="Which weights of a --pfd_reference directory.")
+    parser.add_argument("--pfd_noises", type=int, default=DEFAULTS.pfd_noises, help="Shared starting noises of PFD.")
+    parser.add_argument("--pfd_steps", type=int, default=DEFAULTS.pfd_steps, help="PF-ODE solver steps.")
+    parser.add_argument("--pfd_solver", default=DEFAULTS.pfd_solver, help="ddim (eta = 0) or dpm-solver++.")
+    parser.add_argument("--pfd_descriptor", default=DEFAULTS.pfd_descriptor, help="pixels or inception.")
+    # Overrides of the dataset recorded in training_args.json
+    parser.add_argument("--dataset_name", default=None)
+    parser.add_argument("--dataset_config_name", default=None)
+    parser.add_argument("--train_data_dir", default=None)
+    parser.add_argument("--image_column", default=None)
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> EvaluationSettings:
+    """The evaluation settings the flags ask for (checked, with errors naming the settings, i.e. the flags)."""
+    names = [field.name for field in dataclasses.fields(EvaluationSettings)]
+    values = {name: tuple(v) if isinstance(v := getattr(args, name), list) else v for name in names}
+    values["metrics"] = tuple(dict.fromkeys(values["metrics"]))
+    return EvaluationSettings(**values)
+
+
+def run_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of `evaluate_runs` the flags set: device, InceptionV3's batch and precision, the pfd
+    reference's variant and the dataset overrides."""
+    overrides = {name: getattr(args, name) for name in DATA_OVERRIDES if getattr(args, name) is not None}
+    return {name: getattr(args, name) for name in RUN_OPTIONS} | {"data_overrides": overrides}
+
+
+def parse_evaluation_flags(flags: Sequence[str]) -> tuple[EvaluationSettings, dict]:
+    """A flag list (a study file's `evaluation:`) as settings and `evaluate_runs` keyword arguments. Raises a
+    UsageError with the parser's complaint, or a FlatError naming the setting at fault.
+
+    Example:
+        >>> settings, options = parse_evaluation_flags(["--metrics", "lpf", "--lpf_draws", "5"])
+        >>> settings.metrics, settings.lpf_draws, options["device"]
+        (('lpf',), 5, 'auto')
+    """
+    args = parse_flags(add_evaluation_arguments(OneLineArgumentParser(add_help=False)), flags)
+    return settings_from(args), run_options(args)

@@ -1,0 +1,155 @@
+"""Evaluating run directories (what train_flat_ddpm.py writes): each pipeline against the real images of its own
+training set, its report written and published beside its weights (for the model card, the Hub and the Space), and
+the models side by side. evaluate_flat.py and the study runner both call `evaluate_runs`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+from diffusers_flat.errors import FlatError
+from diffusers_flat.evaluation.evaluate import evaluate, resolve_device, set_fid_reference
+from diffusers_flat.evaluation.real_images import RealImages, load_real_images
+from diffusers_flat.evaluation.registry import EvaluationResult, empirical_reference
+from diffusers_flat.evaluation.report import write_comparison, write_model_report
+from diffusers_flat.evaluation.settings import EvaluationSettings
+from diffusers_flat.hub.model_card import write_model_card
+from diffusers_flat.metrics.fid import FID, InceptionFeatures
+from diffusers_flat.metrics.pfd import check_steps
+from diffusers_flat.run_directory import RunDirectory
+from diffusers_flat.utils.cli import share_cpu_threads
+
+
+def load_reference(
+    settings: EvaluationSettings, runs: dict[str, RunDirectory], variant: str, reference_variant: str, device
+) -> DDPMPipeline | None:
+    """The pfd metric's reference pipeline (None for 'empirical', built per model), and every model to evaluate
+    checked against it (image shape, noise schedule) and against the solver's steps, before anything is written."""
+    if "pfd" not in settings.metrics:
+        return None
+    reference, where = None, settings.pfd_reference
+    if where != "empirical":
+        try:
+            path = RunDirectory(where).require_pipeline(reference_variant, "pfd_reference")
+        except FlatError as err:
+            raise FlatError(
+                f"pfd_reference {where}: neither 'empirical' nor a pipeline directory with {reference_variant} "
+                f"weights ({err})",
+                "pfd_reference",
+            ) from None
+        reference = DDPMPipeline.from_pretrained(path).to(device)
+    for name, run in runs.items():
+        model = run.pipeline_path(variant)
+        scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+        check_steps(settings.pfd_steps, settings.pfd_solver, scheduler.config.num_train_timesteps)
+        if reference is None:
+            continue
+        config = UNet2DModel.load_config(model, subfolder="unet")
+        shape, reference_shape = (
+            f"{c['in_channels']}x{c['sample_size']}x{c['sample_size']}" for c in (config, reference.unet.config)
+        )
+        if shape != reference_shape:
+            raise FlatError(
+                f"pfd_reference {where}: its images are {reference_shape}, {name}'s {shape}: PFD compares models of "
+                "one shape",
+                "pfd_reference",
+            )
+        if not torch.equal(scheduler.alphas_cumprod, reference.scheduler.alphas_cumprod):
+            raise FlatError(
+                f"pfd_reference {where}: trained under another noise schedule than {name}", "pfd_reference"
+            )
+    return reference
+
+
+def evaluate_runs(
+    paths: Sequence[str | os.PathLike],
+    variant: str,
+    settings: EvaluationSettings,
+    output_dir: str | os.PathLike,
+    device: str = "auto",
+    fid_batch_size: int | None = None,
+    fid_dtype: str = "float32",
+    cache_dir: str | os.PathLike | None = None,
+    pfd_reference_variant: str = "raw",
+    data_overrides: dict | None = None,
+) -> dict[str, EvaluationResult]:
+    """Evaluate the `variant` pipeline of each run directory in `paths` and write the reports.
+
+    Everything is checked before anything is written. Under `accelerate launch --num_processes N`, the N processes
+    split the sampling and the features (gloo on the CPU); only the main process writes, and the others get {}.
+
+    Args:
+        paths: run directories of train_flat_ddpm.py.
+        variant: raw, ema or swa.
+        settings: what to measure.
+        output_dir: where each model's report (`<output_dir>/<name>/`) and the side-by-side report go.
+        device: auto (CUDA when present), cpu, cuda or cuda:N.
+        fid_batch_size: images per InceptionV3 batch (default: `default_fid_batch_size(device)`).
+        fid_dtype: InceptionV3's precision, float32 or bfloat16.
+        cache_dir: where the real images' FID statistics are cached (default: `<output_dir>/fid_cache`).
+        pfd_reference_variant: which weights of a `settings.pfd_reference` directory.
+        data_overrides: DataSource fields replacing those the runs recorded (e.g. another `dataset_name`).
+
+    Returns:
+        Each model's result, by the name it is reported under.
+
+    Example:
+        >>> evaluate_runs(["ddpm-flat-digits"], "raw", EvaluationSettings(metrics=("lpf",)), "eval")  # doctest: +SKIP
+    """
+    device = resolve_device(device)
+    processes = PartialState(cpu=device.type == "cpu")
+    if processes.num_processes > 1:
+        if device.type == "cuda" and device.index is not None:
+            raise FlatError(f"device {device}: several processes take a GPU each; use auto or cuda", "device")
+        device = processes.device
+    if device.type == "cpu":
+        share_cpu_threads(processes.num_processes)
+    main_process = processes.is_main_process
+    runs: dict[str, RunDirectory] = {}
+    for path in paths:
+        run = RunDirectory(path)
+        run.require_pipeline(variant, parameter="model_path")
+        name = run.name + ("" if variant == "raw" else f"-{variant}")
+        runs[name if name not in runs else f"{name}-{len(runs)}"] = run
+    reference = load_reference(settings, runs, variant, pfd_reference_variant, device)
+    out = Path(output_dir)
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    fid = None
+    if "fid" in settings.metrics:
+        features = InceptionFeatures(dtype=fid_dtype)
+        fid = FID(features, batch_size=fid_batch_size, device=device, show_progress=main_process)
+
+    real_images: dict[tuple, RealImages] = {}  # models trained on the same data share one read of it
+    results: dict[str, EvaluationResult] = {}
+    for name, run in runs.items():
+        pipeline = DDPMPipeline.from_pretrained(run.pipeline_path(variant)).to(device)
+        record = run.read_record()
+        source = record.data.replace(**(data_overrides or {}))
+        shape = (source, pipeline.unet.config.sample_size, pipeline.unet.config.in_channels)
+        if shape not in real_images:
+            real_images[shape] = load_real_images(*shape)
+        real = real_images[shape]
+        if fid is not None and main_process:
+            set_fid_reference(fid, real, settings, cache_dir or out / "fid_cache")
+        against = reference.unet if reference else None
+        if "pfd" in settings.metrics and settings.pfd_reference == "empirical" and record.noise_unconditional:
+            # a model trained blind to the noise level is compared with the empirical denoiser blind to it too
+            against = empirical_reference(real, pipeline.scheduler, device, noise_unconditional=True)
+        evaluation = evaluate(pipeline.unet, pipeline.scheduler, real, settings, fid, processes, against)
+        if not main_process:
+            continue
+        evaluation.result.update(model=name, path=str(run.pipeline_path(variant)), variant=variant)
+        results[name] = evaluation.result
+        write_model_report(name, evaluation, settings, real, out / name)
+        # The run directory keeps its latest evaluation beside the weights, for its model card, the Hub and the Space.
+        run.publish_evaluation(variant, out / name)
+        write_model_card(run.path)
+    if main_process:
+        write_comparison(results, settings, out)
+    return results
