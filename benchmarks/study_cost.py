@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -27,18 +26,16 @@ from accelerate import Accelerator
 from diffusers import DDPMScheduler
 from evaluation import features_per_second, synchronize  # benchmarks/evaluation.py
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training_scripts"))
-import evaluate_flat  # noqa: E402
-import run_study  # noqa: E402
-import train_flat_ddpm  # noqa: E402
-
-from diffusers_flat.evaluation.evaluate import resolve_device  # noqa: E402
-from diffusers_flat.methods.sam import SAM  # noqa: E402
-from diffusers_flat.metrics.fid import InceptionFeatures, default_fid_batch_size  # noqa: E402
-from diffusers_flat.studies.config import Study  # noqa: E402
-from diffusers_flat.training.models import build_unet  # noqa: E402
-from diffusers_flat.training.step import MicroBatch, train_step  # noqa: E402
-from diffusers_flat.utils.sampling import sample_images  # noqa: E402
+from diffusers_flat.evaluation.evaluate import resolve_device
+from diffusers_flat.methods.sam import SAM
+from diffusers_flat.metrics.fid import InceptionFeatures, default_fid_batch_size
+from diffusers_flat.studies.config import Study
+from diffusers_flat.studies.directory import StudyDirectory
+from diffusers_flat.studies.runner import StudyRunner
+from diffusers_flat.training.arguments import parse_training_flags
+from diffusers_flat.training.models import build_unet
+from diffusers_flat.training.step import MicroBatch, train_step
+from diffusers_flat.utils.sampling import sample_images
 
 SAM_RHO = 0.05  # any rho > 0 costs the same two passes
 
@@ -83,11 +80,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="Timed optimizer steps, plain and SAM.")
     args = parser.parse_args()
     study = Study.load(args.study)
-    run_study.check_study(study)
+    runner = StudyRunner(study, StudyDirectory("unused"), Path("unused"))  # checks every flag of the study
     grid = study.runs(study.tuning.values[0] if study.tuning else None)
-    flags = train_flat_ddpm.parse_args([*grid[0].flags, "--output_dir", "x"])
-    evaluation = evaluate_flat.parse_args(["--model_path", "x", *study.evaluation])
-    settings = evaluate_flat.settings_from(evaluation)
+    flags = parse_training_flags(grid[0].flags)
+    settings, options = runner.evaluation.settings, runner.evaluation.options
     device = resolve_device(args.device)
     where = f"{device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
 
@@ -114,12 +110,12 @@ def main() -> None:
     forwards = settings.batch_size * 20 / (time.perf_counter() - start)
     print(f"sampling: {forwards:.4g} UNet image-forwards/s (batch {settings.batch_size})")
 
-    fid_batch = evaluation.fid_batch_size or default_fid_batch_size(device)
+    fid_batch = options["fid_batch_size"] or default_fid_batch_size(device)
     size = (2 * fid_batch, flags.resolution, flags.resolution, args.channels)
     images = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
-    inception = InceptionFeatures(dtype=evaluation.fid_dtype).to(device)
+    inception = InceptionFeatures(dtype=options["fid_dtype"]).to(device)
     features, _ = features_per_second(inception, images, fid_batch, device)
-    print(f"InceptionV3 ({evaluation.fid_dtype}): {features:.3g} images/s (batch {fid_batch})")
+    print(f"InceptionV3 ({options['fid_dtype']}): {features:.3g} images/s (batch {fid_batch})")
 
     rates = {
         "study": str(study.path),
@@ -130,7 +126,7 @@ def main() -> None:
         "inception_images_per_s": features,
     }
     Path(args.output).write_text(json.dumps(rates, indent=2) + "\n")
-    work = run_study.workload(study, study.tuning_runs(), study.teacher_runs(), grid, sweep=True)
+    work = runner.workload(study.tuning_runs(), study.teacher_runs(), grid, sweep=True)
     print(work.describe())
     print(work.projection(rates))
     print(f"rates written to {args.output}")

@@ -29,12 +29,19 @@ def _isolated_caches(tmp_path_factory):
         os.environ[var] = str(cache / var.lower())
 
 
-@pytest.fixture
-def pooled_inception(monkeypatch) -> None:
+def use_pooled_inception(monkeypatch) -> None:
     """InceptionV3 replaced by `PooledPixels` wherever the library builds it for an evaluation."""
     import diffusers_flat.evaluation.runs
+    import diffusers_flat.studies.runner
 
-    monkeypatch.setattr(diffusers_flat.evaluation.runs, "InceptionFeatures", lambda dtype="float32": PooledPixels())
+    for module in (diffusers_flat.evaluation.runs, diffusers_flat.studies.runner):
+        monkeypatch.setattr(module, "InceptionFeatures", lambda dtype="float32": PooledPixels())
+
+
+@pytest.fixture
+def pooled_inception(monkeypatch) -> None:
+    """InceptionV3 replaced by `PooledPixels` for the test."""
+    use_pooled_inception(monkeypatch)
 
 
 @pytest.fixture(scope="session")

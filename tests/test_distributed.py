@@ -8,7 +8,7 @@ import torch
 from conftest import REPO, launch_two_processes, micro_args, run_training
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.slow  # real gloo process groups
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]  # real gloo process groups
 
 
 def weights(directory: Path) -> dict[str, torch.Tensor]:

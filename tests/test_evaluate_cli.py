@@ -302,6 +302,7 @@ def test_bad_input(two_models, tmp_path, flags, message, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_two_processes_give_the_fid_and_kid_of_one(two_models, tmp_path):
     # Real InceptionV3 in both runs; the real-image statistics are computed once, by the first run, and shared.
     model = shutil.copytree(two_models[1], tmp_path / "sam")

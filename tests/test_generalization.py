@@ -9,7 +9,7 @@ import run_study
 import torch
 from conftest import REPO, run_cli
 from diffusers import DDPMPipeline, UNet2DModel
-from helpers import PooledPixels, tuning, write_study
+from helpers import tuning, write_study
 
 from diffusers_flat.studies.claims import paired_interval
 from diffusers_flat.studies.config import Study
@@ -176,11 +176,9 @@ def test_claims_are_paired_over_seeds_at_each_size(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_micro_generalization_study_end_to_end(tmp_path, monkeypatch):
+def test_a_micro_generalization_study_end_to_end(tmp_path, pooled_inception):
     path = write_generalization_study(tmp_path / "study.yaml")
     out = tmp_path / "out"
-    for module in (run_study, run_study.evaluate_flat):  # a pooled-pixel stand-in for InceptionV3
-        monkeypatch.setattr(module, "InceptionFeatures", lambda dtype="float32": PooledPixels())
     run_study.main(run_study.parse_args(["--study", str(path), "--output_dir", str(out)]))
     data = json.loads((out / "report.json").read_text())
     students = data["students"]
@@ -254,10 +252,9 @@ def test_the_shipped_generalization_study_checks_and_costs_what_a_hand_count_say
 
 
 @pytest.mark.slow
-def test_a_shard_whose_students_wait_for_another_shards_teacher_says_so(tmp_path, capsys, monkeypatch):
+def test_a_shard_whose_students_wait_for_another_shards_teacher_says_so(tmp_path, capsys, pooled_inception):
     # runs: adm-teacher-seed0, adm-nu-n16-seed0, then the 8 students; shard 3/10 holds adm-n16-seed1 only
     path = write_generalization_study(tmp_path / "study.yaml")
-    monkeypatch.setattr(run_study.evaluate_flat, "InceptionFeatures", lambda dtype="float32": PooledPixels())
     out = tmp_path / "out"
     status, err = run_cli(run_study, ["--study", path, "--output_dir", out, "--shard", "3/10"], capsys)
     errors = [line for line in err.splitlines() if "error:" in line]

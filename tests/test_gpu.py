@@ -16,7 +16,11 @@ from diffusers import UNet2DModel
 
 from diffusers_flat.quantization import quantize_for_deployment
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 
 
 def test_every_method_in_bf16_then_resume_with_ema(tmp_path, micro_unet_config):

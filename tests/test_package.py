@@ -84,7 +84,7 @@ def test_the_installed_wheel_trains_and_writes_its_card(tmp_path):
     )
     assert build.returncode == 0, build.stderr[-3000:]
     [wheel] = (tmp_path / "dist").glob("diffusers_flat-*.whl")
-    assert "diffusers_flat/templates/model_card.md" in zipfile.ZipFile(wheel).namelist()
+    assert "diffusers_flat/hub/templates/model_card.md" in zipfile.ZipFile(wheel).namelist()
     target = tmp_path / "site"
     install = run_command(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)], timeout=300

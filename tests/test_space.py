@@ -151,6 +151,7 @@ def test_a_slow_request_does_not_block_a_quick_one(client, model):
     slow.result(timeout=300)
 
 
+@pytest.mark.browser
 def test_page_renders_controls_and_images_in_chromium(server):
     playwright = pytest.importorskip("playwright.sync_api")
     if not os.path.exists(CHROMIUM):

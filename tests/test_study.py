@@ -9,16 +9,15 @@ import subprocess
 import sys
 import time
 
-import evaluate_flat
 import numpy as np
 import pytest
 import run_study
-from conftest import REPO, TREE_MARKER, kill_tree, run_cli, run_command
-from helpers import PooledPixels, tuning, write_study
+from conftest import REPO, TREE_MARKER, kill_tree, run_cli, run_command, use_pooled_inception
+from helpers import tuning, write_study
 
+from diffusers_flat.errors import FlatError
 from diffusers_flat.studies.claims import DOES_NOT_HOLD, HOLDS, INCONCLUSIVE, paired_interval, verdict
 from diffusers_flat.studies.config import Study, Tuning, Work, shard_of
-from diffusers_flat.utils.cli import UsageError
 
 T_975_2 = 4.302652729911275  # Student's t, 97.5% quantile, 2 degrees of freedom (from a table)
 
@@ -276,7 +275,7 @@ def test_a_micro_study_survives_a_kill_and_reports_every_table(tmp_path, monkeyp
     # A changed study does not reuse runs trained with other flags: one line, nothing retrained.
     training = json.loads(path.read_text())["training"] + ["--learning_rate", "2e-4"]
     changed = write_study(tmp_path / "changed.yaml", training=training)
-    with pytest.raises(UsageError, match=r"sam-rho0.1-seed0 was trained with other flags than the study's now"):
+    with pytest.raises(FlatError, match=r"sam-rho0.1-seed0 was trained with other flags than the study's now"):
         run_study.main(run_study.parse_args(["--study", str(changed), "--output_dir", str(out)]))
     assert {p: p.stat().st_mtime_ns for p in finished} == finished
 
@@ -293,7 +292,7 @@ def test_a_micro_study_survives_a_kill_and_reports_every_table(tmp_path, monkeyp
         shutil.copytree(
             out / "eval" / f"sam-rho{rho}-seed0-raw", tmp_path / "full" / "eval" / f"sam-rho{rho}-seed0-raw"
         )
-    monkeypatch.setattr(evaluate_flat, "InceptionFeatures", lambda dtype: PooledPixels())
+    use_pooled_inception(monkeypatch)
     run_study.main(run_study.parse_args(["--study", str(full), "--output_dir", str(tmp_path / "full")]))
     report = (tmp_path / "full" / "report.md").read_text()
     for heading in ("## Tuning of --sam_rho", "## Quality (Table 2)", "FID (T'=2)", "KID x10³ (T'=4)"):

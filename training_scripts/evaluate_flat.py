@@ -19,6 +19,7 @@ from accelerate import PartialState
 from diffusers_flat.evaluation.arguments import add_evaluation_arguments, run_options, settings_from
 from diffusers_flat.evaluation.report import markdown_report
 from diffusers_flat.evaluation.runs import evaluate_runs
+from diffusers_flat.hub.model_card import write_model_card
 from diffusers_flat.run_directory import VARIANTS
 from diffusers_flat.training.step import leave_without_teardown
 from diffusers_flat.utils.cli import OneLineArgumentParser, run_main
@@ -39,7 +40,9 @@ def main(args: argparse.Namespace) -> None:
     results = evaluate_runs(
         args.model_path, args.variant, settings, args.output_dir, cache_dir=args.cache_dir, **run_options(args)
     )
-    if results:  # the main process
+    if results:  # the main process: each card shows its run's new evaluation
+        for path in args.model_path:
+            write_model_card(path)
         print(markdown_report(results, list(settings.inference_steps)))
 
 

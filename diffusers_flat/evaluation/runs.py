@@ -1,6 +1,7 @@
 """Evaluating run directories (what train_flat_ddpm.py writes): each pipeline against the real images of its own
 training set, its report written and published beside its weights (for the model card, the Hub and the Space), and
-the models side by side. evaluate_flat.py and the study runner both call `evaluate_runs`."""
+the models side by side. evaluate_flat.py and the study runner both call `evaluate_runs`, then refresh the runs'
+model cards."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from diffusers_flat.evaluation.real_images import RealImages, load_real_images
 from diffusers_flat.evaluation.registry import EvaluationResult, empirical_reference
 from diffusers_flat.evaluation.report import write_comparison, write_model_report
 from diffusers_flat.evaluation.settings import EvaluationSettings
-from diffusers_flat.hub.model_card import write_model_card
 from diffusers_flat.metrics.fid import FID, InceptionFeatures
 from diffusers_flat.metrics.pfd import check_steps
 from diffusers_flat.run_directory import RunDirectory
@@ -147,9 +147,9 @@ def evaluate_runs(
         evaluation.result.update(model=name, path=str(run.pipeline_path(variant)), variant=variant)
         results[name] = evaluation.result
         write_model_report(name, evaluation, settings, real, out / name)
-        # The run directory keeps its latest evaluation beside the weights, for its model card, the Hub and the Space.
+        # The run directory keeps its latest evaluation beside the weights, for its model card, the Hub and the Space
+        # (the caller refreshes the card: `hub.model_card.write_model_card`).
         run.publish_evaluation(variant, out / name)
-        write_model_card(run.path)
     if main_process:
         write_comparison(results, settings, out)
     return results

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 
 from diffusers_flat.errors import FlatError
 
@@ -140,3 +140,35 @@ def make_noise_unconditional(unet: UNet2DModel) -> UNet2DModel:
         layer.weight.zero_()
     layer.weight.requires_grad_(False)  # the optimizers and SAM skip it: it stays zero
     return unet
+
+
+def build_scheduler(
+    num_train_timesteps: int = 1000,
+    beta_schedule: str = "linear",
+    prediction_type: str = "epsilon",
+    learn_sigma: bool = False,
+    timestep_spacing: str = "linspace",
+) -> DDPMScheduler:
+    """The DDPM noise scheduler a run trains and samples with, saved in its pipeline so that plain diffusers samples
+    the same way.
+
+    Args:
+        num_train_timesteps: T.
+        beta_schedule: diffusers' beta schedule (the paper's ADM: squaredcos_cap_v2).
+        prediction_type: what the UNet predicts (epsilon, sample, v_prediction).
+        learn_sigma: a UNet that also outputs the variance interpolation v in [-1, 1].
+        timestep_spacing: which timesteps respaced sampling keeps.
+
+    Example:
+        >>> build_scheduler(learn_sigma=True).config.variance_type
+        'learned_range'
+    """
+    return DDPMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule=beta_schedule,
+        prediction_type=prediction_type,
+        # A learned variance v in [-1, 1] interpolates log beta~_t and log beta_t, as the hybrid loss trains it.
+        variance_type="learned_range" if learn_sigma else "fixed_small",
+        # The paper's sampler (guided-diffusion's respacing) keeps round(k (T - 1) / (T' - 1)): 999, 946, ..., 0.
+        timestep_spacing=timestep_spacing,
+    )

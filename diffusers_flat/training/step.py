@@ -7,8 +7,10 @@ script, so the tests can run exactly the step the script runs.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -20,6 +22,7 @@ from diffusers_flat.errors import FlatError
 from diffusers_flat.methods.input_perturbation import noisy_input_and_target
 from diffusers_flat.methods.learned_variance import hybrid_loss
 from diffusers_flat.methods.sam import SAM
+from diffusers_flat.run_directory import RunDirectory
 from diffusers_flat.utils.seeding import dropout_seed, step_noise_generator
 
 SAM_ASCENT_MODES = ("global", "local")
@@ -69,6 +72,48 @@ def draw_step_noise(
         return noise, timesteps, None
     # DDPM-IP: xi ~ N(0, I), independent of eps, scaled by gamma once, here.
     return noise, timesteps, input_perturbation * torch.randn((num_samples, *sample_shape), generator=generator)
+
+
+def rank_micro_batches(
+    images: Iterator[torch.Tensor],
+    step_noise: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
+    batch_size: int,
+    accumulation_steps: int,
+    accelerator: Accelerator,
+) -> list[MicroBatch]:
+    """This process's micro-batches of one global step: the next batches of `images` (what `StepBatchSampler` yields
+    this rank) with their rows of the step's (noise, timesteps, perturbation, weights), sliced the way
+    `StepBatchSampler` slices the images: micro-batch j of rank r holds the global rows from
+    (j * world_size + r) * batch_size on, one micro-batch per gradient accumulation step."""
+    noise, timesteps, perturbation, weights = step_noise
+    world_size, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    batches = []
+    for j in range(accumulation_steps):
+        rows = slice((j * world_size + rank) * batch_size, (j * world_size + rank + 1) * batch_size)
+        batches.append(
+            MicroBatch(
+                clean=next(images).to(device),
+                noise=noise[rows].to(device),
+                timesteps=timesteps[rows].to(device),
+                perturbation=None if perturbation is None else perturbation[rows].to(device),
+                weights=None if weights is None else weights[rows].to(device),
+            )
+        )
+    return batches
+
+
+class TrainingDiverged(FlatError):
+    """The loss stopped being a finite number."""
+
+
+def check_finite(stats: StepStats, step: int, run: RunDirectory) -> None:
+    """Stop a run whose loss (or SAM's sharpness) is no longer finite, naming its last good checkpoint."""
+    if not math.isfinite(stats.loss) or not math.isfinite(stats.sharpness or 0.0):
+        kept = run.checkpoints()
+        raise TrainingDiverged(
+            f"the loss became {stats.loss} at step {step}; stopped without saving. Last good checkpoint: "
+            f"{kept[-1] if kept else 'none'}. Try a lower learning rate or SAM rho"
+        )
 
 
 def seed_dropout(seed: int, step: int, rank: int) -> None:
