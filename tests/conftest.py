@@ -7,11 +7,12 @@ import sys
 import uuid
 from pathlib import Path
 
-import numpy
 import psutil
 import pytest
 import torch
 from helpers import MICRO_UNET, PooledPixels
+
+from diffusers_flat.utils.seeding import sampling_generator
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "training_scripts" / "train_flat_ddpm.py"
@@ -170,9 +171,9 @@ def micro_args(output_dir: Path, config: Path, *extra: str) -> list[str]:
 
 
 def per_image_generators(count: int, seed: int = 0) -> list[torch.Generator]:
-    """The documented sample stream: image i draws all its noise from a CPU generator seeded from (seed, i)."""
-    seeds = [int(numpy.random.SeedSequence([seed, i]).generate_state(1)[0]) for i in range(count)]
-    return [torch.Generator().manual_seed(s) for s in seeds]
+    """The documented sample stream: image i draws all its noise from its own generator (test_seeding.py checks the
+    stream against SeedSequence by hand)."""
+    return [sampling_generator(seed, i) for i in range(count)]
 
 
 def run_cli(script, argv: list[str], capsys) -> tuple[int, str]:
