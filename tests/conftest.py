@@ -184,6 +184,33 @@ def run_cli(script, argv: list[str], capsys) -> tuple[int, str]:
     return exit_info.value.code, capsys.readouterr().err
 
 
+# The paper's nine rows (ADM, +EMA, +SWA, +IP, +IP+EMA, +IP+SWA, +SAM, +SAM+EMA, +SAM+SWA) come from three
+# trainings with EMA and SWA on, as in the paper: each yields the raw, EMA and SWA pipelines. A fourth, plain run
+# checks that averages are saved only when asked for. +SAM is also the run the averaging tests read (a checkpoint
+# after each step, SWA from step 2 every 2 steps, EMA with a warm-up of power 0.75), and the plain run (a checkpoint
+# after each step) the finished run that bad input must leave alone.
+GRID = {
+    "ADM": ["--use_ema", "--use_swa", "--swa_start", "0.5", "--swa_cycle", "1"],
+    "+IP": ["--input_perturbation", "0.1", "--use_ema", "--use_swa", "--swa_start", "0.5", "--swa_cycle", "1"],
+    "+SAM": ["--sam_rho", "0.05", "--use_ema", "--use_swa", "--swa_start", "2", "--swa_cycle", "2"]
+    + ["--ema_power", "0.75", "--ema_inv_gamma", "1.0", "--checkpointing_steps", "1"],
+    "plain": ["--checkpointing_steps", "1"],
+}
+GRID_STEPS = {"ADM": 4, "+IP": 4, "+SAM": 6, "plain": 2}
+
+
+@pytest.fixture(scope="session")
+def grid_runs(tmp_path_factory, micro_unet_config) -> dict[str, Path]:
+    """The grid's micro runs (GRID), each trained once per session in a fresh process: tests read them, never
+    write into them."""
+    root = tmp_path_factory.mktemp("grid")
+    runs = {}
+    for name, flags in GRID.items():
+        runs[name] = root / name.replace("+", "_")
+        run_training(*micro_args(runs[name], micro_unet_config, "--max_train_steps", str(GRID_STEPS[name]), *flags))
+    return runs
+
+
 @pytest.fixture(scope="session")
 def two_models(tmp_path_factory, micro_unet_config) -> tuple[Path, Path]:
     """Two 3-step micro runs with EMA, ADM and SAM, shared by every test that evaluates or serves a model: a test

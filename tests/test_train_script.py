@@ -10,18 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import train_flat_ddpm
-from conftest import micro_args, run_cli, run_command, run_training
+from conftest import GRID, GRID_STEPS, micro_args, run_cli, run_command, run_training
 from safetensors.torch import load_file
-
-# The paper's nine rows (ADM, +EMA, +SWA, +IP, +IP+EMA, +IP+SWA, +SAM, +SAM+EMA, +SAM+SWA) come from three
-# trainings with EMA and SWA on, as in the paper: each yields the raw, EMA and SWA pipelines. A fourth, plain run
-# checks that averages are saved only when asked for.
-GRID = {
-    "ADM": ["--use_ema", "--use_swa"],
-    "+IP": ["--input_perturbation", "0.1", "--use_ema", "--use_swa"],
-    "+SAM": ["--sam_rho", "0.1", "--use_ema", "--use_swa"],
-    "plain": [],
-}
 
 LOAD_IN_PLAIN_DIFFUSERS = """
 import sys
@@ -45,22 +35,16 @@ def checkpoint_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_every_grid_row_trains_and_loads_in_plain_diffusers(tmp_path, micro_unet_config):
+def test_every_grid_row_trains_and_loads_in_plain_diffusers(grid_runs):
     pipelines = []
-    for name, flags in GRID.items():
-        out = tmp_path / name.replace("+", "_")
-        run_training(
-            *micro_args(
-                out, micro_unet_config, "--max_train_steps", "4", "--swa_start", "0.5", "--swa_cycle", "1", *flags
-            )
-        )
+    for name, out in grid_runs.items():
         args = json.loads((out / "training_args.json").read_text())
-        assert args["max_train_steps"] == 4 and args["num_processes"] == 1
+        assert args["max_train_steps"] == GRID_STEPS[name] and args["num_processes"] == 1
         assert (out / "sample_grid.png").is_file()
         pipelines.append(out)
         for sub in ("ema", "swa"):
-            assert (out / sub / "model_index.json").is_file() == (f"--use_{sub}" in flags)
-            if f"--use_{sub}" in flags:
+            assert (out / sub / "model_index.json").is_file() == (f"--use_{sub}" in GRID[name])
+            if f"--use_{sub}" in GRID[name]:
                 pipelines.append(out / sub)
     assert len(pipelines) == 10  # the nine rows and the plain run
     result = run_command([sys.executable, "-c", LOAD_IN_PLAIN_DIFFUSERS, *map(str, pipelines)], Path("/"), 300)
@@ -68,33 +52,17 @@ def test_every_grid_row_trains_and_loads_in_plain_diffusers(tmp_path, micro_unet
     assert f"loaded {len(pipelines)}" in result.stdout
 
 
-@pytest.fixture(scope="module")
-def averaged_run(tmp_path_factory, micro_unet_config):
-    """6 steps with a checkpoint after each, SWA from step 2 every 2 steps, EMA with its warm-up."""
-    out = tmp_path_factory.mktemp("averaged") / "run"
-    run_training(
-        *micro_args(
-            out,
-            micro_unet_config,
-            "--max_train_steps",
-            "6",
-            "--checkpointing_steps",
-            "1",
-            "--use_swa",
-            "--swa_start",
-            "2",
-            "--swa_cycle",
-            "2",
-            "--use_ema",
-            "--ema_power",
-            "0.75",
-            "--ema_inv_gamma",
-            "1.0",
-            "--sam_rho",
-            "0.05",
-        )
-    )
-    return out
+@pytest.fixture
+def averaged_run(grid_runs) -> Path:
+    """The grid's +SAM run: 6 steps with a checkpoint after each, SWA from step 2 every 2 steps, EMA with its
+    warm-up."""
+    return grid_runs["+SAM"]
+
+
+@pytest.fixture
+def finished_run(grid_runs) -> Path:
+    """The grid's plain run (2 steps, a checkpoint after each), which bad input must leave alone."""
+    return grid_runs["plain"]
 
 
 @pytest.mark.slow
@@ -229,13 +197,6 @@ def tree_digest(directory: Path) -> dict[str, str]:
         for p in sorted(directory.rglob("*"))
         if p.is_file()
     }
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, micro_unet_config):
-    out = tmp_path_factory.mktemp("finished") / "run"
-    run_training(*micro_args(out, micro_unet_config, "--max_train_steps", "2", "--checkpointing_steps", "1"))
-    return out
 
 
 @pytest.fixture(scope="module")
