@@ -104,16 +104,13 @@ def main(args: argparse.Namespace) -> None:
     betas, decay = (args.adam_beta1, args.adam_beta2), args.adam_weight_decay
     optimizer = torch.optim.AdamW(model.parameters(), args.learning_rate, betas, args.adam_epsilon, decay)
     # Stepped once per optimizer step, by us: accelerate's wrapper would step it once per process.
-    warmup = args.lr_warmup_steps
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=max_train_steps
-    )
+    warmup, total = args.lr_warmup_steps, max_train_steps
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total)
     model, optimizer = accelerator.prepare(model, optimizer)
     unet = accelerator.unwrap_model(model)
     sam = SAM(unet.parameters(), rho=args.sam_rho, adaptive=args.sam_adaptive) if args.sam_rho > 0 else None
-    ema = None
-    if args.use_ema:
-        ema = make_ema(unet, args.ema_max_decay, args.ema_inv_gamma, args.ema_power, not args.ema_constant_decay)
+    ema_decay = (args.ema_max_decay, args.ema_inv_gamma, args.ema_power, not args.ema_constant_decay)
+    ema = make_ema(unet, *ema_decay) if args.use_ema else None
     swa = make_swa(unet) if args.use_swa else None
     averages = {name: avg for name, avg in (("ema", ema), ("swa", swa)) if avg is not None}
     adaptive_t = args.timestep_sampler == "loss-second-moment"
