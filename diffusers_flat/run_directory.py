@@ -138,6 +138,7 @@ class DataSource:
     dataset_config_name: str | None = None
     train_data_dir: str | None = None
     image_column: str = "image"
+    dataset_split: str = "train"
     train_subset: int | None = None  # the run trained on this many of the images (data.subset_indices)
     train_subset_seed: int = 0
 
@@ -170,6 +171,7 @@ class TrainingRecord:
             f.get("dataset_config_name"),
             f.get("train_data_dir"),
             f.get("image_column") or "image",
+            f.get("dataset_split") or "train",
             f.get("train_subset"),
             f.get("train_subset_seed") or 0,
         )

@@ -76,7 +76,12 @@ def main(args: argparse.Namespace) -> None:
     # Everything below up to start_run only reads and checks.
     with accelerator.main_process_first():
         dataset, data_channels = load_image_dataset(
-            args.dataset_name, args.dataset_config_name, args.train_data_dir, args.image_column, args.cache_dir
+            args.dataset_name,
+            args.dataset_config_name,
+            args.train_data_dir,
+            args.image_column,
+            args.cache_dir,
+            split=args.dataset_split,
         )
     if args.train_subset is not None:  # the first N of a fixed random order: subsets of one seed are nested
         dataset = dataset.select(subset_indices(len(dataset), args.train_subset, args.train_subset_seed))

@@ -14,7 +14,7 @@ from diffusers_flat.utils.cli import OneLineArgumentParser, parse_flags
 
 DEFAULTS = EvaluationSettings()
 # The flags that are not settings: how `evaluate_runs` loads the models and the data (its keyword arguments).
-DATA_OVERRIDES = ("dataset_name", "dataset_config_name", "train_data_dir", "image_column")
+DATA_OVERRIDES = ("dataset_name", "dataset_config_name", "train_data_dir", "image_column", "dataset_split")
 RUN_OPTIONS = ("device", "fid_batch_size", "fid_dtype", "pfd_reference_variant")
 
 
@@ -93,6 +93,7 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     parser.add_argument("--dataset_config_name", default=None)
     parser.add_argument("--train_data_dir", default=None)
     parser.add_argument("--image_column", default=None)
+    parser.add_argument("--dataset_split", default=None, help="The split the models trained on (default: recorded).")
     return parser
 
 

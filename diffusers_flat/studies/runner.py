@@ -115,7 +115,8 @@ class StudyRunner:
         """The subsets against the dataset's size."""
         args = self._training_flags(self.study.teacher_runs()[0].flags, "teacher_training")
         try:
-            dataset, _ = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir)
+            names = (args.dataset_name, args.dataset_config_name, args.train_data_dir, args.image_column)
+            dataset, _ = load_image_dataset(*names, split=args.dataset_split)
             for subset in self.study.generalization.subsets:
                 subset_indices(len(dataset), subset)
         except FlatError as err:

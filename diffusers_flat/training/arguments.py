@@ -39,6 +39,12 @@ def training_parser(description: str | None = None) -> OneLineArgumentParser:
     )
     parser.add_argument("--image_column", type=str, default="image", help="The dataset column holding the images.")
     parser.add_argument(
+        "--dataset_split",
+        type=str,
+        default="train",
+        help="The split to train on (fashion_mnist: train or test; its FID compares with the test split).",
+    )
+    parser.add_argument(
         "--train_subset",
         type=int,
         default=None,

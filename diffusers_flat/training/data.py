@@ -21,6 +21,7 @@ from datasets import Image as ImageFeature
 from PIL import Image
 
 from diffusers_flat.errors import FlatError
+from diffusers_flat.training import fashion_mnist
 from diffusers_flat.utils.seeding import augmentation_rng, data_order_rng
 
 logger = logging.getLogger(__name__)
@@ -53,25 +54,36 @@ def load_image_dataset(
     train_data_dir: str | None = None,
     image_column: str = "image",
     cache_dir: str | None = None,
+    split: str = "train",
 ) -> tuple[Dataset, int]:
-    """The training split of an image dataset, with unreadable images dropped (a warning counts them), and its
-    channel count: 1 if every image is grayscale, else 3.
+    """A split of an image dataset (the training split by default), with unreadable images dropped (a warning counts
+    them), and its channel count: 1 if every image is grayscale, else 3.
 
     `dataset_name` is a Hub id, a local dataset directory (files `datasets` understands, or a `save_to_disk`
-    folder); `train_data_dir` is an image folder. With neither, the embedded digits. The image column is returned
-    undecoded (`{"bytes", "path"}`): `open_image` decodes it.
+    folder); `train_data_dir` is an image folder. With neither, the embedded digits. `fashion_mnist` reads the idx
+    files of Debian's `dataset-fashion-mnist` when they are installed (else it is the Hub dataset of that name). The
+    image column is returned undecoded (`{"bytes", "path"}`): `open_image` decodes it.
     """
-    if dataset_name:
+    if dataset_name == fashion_mnist.NAME and fashion_mnist.local_files(split):
+        logger.info(f"dataset_name {dataset_name}: reading the local idx files in {fashion_mnist.DIRECTORY}")
+        dataset = fashion_mnist.load_fashion_mnist(split)
+        if image_column not in dataset.column_names:
+            raise DataError(f"image_column '{image_column}' is not in {dataset_name}; its columns are: image, label")
+        # decoded from arrays, not files: every image is readable and grayscale, so the scan below is not needed
+        return dataset.select_columns([image_column]).cast_column(image_column, ImageFeature(decode=False)), 1
+    elif dataset_name:
         path = Path(dataset_name).expanduser()
         if path.exists():
-            dataset = _load_local(path, dataset_config_name, cache_dir, parameter="dataset_name")
+            dataset = _load_local(path, dataset_config_name, cache_dir, "dataset_name", split)
         elif _looks_like_path(dataset_name):
             raise DataError(f"dataset_name: path '{dataset_name}' does not exist", parameter="dataset_name")
         else:
             try:
-                dataset = load_dataset(dataset_name, dataset_config_name, split="train", cache_dir=cache_dir)
+                dataset = load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir)
             except Exception as err:
                 reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                if dataset_name == fashion_mnist.NAME:  # offline, the local files are the way
+                    reason += f"; offline, install its files with apt-get install {fashion_mnist.PACKAGE}"
                 raise DataError(
                     f"dataset_name '{dataset_name}' is not a local path and could not be loaded from the Hub: "
                     f"{reason}",
@@ -83,7 +95,9 @@ def load_image_dataset(
             raise DataError(f"train_data_dir: '{train_data_dir}' is not an existing directory", "train_data_dir")
         if not any(p.is_file() for p in path.rglob("*")):
             raise DataError(f"train_data_dir: '{train_data_dir}' holds no image files", "train_data_dir")
-        dataset = _load_local(path, None, cache_dir, parameter="train_data_dir", builder="imagefolder")
+        dataset = _load_local(path, None, cache_dir, "train_data_dir", split, builder="imagefolder")
+    elif split != "train":
+        raise DataError(f"dataset_split: the embedded digits have only a train split, not {split!r}", "dataset_split")
     else:
         dataset = load_digits_dataset()
 
@@ -104,23 +118,23 @@ def load_image_dataset(
 
 
 def _load_local(
-    path: Path, config: str | None, cache_dir: str | None, parameter: str, builder: str | None = None
+    path: Path, config: str | None, cache_dir: str | None, parameter: str, split: str, builder: str | None = None
 ) -> Dataset:
-    """A local dataset: a `save_to_disk` folder, files `datasets` understands, or an image folder (`builder`).
-    Errors name `parameter`, the argument that gave the path."""
+    """A split of a local dataset: a `save_to_disk` folder, files `datasets` understands, or an image folder
+    (`builder`). Errors name `parameter`, the argument that gave the path."""
     try:
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             dataset = load_from_disk(str(path))
             if isinstance(dataset, DatasetDict):
-                if "train" not in dataset:
+                if split not in dataset:
                     raise DataError(
-                        f"{parameter}: '{path}' has no 'train' split (it has {', '.join(dataset)})", parameter
+                        f"{parameter}: '{path}' has no '{split}' split (it has {', '.join(dataset)})", parameter
                     )
-                dataset = dataset["train"]
+                dataset = dataset[split]
             return dataset
         if builder:
-            return load_dataset(builder, data_dir=str(path), split="train", cache_dir=cache_dir)
-        return load_dataset(str(path), config, split="train", cache_dir=cache_dir)
+            return load_dataset(builder, data_dir=str(path), split=split, cache_dir=cache_dir)
+        return load_dataset(str(path), config, split=split, cache_dir=cache_dir)
     except DataError:
         raise
     except Exception as err:
