@@ -25,6 +25,27 @@ class Interval(TypedDict):
     high: float
     n: int
     confidence: float
+    sd: float  # the standard deviation of the differences (nan with fewer than two pairs)
+    detectable: float  # the smallest |effect| this design detects with 80% power (`detectable_effect`)
+
+
+def detectable_effect(sd: float, n: int, confidence: float = 0.95, power: float = 0.8) -> float:
+    """The minimum detectable effect of a paired design: the smallest true mean difference that a two-sided paired
+    t-test at `confidence` finds (an interval excluding zero) with probability `power`, given n pairs whose
+    differences have standard deviation `sd`:
+
+        (t_{(1+c)/2, n-1} + t_{power, n-1}) sd / sqrt(n)
+
+    (the t approximation to the noncentral-t power). An inconclusive verdict with an effect smaller than this says
+    the design was blind to it; nan with fewer than two pairs.
+
+    Example:
+        >>> round(detectable_effect(sd=1.0, n=3), 3)  # (4.303 + 1.061) / sqrt(3)
+        3.097
+    """
+    if n < 2:
+        return math.nan
+    return (stats.t.ppf((1 + confidence) / 2, n - 1) + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n)
 
 
 def paired_interval(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> Interval:
@@ -40,9 +61,19 @@ def paired_interval(a: Sequence[float], b: Sequence[float], confidence: float = 
     n = len(differences)
     mean = float(differences.mean()) if n else math.nan
     if n < 2:
-        return {"mean": mean, "low": math.nan, "high": math.nan, "n": n, "confidence": confidence}
-    half = stats.t.ppf((1 + confidence) / 2, n - 1) * differences.std(ddof=1) / math.sqrt(n)
-    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n, "confidence": confidence}
+        nan = math.nan
+        return {"mean": mean, "low": nan, "high": nan, "n": n, "confidence": confidence, "sd": nan, "detectable": nan}
+    sd = float(differences.std(ddof=1))
+    half = stats.t.ppf((1 + confidence) / 2, n - 1) * sd / math.sqrt(n)
+    detectable = detectable_effect(sd, n, confidence)
+    interval = {"mean": mean, "low": mean - half, "high": mean + half, "n": n, "confidence": confidence}
+    return {**interval, "sd": sd, "detectable": detectable}
+
+
+def detectable_cell(interval: Interval) -> str:
+    """The detectable effect as a report shows it: ±value, or "-" without an interval."""
+    detectable = interval.get("detectable", math.nan)
+    return "-" if math.isnan(detectable) else f"±{detectable:.4g}"
 
 
 def verdict(interval: Interval, expected_sign: int) -> str:

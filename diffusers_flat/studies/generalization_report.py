@@ -11,7 +11,7 @@ from pathlib import Path
 
 from diffusers_flat.evaluation.plots import plot_generalization, plot_temperature_sweep
 from diffusers_flat.run_directory import write_atomically, write_json
-from diffusers_flat.studies.claims import paired_interval, verdict
+from diffusers_flat.studies.claims import detectable_cell, paired_interval, verdict
 from diffusers_flat.studies.report import mean_std
 
 # row -> training-set size -> seed -> evaluation result (E_mem in "pfd", E_gen in "pfd_teacher")
@@ -108,13 +108,14 @@ def write_generalization_report(collected: dict, settings: dict, out: str | os.P
             lines.append(f"| {row} | {size} | " + " | ".join(cells) + " |")
     claims = generalization_claims(students, [tuple(c) for c in settings.get("comparisons", [])], measures)
     claim_lines = [
-        "| claim | rows | training images | measured effect (treated - base), 95% interval | verdict |",
-        "|---|---|---|---|---|",
+        "| claim | rows | training images | measured effect (treated - base), 95% interval | detectable (80% power) "
+        "| verdict |",
+        "|---|---|---|---|---|---|",
     ]
     for c in claims:
-        claim_lines.append(
-            f"| {c['claim']} | {c['rows']} | {c['training_images']} | {_effect(c['interval'])} | **{c['verdict']}** |"
-        )
+        cells = [c["claim"], c["rows"], str(c["training_images"]), _effect(c["interval"])]
+        cells += [detectable_cell(c["interval"]), f"**{c['verdict']}**"]
+        claim_lines.append("| " + " | ".join(cells) + " |")
     teacher = collected.get("teacher")
     sections = [
         "# Generalization study report",
@@ -134,7 +135,8 @@ def write_generalization_report(collected: dict, settings: dict, out: str | os.P
         "## Claims",
         "Paired differences over seeds at each training-set size (same seed: same data order and noise), with a "
         "95% t-interval; **holds** when the interval excludes zero in the claimed direction, **does not hold** "
-        "when it excludes zero in the other, else **inconclusive**. Computed, never written by hand.",
+        "when it excludes zero in the other, else **inconclusive**. Computed, never written by hand. *Detectable*: "
+        "the smallest true effect the design finds with 80% power.",
         "\n".join(claim_lines),
     ]
     sweep = collected.get("empirical") or []

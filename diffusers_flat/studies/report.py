@@ -12,7 +12,15 @@ import numpy as np
 
 from diffusers_flat.evaluation.plots import plot_bands
 from diffusers_flat.run_directory import write_atomically, write_json
-from diffusers_flat.studies.claims import CLAIMS, lpf, paired_interval, perturbation_slope, sharpness_excess, verdict
+from diffusers_flat.studies.claims import (
+    CLAIMS,
+    detectable_cell,
+    lpf,
+    paired_interval,
+    perturbation_slope,
+    sharpness_excess,
+    verdict,
+)
 
 # row -> seed -> the evaluation result of that row's pipeline at that seed
 Results = dict[str, dict[int, dict]]
@@ -73,8 +81,8 @@ def claim_results(results: Results) -> list[dict]:
 
 def _claims_table(claims: list[dict]) -> str:
     lines = [
-        "| claim | rows | paper | measured effect (treated - base), 95% interval | verdict |",
-        "|---|---|---|---|---|",
+        "| claim | rows | paper | measured effect (treated - base), 95% interval | detectable (80% power) | verdict |",
+        "|---|---|---|---|---|---|",
     ]
     for c in claims:
         i = c["interval"]
@@ -84,7 +92,8 @@ def _claims_table(claims: list[dict]) -> str:
             effect = f"{i['mean']:+.4g} (n={i['n']}: no interval)"
         else:
             effect = f"{i['mean']:+.4g} [{i['low']:+.4g}, {i['high']:+.4g}] (n={i['n']})"
-        lines.append(f"| {c['claim']} | {c['rows']} | {c['paper']} | {effect} | **{c['verdict']}** |")
+        detectable = detectable_cell(i)
+        lines.append(f"| {c['claim']} | {c['rows']} | {c['paper']} | {effect} | {detectable} | **{c['verdict']}** |")
     return "\n".join(lines)
 
 
@@ -169,7 +178,9 @@ def write_report(
         "## Claims",
         "Each claim is a paired difference over seeds (same seed: same data order and noise), with a 95% "
         "t-interval; **holds** when the interval excludes zero in the paper's direction, **does not hold** when it "
-        "excludes zero in the other, else **inconclusive**. Computed, never written by hand.",
+        "excludes zero in the other, else **inconclusive**. Computed, never written by hand. *Detectable*: the "
+        "smallest true effect this design (its n and the measured spread of the differences) finds with 80% power; "
+        "an inconclusive verdict on an effect below it says the design was blind to it.",
         _claims_table(claims),
         "![loss under perturbation](perturbation.png)",
         "![exposure bias](exposure_bias.png)",
