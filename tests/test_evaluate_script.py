@@ -275,6 +275,14 @@ def test_pfd_against_the_empirical_denoiser_of_the_training_set(two_models, tmp_
             ["--model_path", "{adm}", "--metrics", "pfd", "--pfd_reference", "empirical", "--pfd_steps", "30"],
             "--pfd_steps must divide the 1000 training timesteps for ddim",
         ),
+        (
+            ["--model_path", "{adm}", "--metrics", "sensitivity", "--ladder_steps", "30"],
+            "--ladder_steps must divide the 1000 training timesteps for ddim",
+        ),
+        (
+            ["--model_path", "{adm}", "--metrics", "sensitivity", "--ladder", "8", "1"],
+            "--ladder bits must be an integer from 2 to 8, got 1",
+        ),
     ],
 )
 def test_bad_input(two_models, tmp_path, flags, message, capsys):
@@ -321,3 +329,17 @@ def test_two_processes_give_the_fid_and_kid_of_one(two_models, tmp_path):
     # the same 100 images, in the same order: the first 64 make identical grids
     grids = [np.asarray(Image.open(tmp_path / run / "sam" / "samples_2_steps.png")) for run in ("one", "two")]
     assert np.array_equal(*grids)
+
+
+def test_the_quantization_ladder_needs_no_feature_network_and_is_plotted(two_models, tmp_path):
+    out = tmp_path / "eval"
+    models = [shutil.copytree(model, tmp_path / model.name) for model in two_models]  # evaluation writes into them
+    argv = ["--model_path", *map(str, models), "--metrics", "sensitivity", "--ladder", "8", "4"]
+    argv += ["--ladder_samples", "4", "--ladder_steps", "10", "--loss_samples", "16", "--output_dir", str(out)]
+    evaluate_flat.main(evaluate_flat.parse_args(argv))
+    results = json.loads((out / "eval_results.json").read_text())
+    for name in ("adm", "sam"):
+        curves = results[name]["sensitivity"]["curves"]
+        assert set(curves) == {"per_tensor", "per_channel"} and set(curves["per_tensor"]) == {"8", "4"}
+        assert (out / name / "sensitivity.png").stat().st_size > 1000
+    assert (out / "sensitivity.png").stat().st_size > 1000 and "fid" not in results["adm"]

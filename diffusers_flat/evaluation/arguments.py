@@ -24,7 +24,7 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
         "--metrics",
         nargs="+",
         default=list(DEFAULT_METRICS),
-        help=f"Any of: {', '.join(METRICS)} (default: all but pfd, which needs --pfd_reference).",
+        help=f"Any of: {', '.join(METRICS)} (default: all but pfd, which needs --pfd_reference, and sensitivity).",
     )
     parser.add_argument(
         "--inference_steps", nargs="+", type=int, default=list(DEFAULTS.inference_steps), help="FID columns T'."
@@ -89,6 +89,23 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     parser.add_argument("--pfd_solver", default=DEFAULTS.pfd_solver, help="ddim (eta = 0) or dpm-solver++.")
     parser.add_argument("--pfd_descriptor", default=DEFAULTS.pfd_descriptor, help="pixels or inception.")
     # Overrides of the dataset recorded in training_args.json
+    parser.add_argument(
+        "--ladder",
+        nargs="+",
+        type=int,
+        default=list(DEFAULTS.ladder),
+        help="The sensitivity metric's bits: loss increase and pixel displacements at each (2-8).",
+    )
+    parser.add_argument(
+        "--ladder_granularities",
+        nargs="+",
+        default=list(DEFAULTS.ladder_granularities),
+        help="The sensitivity metric's scales: per_tensor and/or per_channel.",
+    )
+    parser.add_argument("--ladder_samples", type=int, default=DEFAULTS.ladder_samples, help="Samples per level.")
+    parser.add_argument(
+        "--ladder_steps", type=int, default=DEFAULTS.ladder_steps, help="DDIM and ancestral steps of those samples."
+    )
     parser.add_argument("--dataset_name", default=None)
     parser.add_argument("--dataset_config_name", default=None)
     parser.add_argument("--train_data_dir", default=None)

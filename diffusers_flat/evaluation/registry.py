@@ -29,6 +29,7 @@ from diffusers_flat.metrics.flatness import (
 )
 from diffusers_flat.metrics.memorization import MemorizationResult, memorization_ratio
 from diffusers_flat.metrics.pfd import PFDResult, pfd
+from diffusers_flat.metrics.quantization_sensitivity import SensitivityResult, quantization_sensitivity
 
 if TYPE_CHECKING:  # the settings check their metrics against this table
     from diffusers_flat.evaluation.settings import EvaluationSettings
@@ -66,6 +67,7 @@ class EvaluationResult(TypedDict, total=False):
     memorization: MemorizationResult
     pfd: PFDResult  # against pfd_reference
     pfd_reference: str  # a pipeline directory or "empirical"
+    sensitivity: SensitivityResult  # the quantization ladder
 
 
 @dataclass
@@ -182,6 +184,13 @@ def measure_memorization(m: MetricInputs) -> None:
     m.evaluation.result["memorization"] = {k: memo[k] for k in MemorizationResult.__annotations__}
 
 
+def measure_sensitivity(m: MetricInputs) -> None:
+    """The quantization-sensitivity curve: loss increase and pixel displacements at each ladder level."""
+    s = m.settings
+    ladder = (s.ladder, s.ladder_granularities, s.ladder_samples, s.ladder_steps, s.seed, s.batch_size)
+    m.evaluation.result["sensitivity"] = quantization_sensitivity(m.model, m.scheduler, m.loss, *ladder)
+
+
 def empirical_reference(
     real: RealImages,
     scheduler: DDPMScheduler,
@@ -229,4 +238,5 @@ METRICS: dict[str, Callable[[MetricInputs], None]] = {
     "exposure_bias": measure_exposure_bias,
     "memorization": measure_memorization,
     "pfd": measure_pfd,
+    "sensitivity": measure_sensitivity,
 }

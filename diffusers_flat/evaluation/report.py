@@ -11,6 +11,7 @@ from diffusers_flat.evaluation.plots import (
     plot_loss_surfaces,
     plot_nearest_neighbours,
     plot_perturbation_curves,
+    plot_sensitivity,
 )
 from diffusers_flat.evaluation.real_images import RealImages
 from diffusers_flat.evaluation.registry import Evaluation, EvaluationResult
@@ -41,6 +42,8 @@ def write_model_report(
         plot_fid_vs_bits({name: result}, out / "fid_vs_bits.png")
     if "perturbation" in result:
         plot_perturbation_curves({name: result["perturbation"]}, out / "perturbation.png")
+    if "sensitivity" in result:
+        plot_sensitivity({name: result}, out / "sensitivity.png")
     if "memorization" in result:
         generated = evaluation.samples[max(evaluation.samples)]
         plot_nearest_neighbours(generated, real.training_images().uint8, evaluation.nearest, out / "memorization.png")
@@ -63,4 +66,6 @@ def write_comparison(results: dict[str, EvaluationResult], settings: EvaluationS
         plot_exposure_bias({n: r["exposure_bias"] for n, r in results.items()}, out / "exposure_bias.png")
     if settings.quantize:
         plot_fid_vs_bits(results, out / "fid_vs_bits.png")
+    if "sensitivity" in settings.metrics:
+        plot_sensitivity(results, out / "sensitivity.png")
     return report

@@ -29,7 +29,15 @@ def load_reference(
     settings: EvaluationSettings, runs: dict[str, RunDirectory], variant: str, reference_variant: str, device
 ) -> DDPMPipeline | None:
     """The pfd metric's reference pipeline (None for 'empirical', built per model), and every model to evaluate
-    checked against it (image shape, noise schedule) and against the solver's steps, before anything is written."""
+    checked against it (image shape, noise schedule) and against the solvers' steps (PFD's and the quantization
+    ladder's), before anything is written."""
+    if "sensitivity" in settings.metrics:  # its DDIM samples step by a fixed stride
+        for run in runs.values():
+            scheduler = DDPMScheduler.from_pretrained(run.pipeline_path(variant), subfolder="scheduler")
+            try:
+                check_steps(settings.ladder_steps, "ddim", scheduler.config.num_train_timesteps)
+            except FlatError as err:
+                raise FlatError(f"ladder_{err}", "ladder_steps") from None
     if "pfd" not in settings.metrics:
         return None
     reference, where = None, settings.pfd_reference

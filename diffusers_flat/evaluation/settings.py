@@ -10,7 +10,9 @@ from diffusers_flat.metrics.fid import check_count
 from diffusers_flat.metrics.pfd import DESCRIPTORS, SOLVERS
 from diffusers_flat.quantization import check_bits, check_granularity
 
-DEFAULT_METRICS = tuple(name for name in METRICS if name != "pfd")  # PFD needs a reference model: asked for by name
+# asked for by name: PFD needs a reference model, the quantization ladder is a study's instrument
+ON_REQUEST = ("pfd", "sensitivity")
+DEFAULT_METRICS = tuple(name for name in METRICS if name not in ON_REQUEST)
 
 
 @dataclass(frozen=True)
@@ -18,7 +20,7 @@ class EvaluationSettings:
     """What to measure and how much of it. Every field is checked when the settings are made.
 
     Args:
-        metrics: any of METRICS (default: all but pfd).
+        metrics: any of METRICS (default: all but pfd and sensitivity, asked for by name).
         inference_steps: the respaced sampling steps T' of the FID columns (the paper: 20 and 100).
         num_samples: generated images per FID column (the paper: 50,000).
         num_real: at most this many real images for FID.
@@ -41,6 +43,10 @@ class EvaluationSettings:
         pfd_steps: the PF-ODE solver's steps.
         pfd_solver: "ddim" (eta = 0) or "dpm-solver++".
         pfd_descriptor: "pixels" or "inception" (with the fid metric, which brings InceptionV3).
+        ladder: the bits of the quantization-sensitivity curve (the sensitivity metric), e.g. 8, 6, 5, 4, 3.
+        ladder_granularities: the scales of each ladder level: per_tensor and/or per_channel.
+        ladder_samples: samples of each ladder level's pixel displacements.
+        ladder_steps: DDIM (and respaced ancestral) steps of those samples; a divisor of the training timesteps.
 
     Example:
         >>> EvaluationSettings(metrics=("lpf",), lpf_draws=5).lpf_draws
@@ -69,6 +75,10 @@ class EvaluationSettings:
     pfd_steps: int = 50
     pfd_solver: str = "ddim"
     pfd_descriptor: str = "pixels"
+    ladder: tuple[int, ...] = (8, 6, 5, 4, 3)
+    ladder_granularities: tuple[str, ...] = ("per_tensor", "per_channel")
+    ladder_samples: int = 64
+    ladder_steps: int = 20
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.metrics if m not in METRICS]
@@ -85,6 +95,19 @@ class EvaluationSettings:
         check_granularity(self.quantize_granularity)
         if "pfd" in self.metrics:
             check_pfd_settings(self)
+        if "sensitivity" in self.metrics:
+            if not self.ladder or not self.ladder_granularities:
+                raise FlatError("ladder: the sensitivity metric needs bits and granularities", "ladder")
+            try:
+                for bits in self.ladder:
+                    check_bits(bits)
+            except FlatError as err:
+                raise FlatError(f"ladder {err}", "ladder") from None
+            try:
+                for granularity in self.ladder_granularities:
+                    check_granularity(granularity)
+            except FlatError as err:
+                raise FlatError(f"ladder_granularities {err}", "ladder_granularities") from None
         extra = [s for s in self.quantize_inference_steps if s not in self.inference_steps]
         if extra:
             raise FlatError(
@@ -99,6 +122,8 @@ class EvaluationSettings:
             "directions",
             "surface_resolution",
             "exposure_samples",
+            "ladder_samples",
+            "ladder_steps",
         ):
             if getattr(self, name) < 1:
                 raise FlatError(f"{name} must be >= 1, got {getattr(self, name)}", name)
@@ -126,6 +151,9 @@ def evaluation_work(s: EvaluationSettings) -> tuple[int, int]:
     forwards += losses * s.loss_samples
     if "exposure_bias" in metrics:  # each step: the chain's image and the freshly noised real one
         forwards += 2 * s.exposure_samples * max(s.inference_steps)
+    if "sensitivity" in metrics:  # each level: the fixed loss, then DDIM and ancestral samples of fp32 and quantized
+        levels = len(s.ladder) * len(s.ladder_granularities)
+        forwards += levels * (s.loss_samples + 4 * s.ladder_samples * s.ladder_steps) + s.loss_samples
     if "pfd" in metrics:  # the model's and the reference's flow maps; an empirical reference costs more than a UNet
         forwards += 2 * s.pfd_noises * s.pfd_steps
         images += 2 * s.pfd_noises * (s.pfd_descriptor == "inception")
