@@ -206,18 +206,13 @@ def grid_runs(tmp_path_factory, micro_unet_config) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("grid")
     runs = {}
     for name, flags in GRID.items():
-        runs[name] = root / name.replace("+", "_")
+        runs[name] = root / name.lstrip("+").lower()  # adm, ip, sam, plain
         run_training(*micro_args(runs[name], micro_unet_config, "--max_train_steps", str(GRID_STEPS[name]), *flags))
     return runs
 
 
 @pytest.fixture(scope="session")
-def two_models(tmp_path_factory, micro_unet_config) -> tuple[Path, Path]:
-    """Two 3-step micro runs with EMA, ADM and SAM, shared by every test that evaluates or serves a model: a test
-    that writes into one works on a copy."""
-    root = tmp_path_factory.mktemp("models")
-    run_training(*micro_args(root / "adm", micro_unet_config, "--max_train_steps", "3", "--use_ema"))
-    run_training(
-        *micro_args(root / "sam", micro_unet_config, "--max_train_steps", "3", "--use_ema", "--sam_rho", "0.1")
-    )
-    return root / "adm", root / "sam"
+def two_models(grid_runs) -> tuple[Path, Path]:
+    """The grid's ADM and +SAM runs (EMA and SWA kept, named adm and sam), shared by every test that evaluates or
+    serves a model: a test that writes into one works on a copy."""
+    return grid_runs["ADM"], grid_runs["+SAM"]

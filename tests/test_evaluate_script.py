@@ -240,7 +240,7 @@ def test_pfd_against_the_empirical_denoiser_of_the_training_set(two_models, tmp_
     [
         (["--model_path", "{tmp}"], "--model_path {tmp}: not a DDPMPipeline directory"),
         (["--model_path", "{adm}", "--metrics", "fid", "sharpness"], "--metrics: unknown sharpness"),
-        (["--model_path", "{adm}", "--variant", "swa"], "--variant swa: {adm} was trained without use_swa"),
+        (["--model_path", "{plain}", "--variant", "swa"], "--variant swa: {plain} was trained without use_swa"),
         (
             ["--model_path", "{adm}", "--num_samples", "10"],
             "--num_samples 10 is too few for a meaningful FID: use at least 100",
@@ -285,10 +285,10 @@ def test_pfd_against_the_empirical_denoiser_of_the_training_set(two_models, tmp_
         ),
     ],
 )
-def test_bad_input(two_models, tmp_path, flags, message, capsys):
+def test_bad_input(two_models, grid_runs, tmp_path, flags, message, capsys):
     if "cuda" in flags and torch.cuda.is_available():
         pytest.skip("a machine with CUDA")
-    fill = {"tmp": tmp_path, "adm": two_models[0], "big": tmp_path / "big"}
+    fill = {"tmp": tmp_path, "adm": two_models[0], "plain": grid_runs["plain"], "big": tmp_path / "big"}
     # a pipeline of 16x16 images, as PFD's mismatched reference
     unet = UNet2DModel(
         sample_size=16,
