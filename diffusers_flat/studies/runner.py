@@ -186,7 +186,8 @@ class StudyRunner:
         real = load_real_images(source, unet.sample_size, unet.in_channels)
         fid = None
         if "fid" in plan.settings.metrics:
-            fid = FID(InceptionFeatures(), device=device)
+            features = InceptionFeatures(dtype=plan.options["fid_dtype"])
+            fid = FID(features, batch_size=plan.options["fid_batch_size"], device=device)
             set_fid_reference(fid, real, plan.settings, self.directory.fid_cache)
         for temperature, unconditional in todo:
             target = self.empirical_target(temperature, unconditional)
