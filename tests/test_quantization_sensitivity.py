@@ -94,9 +94,9 @@ def test_the_sensitivity_metric_through_evaluate(unet):
     settings = EvaluationSettings(
         metrics=("sensitivity",), ladder=(8, 3), ladder_samples=4, ladder_steps=10, loss_samples=16, batch_size=16
     )
-    # its cost, counted by hand: 2 x 2 levels, each the 16 loss terms and 4 samples x 10 steps x (DDIM, ancestral)
-    # x (fp32, quantized); the fp32 loss once
-    assert evaluation_work(settings) == (4 * (16 + 4 * 10 * 4) + 16, 0)
+    # its cost, counted by hand: the fp32 model and 2 x 2 quantized copies, each the 16 loss terms and 4 samples
+    # x 10 steps x (DDIM, ancestral)
+    assert evaluation_work(settings) == (5 * (16 + 4 * 10 * 2), 0)
     result = evaluate(unet, DDPMScheduler(), real, settings).result["sensitivity"]
     assert set(result["curves"]) == {"per_tensor", "per_channel"} and result["num_samples"] == 4
     for curve in result["curves"].values():

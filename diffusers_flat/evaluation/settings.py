@@ -151,9 +151,9 @@ def evaluation_work(s: EvaluationSettings) -> tuple[int, int]:
     forwards += losses * s.loss_samples
     if "exposure_bias" in metrics:  # each step: the chain's image and the freshly noised real one
         forwards += 2 * s.exposure_samples * max(s.inference_steps)
-    if "sensitivity" in metrics:  # each level: the fixed loss, then DDIM and ancestral samples of fp32 and quantized
+    if "sensitivity" in metrics:  # fp32 once and each level: the fixed loss, DDIM and ancestral samples
         levels = len(s.ladder) * len(s.ladder_granularities)
-        forwards += levels * (s.loss_samples + 4 * s.ladder_samples * s.ladder_steps) + s.loss_samples
+        forwards += (levels + 1) * (s.loss_samples + 2 * s.ladder_samples * s.ladder_steps)
     if "pfd" in metrics:  # the model's and the reference's flow maps; an empirical reference costs more than a UNet
         forwards += 2 * s.pfd_noises * s.pfd_steps
         images += 2 * s.pfd_noises * (s.pfd_descriptor == "inception")

@@ -40,6 +40,34 @@ class SensitivityResult(TypedDict):
     steps: int
 
 
+def ddim_images(
+    model: torch.nn.Module,
+    scheduler: DDPMScheduler,
+    num_samples: int,
+    steps: int,
+    seed: int = 0,
+    batch_size: int = 250,
+) -> torch.Tensor:
+    """DDIM (eta = 0) samples from the first `num_samples` noises of the stream `seed`, clamped to [-1, 1] as a
+    pipeline outputs them and scaled to 0-255, unrounded."""
+    flows = flow_map(model, scheduler.config, num_samples, steps, "ddim", seed, batch_size, show_progress=False)
+    return (flows.clamp(-1, 1).double() + 1) * 127.5
+
+
+def ancestral_images(
+    model: torch.nn.Module,
+    scheduler: DDPMScheduler,
+    num_samples: int,
+    steps: int,
+    seed: int = 0,
+    batch_size: int = 250,
+) -> np.ndarray:
+    """Respaced DDPM ancestral samples of the noise stream `seed` (`sample_images`), 0-255."""
+    return sample_images(model, scheduler, num_samples, steps, seed, batch_size, show_progress=False).astype(
+        np.float64
+    )
+
+
 def deterministic_displacement(
     a: torch.nn.Module,
     b: torch.nn.Module,
@@ -60,26 +88,8 @@ def deterministic_displacement(
         >>> deterministic_displacement(unet, unet, DDPMScheduler(), num_samples=2, steps=4)
         0.0
     """
-    flows = [
-        flow_map(model, scheduler.config, num_samples, steps, "ddim", seed, batch_size, show_progress=False)
-        for model in (a, b)
-    ]
-    return float((flows[0].clamp(-1, 1) - flows[1].clamp(-1, 1)).abs().double().mean() * 127.5)
-
-
-def ancestral_displacement(
-    a: torch.nn.Module,
-    b: torch.nn.Module,
-    scheduler: DDPMScheduler,
-    num_samples: int = 64,
-    steps: int = 20,
-    seed: int = 0,
-    batch_size: int = 250,
-) -> float:
-    """The mean absolute pixel difference (0-255) between the respaced DDPM ancestral samples of two models drawn
-    from the same noise stream (`sample_images`)."""
-    images = [sample_images(m, scheduler, num_samples, steps, seed, batch_size, show_progress=False) for m in (a, b)]
-    return float(np.abs(images[0].astype(np.float64) - images[1].astype(np.float64)).mean())
+    a_images, b_images = (ddim_images(m, scheduler, num_samples, steps, seed, batch_size) for m in (a, b))
+    return float((a_images - b_images).abs().mean())
 
 
 def quantization_sensitivity(
@@ -111,15 +121,16 @@ def quantization_sensitivity(
     for g in granularities:
         check_granularity(g)
     fp32_loss = loss(model)
+    sampling = (scheduler, num_samples, steps, seed, batch_size)
+    fp32_ddim, fp32_ancestral = ddim_images(model, *sampling), ancestral_images(model, *sampling)  # once, for all
     curves: dict[str, dict[str, SensitivityPoint]] = {}
     levels = [(g, b) for g in granularities for b in bits]
     for granularity, b in tqdm(levels, desc="Quantization ladder", leave=False):
         quantized = copy.deepcopy(model)
         quantize_weights_(quantized, b, granularity)
-        sampling = (scheduler, num_samples, steps, seed, batch_size)
         curves.setdefault(granularity, {})[str(b)] = {
             "loss_increase": loss(quantized) - fp32_loss,
-            "ddim_displacement": deterministic_displacement(model, quantized, *sampling),
-            "ancestral_displacement": ancestral_displacement(model, quantized, *sampling),
+            "ddim_displacement": float((ddim_images(quantized, *sampling) - fp32_ddim).abs().mean()),
+            "ancestral_displacement": float(np.abs(ancestral_images(quantized, *sampling) - fp32_ancestral).mean()),
         }
     return {"curves": curves, "num_samples": num_samples, "steps": steps}
