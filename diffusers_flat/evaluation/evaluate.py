@@ -21,7 +21,7 @@ from diffusers import DDPMScheduler
 
 from diffusers_flat.errors import FlatError
 from diffusers_flat.evaluation.real_images import RealImages
-from diffusers_flat.evaluation.registry import METRICS, Evaluation, MetricInputs, measure_fid, measure_quantization
+from diffusers_flat.evaluation.registry import METRICS, Evaluation, MetricInputs, measure_quantization
 from diffusers_flat.evaluation.settings import EvaluationSettings
 from diffusers_flat.metrics.fid import FID, real_statistics_cached
 from diffusers_flat.quantization import quantize_weights_
@@ -130,11 +130,9 @@ def evaluate(
     if not is_main:
         return Evaluation(result={})
     inputs = MetricInputs(model, scheduler, real, settings, evaluation, fid, features, quantized_models, reference)
-    if "fid" in metrics:
-        measure_fid(inputs)
-    if s.quantize:
-        measure_quantization(inputs)
     for name, measure in METRICS.items():
-        if name in metrics and name != "fid":
+        if name in metrics:
             measure(inputs)
+    if s.quantize:  # FID before -> after quantization (the settings require the fid metric with it)
+        measure_quantization(inputs)
     return evaluation

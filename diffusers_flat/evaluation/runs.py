@@ -31,17 +31,10 @@ def load_reference(
     """The pfd metric's reference pipeline (None for 'empirical', built per model), and every model to evaluate
     checked against it (image shape, noise schedule) and against the solvers' steps (PFD's and the quantization
     ladder's), before anything is written."""
-    if "sensitivity" in settings.metrics:  # its DDIM samples step by a fixed stride
-        for run in runs.values():
-            scheduler = DDPMScheduler.from_pretrained(run.pipeline_path(variant), subfolder="scheduler")
-            try:
-                check_steps(settings.ladder_steps, "ddim", scheduler.config.num_train_timesteps)
-            except FlatError as err:
-                raise FlatError(f"ladder_{err}", "ladder_steps") from None
-    if "pfd" not in settings.metrics:
+    if not {"pfd", "sensitivity"} & set(settings.metrics):
         return None
     reference, where = None, settings.pfd_reference
-    if where != "empirical":
+    if "pfd" in settings.metrics and where != "empirical":
         try:
             path = RunDirectory(where).require_pipeline(reference_variant, "pfd_reference")
         except FlatError as err:
@@ -54,7 +47,11 @@ def load_reference(
     for name, run in runs.items():
         model = run.pipeline_path(variant)
         scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
-        check_steps(settings.pfd_steps, settings.pfd_solver, scheduler.config.num_train_timesteps)
+        train_steps = scheduler.config.num_train_timesteps
+        if "sensitivity" in settings.metrics:  # the ladder's DDIM samples step by a fixed stride
+            check_steps(settings.ladder_steps, "ddim", train_steps, "ladder_steps")
+        if "pfd" in settings.metrics:
+            check_steps(settings.pfd_steps, settings.pfd_solver, train_steps)
         if reference is None:
             continue
         config = UNet2DModel.load_config(model, subfolder="unet")

@@ -56,13 +56,14 @@ def ode_solver(scheduler_config: dict, solver: str = "ddim"):
     )
 
 
-def check_steps(steps: int, solver: str, train_steps: int) -> None:
-    """The solver's steps: at least one, and for DDIM a divisor of the training timesteps (its fixed stride)."""
+def check_steps(steps: int, solver: str, train_steps: int, parameter: str = "steps") -> None:
+    """The solver's steps: at least one, and for DDIM a divisor of the training timesteps (its fixed stride);
+    `parameter` names the argument that gave them."""
     if steps < 1 or (solver == "ddim" and train_steps % steps):
         raise FlatError(
-            f"steps must divide the {train_steps} training timesteps for ddim (its stride is {train_steps} // "
+            f"{parameter} must divide the {train_steps} training timesteps for ddim (its stride is {train_steps} // "
             f"steps), got {steps}; or use dpm-solver++",
-            "steps",
+            parameter,
         )
 
 
