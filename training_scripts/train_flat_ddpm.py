@@ -96,7 +96,6 @@ def main(args: argparse.Namespace) -> None:
     )
 
     world_size, accumulation = accelerator.num_processes, args.gradient_accumulation_steps
-    rank = {"world_size": world_size, "rank": accelerator.process_index}
     samples_per_step = args.train_batch_size * world_size * accumulation
     steps_per_epoch = math.ceil(len(dataset) / samples_per_step)
     max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
@@ -137,6 +136,7 @@ def main(args: argparse.Namespace) -> None:
     # Each step's images are a pure function of (seed, step): a resumed run reads what a straight one would.
     channels = unet.config.in_channels
     steps = {"num_steps": max_train_steps, "start_step": global_step, "accumulation_steps": accumulation}
+    rank = {"world_size": world_size, "rank": accelerator.process_index}
     sampler = StepBatchSampler(len(dataset), args.train_batch_size, seed=args.seed, **steps, **rank)
     transform = ImageTransform(args.resolution, args.center_crop, args.random_flip, channels)
     images = TrainingImages(dataset, args.image_column, transform)

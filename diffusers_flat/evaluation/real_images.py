@@ -50,9 +50,8 @@ class RealImages:
     def fid_subset(self, num_real: int, seed: int) -> np.ndarray:
         """At most `num_real` of the images FID compares with (the held-out split when there is one), a random
         subset in dataset order."""
-        if self.held_out is None:
-            return self.uint8[np.sort(self.order(seed)[:num_real])]
-        return self.held_out[np.sort(np.random.default_rng(seed).permutation(len(self.held_out))[:num_real])]
+        pool = self.uint8 if self.held_out is None else self.held_out
+        return pool[np.sort(np.random.default_rng(seed).permutation(len(pool))[:num_real])]
 
     def tensor_subset(self, count: int, seed: int) -> torch.Tensor:
         """The first `count` images of the fixed random order."""

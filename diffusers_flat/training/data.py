@@ -64,13 +64,10 @@ def load_image_dataset(
     files of Debian's `dataset-fashion-mnist` when they are installed (else it is the Hub dataset of that name). The
     image column is returned undecoded (`{"bytes", "path"}`): `open_image` decodes it.
     """
-    if dataset_name == fashion_mnist.NAME and fashion_mnist.local_files(split):
+    from_arrays = dataset_name == fashion_mnist.NAME and fashion_mnist.local_files(split) is not None
+    if from_arrays:
         logger.info(f"dataset_name {dataset_name}: reading the local idx files in {fashion_mnist.DIRECTORY}")
         dataset = fashion_mnist.load_fashion_mnist(split)
-        if image_column not in dataset.column_names:
-            raise DataError(f"image_column '{image_column}' is not in {dataset_name}; its columns are: image, label")
-        # decoded from arrays, not files: every image is readable and grayscale, so the scan below is not needed
-        return dataset.select_columns([image_column]).cast_column(image_column, ImageFeature(decode=False)), 1
     elif dataset_name:
         path = Path(dataset_name).expanduser()
         if path.exists():
@@ -114,6 +111,8 @@ def load_image_dataset(
     if len(dataset) == 0:
         raise DataError("the dataset is empty: it has no training images")
     dataset = dataset.select_columns([image_column]).cast_column(image_column, ImageFeature(decode=False))
+    if from_arrays:  # encoded here from uint8 arrays, not read from files: every image is readable and grayscale
+        return dataset, 1
     return _drop_unreadable(dataset, image_column)
 
 
