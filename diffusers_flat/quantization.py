@@ -1,13 +1,18 @@
 """Weight quantization of a trained UNet, without fine-tuning, two ways.
 
 1. `quantize_weights_`: the paper's direct post-training quantization (Table 4). Every Conv2d and Linear weight is
-   scaled, clipped and rounded to a symmetric signed grid of `bits` bits, with one scale per tensor or per output
-   channel, and written back in floating point ("fake" quantization). This measures robustness: the model computes
-   exactly what a b-bit model would, at any b from 2 to 8.
-2. `quantize_for_deployment`: real int8 storage. `nn.Linear` goes through torchao's `Int8WeightOnlyConfig`;
-   torchao has no int8 convolution, so each `nn.Conv2d` becomes an `Int8Conv2d` that keeps its weight as int8 with a
-   per-output-channel scale and dequantizes it on the fly. `save_quantized` / `load_quantized` write and read such a
-   model as safetensors (int8 tensors and their scales) beside the UNet's config.
+   scaled, clipped and rounded to a signed grid of `bits` bits and written back in floating point ("fake"
+   quantization): the model computes exactly what a b-bit model would, at any b from 2 to 8. Two granularities, two
+   conventions:
+   - per_tensor (hand-written: torchao's Intx path has no per-tensor granularity): one scale absmax / (2^(b-1) - 1),
+     codes in the symmetric range [-(2^(b-1) - 1), 2^(b-1) - 1], 2^b - 1 levels;
+   - per_channel (torchao's `IntxUnpackedToInt8Tensor`, the tensor `IntxWeightOnlyConfig` builds): one scale per
+     output channel, absmax / (2^(b-1) - 1/2), codes in torchao's range [-2^(b-1), 2^(b-1) - 1], 2^b levels. We pass
+     the block size (1, C_in, kh, kw) ourselves: the config's PerAxis(0) gives a Conv2d one scale per output channel
+     *and kernel position*, block (1, C_in, 1, 1), not one per output channel.
+2. `quantize_for_deployment`: real int8 storage. Every Conv2d and Linear weight becomes an int8 per-output-channel
+   `IntxUnpackedToInt8Tensor`, dequantized on the fly by torchao. `save_quantized` / `load_quantized` write and read
+   such a model as safetensors (int8 codes and their scales) beside the UNet's config.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers import UNet2DModel
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -45,20 +49,34 @@ def check_granularity(granularity: str) -> None:
         raise QuantizationError(f"granularity {granularity!r}: choose {' or '.join(GRANULARITIES)}", "granularity")
 
 
+def per_channel_tensor(weight: torch.Tensor, bits: int):
+    """torchao's symmetric `bits`-bit quantization of `weight` with one scale per output channel (dim 0): an
+    `IntxUnpackedToInt8Tensor` holding int8 codes in [-2^(b-1), 2^(b-1) - 1] and scales absmax / (2^(b-1) - 1/2)."""
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+    from torchao.quantization.quant_primitives import MappingType
+
+    check_bits(bits)
+    block_size = (1, *weight.shape[1:])  # one block per output channel
+    return IntxUnpackedToInt8Tensor.from_hp(
+        weight.detach(), block_size, getattr(torch, f"int{bits}"), mapping_type=MappingType.SYMMETRIC
+    )
+
+
 def quantize_tensor(
     weight: torch.Tensor, bits: int, granularity: str = "per_tensor"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric quantization of `weight` to `bits` bits: int8 codes in [-(2^(b-1)-1), 2^(b-1)-1] and the scale
-    (one value, or one per output channel shaped to broadcast) such that `codes * scale` approximates `weight`."""
+    """`weight` on a `bits`-bit grid: int8 codes and the scale (one value, or one per output channel shaped to
+    broadcast) such that `codes * scale` is the quantized weight. per_tensor: symmetric absmax, codes in
+    [-(2^(b-1)-1), 2^(b-1)-1]; per_channel: torchao's symmetric mapping, codes in [-2^(b-1), 2^(b-1)-1]."""
     check_bits(bits)
     check_granularity(granularity)
+    if granularity == "per_channel":
+        quantized = per_channel_tensor(weight.float(), bits)
+        return quantized.qdata, quantized.scale
     qmax = 2 ** (bits - 1) - 1
     weight = weight.detach().float()
-    if granularity == "per_tensor":
-        absmax = weight.abs().amax()
-    else:
-        absmax = weight.abs().amax(dim=tuple(range(1, weight.dim())), keepdim=True)
-    # An all-zero tensor or channel gets scale 1 (its codes are 0 either way) instead of a division by zero.
+    absmax = weight.abs().amax()
+    # An all-zero tensor gets scale 1 (its codes are 0 either way) instead of a division by zero.
     scale = torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax))
     codes = torch.clamp(torch.round(weight / scale), -qmax, qmax).to(torch.int8)
     return codes, scale
@@ -80,44 +98,13 @@ def quantize_weights_(model: nn.Module, bits: int = 8, granularity: str = "per_t
     return list(layers)
 
 
-class Int8Conv2d(nn.Module):
-    """A Conv2d whose weight is stored as int8 codes with one float scale per output channel."""
-
-    def __init__(self, conv: nn.Conv2d):
-        super().__init__()
-        if conv.padding_mode != "zeros":
-            raise QuantizationError(f"Int8Conv2d supports padding_mode 'zeros' only, got {conv.padding_mode!r}")
-        codes, scale = quantize_tensor(conv.weight, 8, "per_channel")
-        self.register_buffer("weight_int8", codes)
-        self.register_buffer("weight_scale", scale)
-        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
-        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight_int8.to(x.dtype) * self.weight_scale.to(x.dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
-
-    def extra_repr(self) -> str:
-        out_channels, in_per_group, kh, kw = self.weight_int8.shape
-        return f"{in_per_group * self.groups}, {out_channels}, kernel_size=({kh}, {kw}), stride={self.stride}, int8"
-
-
-def _is_linear(module: nn.Module, _fqn: str) -> bool:
-    return isinstance(module, nn.Linear)
-
-
 @torch.no_grad()
 def quantize_for_deployment(model: nn.Module) -> nn.Module:
-    """Give `model` real int8 weights, in place: torchao int8 weight-only for every Linear, `Int8Conv2d` for every
-    Conv2d. Returns the model, in eval mode, for inference only."""
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
+    """Give `model` real int8 weights, in place: every Conv2d and Linear weight becomes torchao's int8
+    per-output-channel `IntxUnpackedToInt8Tensor`. Returns the model, in eval mode, for inference only."""
     model.eval().requires_grad_(False)
-    quantize_(model, Int8WeightOnlyConfig(), filter_fn=_is_linear)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Conv2d):
-            model.set_submodule(name, Int8Conv2d(module))
+    for module in quantizable_layers(model).values():
+        module.weight = nn.Parameter(per_channel_tensor(module.weight, 8), requires_grad=False)
     return model
 
 
@@ -132,14 +119,15 @@ def model_size_bytes(model: nn.Module) -> int:
 
 
 def save_quantized(model: UNet2DModel, directory: str | os.PathLike) -> None:
-    """Write a `quantize_for_deployment` UNet as its config, int8 safetensors and a quantization config."""
+    """Write a `quantize_for_deployment` UNet as its config, safetensors (each quantized weight as its int8 codes,
+    scales and zero points) and a quantization config."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors, linear = {}, []
+    tensors, quantized = {}, []
     for name, tensor in model.state_dict().items():
-        if hasattr(tensor, "qdata"):  # a torchao Int8Tensor: store its codes and scale
-            tensors[f"{name}.qdata"], tensors[f"{name}.scale"] = tensor.qdata, tensor.scale
-            linear.append(name)
+        if hasattr(tensor, "qdata"):  # a torchao IntxUnpackedToInt8Tensor
+            tensors.update({f"{name}.{part}": getattr(tensor, part) for part in tensor.tensor_data_names})
+            quantized.append(name)
         else:
             tensors[name] = tensor
     save_file({k: v.contiguous() for k, v in tensors.items()}, directory / QUANTIZED_WEIGHTS)
@@ -147,10 +135,9 @@ def save_quantized(model: UNet2DModel, directory: str | os.PathLike) -> None:
     write_json(
         directory / QUANTIZATION_CONFIG,
         {
-            "method": "int8 weight-only",
-            "conv": "Int8Conv2d per_channel",
-            "linear": "torchao Int8WeightOnlyConfig",
-            "torchao_linear": linear,
+            "method": "int8 weight-only, per output channel",
+            "tensor": "torchao IntxUnpackedToInt8Tensor",
+            "weights": quantized,
         },
     )
 
@@ -158,22 +145,22 @@ def save_quantized(model: UNet2DModel, directory: str | os.PathLike) -> None:
 @torch.no_grad()
 def load_quantized(directory: str | os.PathLike) -> UNet2DModel:
     """Read what `save_quantized` wrote; the model computes exactly what it did before saving."""
-    from torchao.quantization import Int8Tensor
+    from torchao.quantization import IntxUnpackedToInt8Tensor
 
     directory = Path(directory)
     if not (directory / QUANTIZED_WEIGHTS).is_file():
         raise QuantizationError(f"{directory}: no {QUANTIZED_WEIGHTS}; write one with save_quantized")
-    linear = json.loads((directory / QUANTIZATION_CONFIG).read_text())["torchao_linear"]
-    model = quantize_for_deployment(UNet2DModel.from_config(UNet2DModel.load_config(directory)))
+    quantized = json.loads((directory / QUANTIZATION_CONFIG).read_text())["weights"]
+    model = UNet2DModel.from_config(UNet2DModel.load_config(directory)).eval().requires_grad_(False)
     tensors = load_file(directory / QUANTIZED_WEIGHTS)
-    for name in linear:
-        module_name = name.rsplit(".", 1)[0]
-        layer = model.get_submodule(module_name)
-        qdata, scale = tensors.pop(f"{name}.qdata"), tensors.pop(f"{name}.scale")
-        weight = Int8Tensor(qdata, scale, block_size=[1, qdata.shape[1]], dtype=torch.float32)
-        layer.weight = nn.Parameter(weight, requires_grad=False)
-    model.load_state_dict(tensors, strict=False)
-    missing = set(model.state_dict()) - set(tensors) - set(linear)
+    for name in quantized:
+        qdata, scale, zero_point = (tensors.pop(f"{name}.{part}") for part in ("qdata", "scale", "zero_point"))
+        weight = IntxUnpackedToInt8Tensor(
+            qdata, scale, zero_point, torch.int8, (1, *qdata.shape[1:]), scale.dtype, None
+        )
+        model.get_submodule(name.rsplit(".", 1)[0]).weight = nn.Parameter(weight, requires_grad=False)
+    missing = set(model.state_dict()) - set(tensors) - set(quantized)
     if missing:
         raise QuantizationError(f"{directory / QUANTIZED_WEIGHTS}: missing {', '.join(sorted(missing)[:5])}")
+    model.load_state_dict(tensors, strict=False)
     return model

@@ -1,5 +1,6 @@
-"""Weight quantization: the direct (fake) quantizer against a hand-written reference, its error bound and coverage,
-the int8 deployment path (sizes, torchao Linear, int8 conv storage) and its save/load round trip."""
+"""Weight quantization: the direct (fake) quantizer against hand-written references (our symmetric per-tensor grid,
+torchao's per-channel mapping), its error bound and coverage, the int8 deployment path (sizes, torchao int8 tensors
+on every Conv2d and Linear) and its save/load round trip."""
 
 import copy
 import json
@@ -10,10 +11,9 @@ import torch
 from diffusers import UNet2DModel
 from helpers import MICRO_UNET
 from torch import nn
-from torchao.quantization import Int8Tensor
+from torchao.quantization import IntxUnpackedToInt8Tensor
 
 from diffusers_flat.quantization import (
-    Int8Conv2d,
     QuantizationError,
     load_quantized,
     model_size_bytes,
@@ -41,29 +41,53 @@ def relative_rms(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_codes_match_a_hand_written_reference():
-    weight = torch.tensor([[0.45, -1.0, 0.26], [0.02, 0.0, -0.012]])
+    weight = torch.tensor([[1.0, -0.45, 0.26], [0.02, 0.0, -0.011]])
     codes, scale = quantize_tensor(weight, 4, "per_tensor")
-    # 4 bits: codes in [-7, 7], scale = max|w| / 7 = 1/7; w * 7 = [3.15, -7, 1.82], [0.14, 0, -0.084]
+    # Ours, per tensor: codes in [-7, 7], scale = max|w| / 7 = 1/7; w * 7 = [7, -3.15, 1.82], [0.14, 0, -0.077]
     assert scale.item() == pytest.approx(1 / 7)
-    assert codes.tolist() == [[3, -7, 2], [0, 0, 0]]
+    assert codes.tolist() == [[7, -3, 2], [0, 0, 0]]
     codes, scale = quantize_tensor(weight, 4, "per_channel")
-    assert scale.flatten().tolist() == pytest.approx([1 / 7, 0.02 / 7])
-    # second row / (0.02 / 7) = [7, 0, -4.2]
-    assert codes.tolist() == [[3, -7, 2], [7, 0, -4]]
+    # torchao's, per output channel: codes in [-8, 7], scale = max|w| / 7.5; row 1 * 7.5 = [7.5, -3.375, 1.95],
+    # row 2 / (0.02 / 7.5) = [7.5, 0, -4.125]; 7.5 rounds to 7 or 8 and 8 clips to 7.
+    assert scale.flatten().tolist() == pytest.approx([1 / 7.5, 0.02 / 7.5])
+    assert codes.tolist() == [[7, -3, 2], [7, 0, -4]]
+
+
+def torchao_reference(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """torchao's symmetric mapping written out: scale = absmax / ((qmax - qmin) / 2) per output channel, codes
+    round(w * (1 / scale)) clipped to [qmin, qmax] = [-2^(b-1), 2^(b-1) - 1]."""
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    scale = weight.abs().amax(dim=tuple(range(1, weight.dim())), keepdim=True) / ((qmax - qmin) / 2)
+    return torch.clamp(torch.round(weight * (1.0 / scale)), qmin, qmax) * scale
+
+
+@pytest.mark.parametrize("bits", [8, 5, 3])
+def test_per_channel_is_torchaos_mapping_and_per_tensor_ours(bits):
+    torch.manual_seed(bits)
+    weight = torch.randn(16, 8, 3, 3) * torch.logspace(-3, 0, 16).view(-1, 1, 1, 1)
+    codes, scale = quantize_tensor(weight, bits, "per_channel")
+    torch.testing.assert_close(codes.float() * scale, torchao_reference(weight, bits), rtol=0, atol=0)
+    assert codes.min() >= -(2 ** (bits - 1)) and codes.max() <= 2 ** (bits - 1) - 1
+    qmax = 2 ** (bits - 1) - 1
+    codes, scale = quantize_tensor(weight, bits, "per_tensor")
+    hand = torch.clamp(torch.round(weight / (weight.abs().max() / qmax)), -qmax, qmax)
+    assert torch.equal(codes.float(), hand) and codes.abs().max() == qmax
 
 
 @pytest.mark.parametrize("bits", [8, 6, 4, 2])
 @pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
 def test_error_at_most_half_a_step(bits, granularity):
+    torch.manual_seed(bits)
     weight = torch.randn(16, 8, 3, 3) * torch.logspace(-3, 0, 16).view(-1, 1, 1, 1)
     codes, scale = quantize_tensor(weight, bits, granularity)
-    qmax = 2 ** (bits - 1) - 1
-    assert codes.dtype == torch.int8 and codes.abs().max() <= qmax
+    assert codes.dtype == torch.int8
     error = (codes.float() * scale - weight).abs()
-    assert (error <= scale / 2 * (1 + 1e-6)).all()
-    # The largest weight of each scale group lands exactly on the grid's end.
+    assert (error <= scale / 2 * (1 + 1e-4)).all()  # half a step, up to float32 rounding of w * (1 / scale)
+    # The largest weight of each scale group lands on the grid's end (torchao's at +-(2^(b-1) - 1/2) steps: the
+    # negative end rounds to -2^(b-1), the positive one clips to 2^(b-1) - 1).
     dims = tuple(range(1, 4)) if granularity == "per_channel" else tuple(range(4))
-    assert (codes.abs().amax(dim=dims) == qmax).all()
+    top = codes.float().abs().amax(dim=dims)  # in float: abs(-128) overflows int8
+    assert (top == 2 ** (bits - 1) - 1).all() if granularity == "per_tensor" else (top >= 2 ** (bits - 1) - 1).all()
 
 
 def test_every_conv_and_linear_weight_is_on_a_b_bit_grid(unet):
@@ -100,15 +124,13 @@ def test_8_bit_outputs_stay_close_and_4_bit_drift_further(unet, inputs, granular
 
 def test_deployment_stores_int8_and_is_at_most_30_percent(unet, inputs):
     model = quantize_for_deployment(copy.deepcopy(unet))
-    convs = [name for name, m in unet.named_modules() if isinstance(m, nn.Conv2d)]
-    linears = [name for name, m in unet.named_modules() if isinstance(m, nn.Linear)]
-    assert not any(isinstance(m, nn.Conv2d) for m in model.modules())
-    for name in convs:
-        layer = model.get_submodule(name)
-        assert isinstance(layer, Int8Conv2d) and layer.weight_int8.dtype == torch.int8, name
-    for name in linears:
-        assert isinstance(model.get_submodule(name).weight, Int8Tensor), name
-        assert model.get_submodule(name).weight.qdata.dtype == torch.int8
+    layers = [name for name, m in unet.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for name in layers:
+        weight = model.get_submodule(name).weight
+        assert isinstance(weight, IntxUnpackedToInt8Tensor) and weight.qdata.dtype == torch.int8, name
+        # One scale per output channel, as the per-channel fake quantization has it.
+        assert weight.scale.numel() == weight.shape[0], name
+        torch.testing.assert_close(weight.dequantize(), torchao_reference(unet.get_submodule(name).weight, 8))
     fp32_bytes = sum(t.numel() * 4 for t in unet.state_dict().values())
     assert model_size_bytes(unet) == fp32_bytes
     assert model_size_bytes(model) <= 0.30 * fp32_bytes
@@ -116,14 +138,14 @@ def test_deployment_stores_int8_and_is_at_most_30_percent(unet, inputs):
         assert relative_rms(model(*inputs).sample, unet(*inputs).sample) < 0.03
 
 
-def test_int8_conv_matches_per_channel_fake_quantization(unet, inputs):
-    """Int8Conv2d computes what the fp32 conv does with per-channel 8-bit weights."""
-    conv = unet.conv_in
-    fake = copy.deepcopy(conv)
+def test_int8_deployment_matches_per_channel_fake_quantization(unet, inputs):
+    """The int8 model computes what the fp32 model does with per-channel 8-bit weights."""
+    fake = copy.deepcopy(unet)
     quantize_weights_(fake, 8, "per_channel")
-    x = inputs[0]
     with torch.no_grad():
-        torch.testing.assert_close(Int8Conv2d(conv)(x), fake(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            quantize_for_deployment(copy.deepcopy(unet))(*inputs).sample, fake(*inputs).sample, rtol=1e-5, atol=1e-5
+        )
 
 
 def test_save_and_load_give_identical_outputs(unet, inputs, tmp_path):
@@ -135,7 +157,7 @@ def test_save_and_load_give_identical_outputs(unet, inputs, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(*inputs).sample, before)
     config = json.loads((tmp_path / "int8" / "quantization_config.json").read_text())
-    assert len(config["torchao_linear"]) == sum(isinstance(m, nn.Linear) for m in unet.modules())
+    assert len(config["weights"]) == sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in unet.modules())
     # On disk the weights take what they take in memory: int8 codes at one byte each (plus the file's header).
     on_disk = tensor_bytes(tmp_path / "int8" / "diffusion_pytorch_model.int8.safetensors")
     assert on_disk == model_size_bytes(model)

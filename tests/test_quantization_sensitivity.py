@@ -39,17 +39,22 @@ def quantized_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_each_bit_width_leaves_its_number_of_levels_per_tensor_or_channel(bits):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3), torch.nn.Linear(40, 5))
-    levels = 2 * (2 ** (bits - 1) - 1) + 1  # the symmetric grid: -(2^(b-1) - 1) .. 2^(b-1) - 1
     per_tensor = copy.deepcopy(model)
     quantize_weights_(per_tensor, bits, "per_tensor")
+    symmetric = 2 * (2 ** (bits - 1) - 1) + 1  # ours: -(2^(b-1) - 1) .. 2^(b-1) - 1
     for name, w in quantized_weights(per_tensor).items():
-        assert len(torch.unique(w)) == levels, name  # every level used: a Gaussian tensor of 200+ weights
+        assert len(torch.unique(w)) == symmetric, name  # every level used: a Gaussian tensor of 200+ weights
     per_channel = copy.deepcopy(model)
     quantize_weights_(per_channel, bits, "per_channel")
     for name, w in quantized_weights(per_channel).items():
-        for channel in w.flatten(1):
-            assert len(torch.unique(channel)) <= levels, name
-        assert len(torch.unique(w)) > levels, name  # each channel on a grid of its own
+        original = dict(model.named_modules())[name].weight.detach().flatten(1)
+        for channel, weights in zip(w.flatten(1), original):
+            # torchao's grid: k * absmax / (2^(b-1) - 1/2) for k in -2^(b-1) .. 2^(b-1) - 1, at most 2^b levels
+            steps = channel / (weights.abs().max() / (2 ** (bits - 1) - 0.5))
+            torch.testing.assert_close(steps, steps.round(), rtol=0, atol=1e-4)
+            assert steps.round().min() >= -(2 ** (bits - 1)) and steps.round().max() <= 2 ** (bits - 1) - 1, name
+            assert len(torch.unique(channel)) <= 2**bits, name
+        assert len(torch.unique(w)) > 2**bits, name  # each channel on a grid of its own
 
 
 def test_a_model_on_a_4_bit_grid_is_unchanged_where_the_grids_nest(unet):

@@ -8,8 +8,8 @@ a ladder, paired with the fp32 model, three measures that need no feature networ
 - the ancestral displacement: the same for DDPM ancestral samples from the same noise stream. A tiny weight change
   can send an ancestral chain to another mode, so this one need not grow as bits fall; it is reported beside.
 
-The weights are quantized by `quantize_weights_` (symmetric absmax, levels +-(2^(b-1) - 1), per tensor or per output
-channel).
+The weights are quantized by `quantize_weights_`: per tensor on our symmetric absmax grid (codes +-(2^(b-1) - 1)), per
+output channel on torchao's (codes -2^(b-1) .. 2^(b-1) - 1).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Three trainings per seed (ADM, +IP, +SAM), each with EMA and SWA on, give the nine rows of the paper's Table 2: the
 raw, EMA and SWA pipelines of each run. The study file names the seeds, the methods' flags, the flags every training
-shares (after an optional recipe file) and the evaluation's flags:
+shares (after an optional recipe file) and the evaluation's flags. A method may appear more than once under labels
+METHOD-TAG, e.g. SAM-rho0.01 and SAM-rho0.001 (rows +SAM-rho0.01, +SAM-rho0.001+EMA, ...):
 
     seeds: [1, 2, 3]
     methods: {ADM: [], IP: [--input_perturbation, "0.1"], SAM: [--sam_rho, "0.1"]}
@@ -62,8 +63,14 @@ class StudyError(FlatError):
     """A study file that cannot be run."""
 
 
+def method_of(label: str) -> str:
+    """The method of a study's method label: "SAM-rho0.01" -> "SAM", "ADM" -> "ADM"."""
+    return label.split("-", 1)[0]
+
+
 def row_name(method: str, variant: str) -> str:
-    """The paper's row of a method's variant: ADM/raw -> "ADM", IP/ema -> "+IP+EMA", SAM/swa -> "+SAM+SWA"."""
+    """The paper's row of a method's variant: ADM/raw -> "ADM", IP/ema -> "+IP+EMA", SAM/swa -> "+SAM+SWA",
+    SAM-rho0.01/ema -> "+SAM-rho0.01+EMA"."""
     base = "" if method == "ADM" else f"+{method}"
     return (base + VARIANT_ROWS[variant]) or "ADM"
 
@@ -225,8 +232,12 @@ class Study:
         if not isinstance(methods, dict) or not methods:
             raise StudyError(f"study {path}: methods must map {', '.join(METHODS)} to their flags", "study")
         for method, flags in methods.items():
-            if method not in METHODS:
-                raise StudyError(f"study {path}: unknown method {method}; choose from {', '.join(METHODS)}", "study")
+            if not isinstance(method, str) or method_of(method) not in METHODS:
+                raise StudyError(
+                    f"study {path}: unknown method {method}; choose from {', '.join(METHODS)} (or METHOD-TAG, e.g. "
+                    "SAM-rho0.01)",
+                    "study",
+                )
             _check_flags(path, f"methods.{method}", flags)
         for key in ("training", "evaluation"):
             _check_flags(path, key, data.get(key) or [])
