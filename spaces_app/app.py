@@ -26,7 +26,7 @@ from diffusers_flat.utils.sampling import image_grid, sample_images
 
 MODELS = [m.strip() for m in os.environ.get("FLAT_MODELS", "ddpm-flat-digits").split(",") if m.strip()]
 PRECISIONS = {
-    "8-bit": "8-bit: real int8 weights (torchao int8 Linear, int8 conv)",
+    "8-bit": "8-bit: real int8 weights (torchao int8 tensors on every Conv2d and Linear, per output channel)",
     "4-bit": "4-bit: direct quantization of every Conv2d/Linear weight",
 }
 STEPS = (20, 100)

@@ -8,6 +8,9 @@ import os
 
 import numpy as np
 from matplotlib.figure import Figure  # figures without pyplot: no backend switch, no global state
+from PIL import Image
+
+from diffusers_flat.quantization import GRANULARITIES
 
 
 def _figure(figsize: tuple[float, float], rows: int = 1, cols: int = 1):
@@ -188,4 +191,69 @@ def plot_temperature_sweep(sweep: list[dict], measures: dict, path: str | os.Pat
         ax.set_xlabel("temperature T")
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_study_sensitivity(results: dict[str, dict[int, dict]], order: list[str], path: str | os.PathLike) -> None:
+    """A study's quantization-sensitivity curves: the fixed loss's increase (symmetric-log scale: 8-bit weights can
+    lower it) and the DDIM displacement against bits (fewer to the right), one panel per granularity, one line per
+    row (the mean over seeds) with a band of ± one standard deviation."""
+    any_result = next(r for seeds in results.values() for r in seeds.values() if "sensitivity" in r)
+    granularities = sorted(any_result["sensitivity"]["curves"], key=GRANULARITIES.index)
+    measures = {"loss_increase": "fixed-loss increase", "ddim_displacement": "DDIM pixel displacement (0-255)"}
+    fig, axes = _figure((4.6 * len(granularities), 7), len(measures), len(granularities))
+    for col, granularity in enumerate(granularities):
+        bits = sorted(any_result["sensitivity"]["curves"][granularity], key=int, reverse=True)
+        for row_index, (measure, label) in enumerate(measures.items()):
+            ax = axes[row_index][col]
+            for i, row in enumerate(order):
+                runs = [
+                    r["sensitivity"]["curves"][granularity]
+                    for r in results.get(row, {}).values()
+                    if "sensitivity" in r
+                ]
+                if not runs:
+                    continue
+                y = np.asarray([[curve[b][measure] for b in bits] for curve in runs])
+                mean, std = y.mean(axis=0), (y.std(axis=0, ddof=1) if len(y) > 1 else np.zeros(len(bits)))
+                ax.plot(range(len(bits)), mean, marker="o", color=f"C{i}", label=f"{row} (n={len(y)})")
+                ax.fill_between(range(len(bits)), mean - std, mean + std, color=f"C{i}", alpha=0.15)
+            ax.set_xticks(range(len(bits)), [f"{b}-bit" for b in bits])
+            ax.set_ylabel(label)
+            ax.set_title(f"{granularity}: {label.split(' (')[0]}")
+            if measure == "loss_increase":
+                ax.set_yscale("symlog", linthresh=1e-4)
+    axes[0][0].legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_loss_curves(curves: dict[str, tuple[list[int], list[float]]], path: str | os.PathLike) -> None:
+    """Training loss against steps, one line per run: a moving average of 50 steps over the raw loss."""
+    fig, ((ax,),) = _figure((6, 4))
+    for i, (name, (steps, losses)) in enumerate(curves.items()):
+        window = min(50, len(losses))
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1 :], smooth, color=f"C{i}", label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (moving average of 50)")
+    ax.set_title("Training loss")
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_quantized_samples(
+    panels: dict[str, tuple[Image.Image, Image.Image, float]], level: str, steps: int, path: str | os.PathLike
+) -> None:
+    """The paper's Figure 2 kind: one row per model, its samples at fp32 beside the same noises' samples with
+    quantized weights, the pixel displacement under the quantized panel. `panels`: label -> (fp32 grid, quantized
+    grid, displacement)."""
+    fig, axes = _figure((6.4, 2.6 * len(panels) + 0.4), len(panels), 2)
+    for (label, (fp32, quantized, moved)), (fp32_ax, quantized_ax) in zip(panels.items(), axes):
+        for ax, grid, title in ((fp32_ax, fp32, f"{label}, fp32"), (quantized_ax, quantized, f"{label}, {level}")):
+            ax.imshow(grid, cmap="gray", vmin=0, vmax=255)
+            ax.set_title(title, fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        quantized_ax.set_xlabel(f"moved {moved:.1f} pixels (mean |change|, 0-255)", fontsize=9)
+    fig.suptitle(f"The same noises, DDIM (eta = 0), {steps} steps", fontsize=10)
     _save(fig, path)

@@ -92,7 +92,9 @@ def verdict(interval: Interval, expected_sign: int) -> str:
 @dataclass(frozen=True)
 class Claim:
     """One of the paper's claims: `measure` of row `treated` against row `base`, expected to move by
-    `expected_sign` (-1: lower)."""
+    `expected_sign` (-1: lower). With `log_ratio`, the paired test is on log(treated / base) (damage measures vary
+    multiplicatively between seeds, SPEC section 6); `paper_relative` is the paper's effect as a fraction of the
+    base's value (e.g. -0.35: LPF 0.097 -> 0.063), which the report scales to this study's units."""
 
     statement: str
     base: str
@@ -100,6 +102,8 @@ class Claim:
     measure: Callable[[dict], float]
     expected_sign: int
     paper: str
+    log_ratio: bool = False
+    paper_relative: float | None = None
 
 
 def lpf(result: dict) -> float:
@@ -115,6 +119,11 @@ def sharpness_excess(result: dict) -> float:
 def perturbation_slope(result: dict) -> float:
     """The least-squares slope of the loss-under-perturbation curve against gamma."""
     return float(np.polyfit(result["perturbation"]["gamma"], result["perturbation"]["loss"], 1)[0])
+
+
+def exposure_gap(result: dict) -> float:
+    """The exposure-bias gap of the squared noise norm, the paper's Table 1 number."""
+    return result["exposure_bias"]["squared_norm_gap"]
 
 
 def _quantization_increase(measure: str, bits: str) -> Callable[[dict], float]:
@@ -149,14 +158,7 @@ CLAIMS = (
     Claim("SAM lowers the slope of the loss under perturbation", "ADM", "+SAM", perturbation_slope, -1, "(Fig. 5)"),
     Claim("EMA does not lower LPF relative to ADM", "ADM", "+EMA", lpf, 1, "0.097 -> 0.099"),
     Claim("SWA does not lower LPF relative to ADM", "ADM", "+SWA", lpf, 1, "0.097 -> 0.099"),
-    Claim(
-        "SAM shrinks the exposure-bias gap relative to ADM",
-        "ADM",
-        "+SAM",
-        lambda r: r["exposure_bias"]["squared_norm_gap"],
-        -1,
-        "+11.39 -> +3.32",
-    ),
+    Claim("SAM shrinks the exposure-bias gap relative to ADM", "ADM", "+SAM", exposure_gap, -1, "+11.39 -> +3.32"),
     *_quantization_claims("8", "+13.65 vs -0.07"),
     # 8 bits moves neither model at the digits' scale: the same claim where quantization bites
     *_quantization_claims("6", "(not reported)"),
@@ -164,3 +166,57 @@ CLAIMS = (
     Claim("SAM improves FID at T'=20 over ADM", "ADM", "+SAM", lambda r: r["fid"]["20"], -1, "34.47 -> 9.01"),
     Claim("SAM improves KID at T'=20 over ADM", "ADM", "+SAM", lambda r: r["kid"]["20"]["mean"], -1, "(not reported)"),
 )
+
+
+def ladder_point(granularity: str, bits: str, name: str) -> Callable[[dict], float]:
+    """One measure of the quantization-sensitivity curve at one level."""
+    return lambda result: result["sensitivity"]["curves"][granularity][bits][name]
+
+
+LADDER_MEASURES = {"loss_increase": "fixed-loss increase", "ddim_displacement": "DDIM pixel displacement"}
+
+
+def comparison_claims(
+    base: str,
+    treated: str,
+    fid_steps: Sequence[str] = (),
+    quantized_bits: Sequence[str] = (),
+    ladder: dict[str, Sequence[str]] | None = None,
+) -> list[Claim]:
+    """The pre-registered claims of one comparison of a study whose rows are not the paper's grid (e.g. SAM at two
+    rho against ADM): flatness, quality at each FID column, KID/FID under the named quantization levels, the
+    exposure-bias gap, and at each ladder level (granularity -> bits) the fixed-loss increase and the DDIM
+    displacement, each as a log ratio with the plain difference beside.
+
+    Example:
+        >>> [c.statement for c in comparison_claims("ADM", "+SAM-rho0.01")][:2]
+        ['+SAM-rho0.01 lowers LPF relative to ADM', '+SAM-rho0.01 lowers the sharpness excess LPF - L(w)']
+    """
+    t = treated
+    claims = [
+        Claim(f"{t} lowers LPF relative to {base}", base, t, lpf, -1, "0.097 -> 0.063", paper_relative=-0.35),
+        Claim(f"{t} lowers the sharpness excess LPF - L(w)", base, t, sharpness_excess, -1, "(not reported)"),
+    ]
+    for steps in fid_steps:
+        kid = lambda r, s=steps: r["kid"][s]["mean"]  # noqa: E731
+        claims.append(Claim(f"{t} improves KID at T'={steps}", base, t, kid, -1, "(not reported)"))
+        paper, relative = ("34.47 -> 9.01", -0.74) if steps == "20" else ("(other T')", None)
+        fid = lambda r, s=steps: r["fid"][s]  # noqa: E731
+        claims.append(Claim(f"{t} improves FID at T'={steps}", base, t, fid, -1, paper, paper_relative=relative))
+    for bits in quantized_bits:
+        for what, m in (("KID", "kid"), ("FID", "fid")):
+            paper, relative = ("+13.65 vs -0.07", -1.0) if (bits, m) == ("8", "fid") else ("(not reported)", None)
+            increase = _quantization_increase(m, bits)
+            statement = f"{t} loses less {what} (T'=20) under {bits}-bit weights"
+            claims.append(Claim(statement, base, t, increase, -1, paper, paper_relative=relative))
+    claims.append(
+        Claim(f"{t} shrinks the exposure-bias gap", base, t, exposure_gap, -1, "+11.39 -> +3.32", paper_relative=-0.71)
+    )
+    for granularity, levels in (ladder or {}).items():
+        for bits in levels:
+            for name, what in LADDER_MEASURES.items():
+                measure = ladder_point(granularity, bits, name)
+                statement = f"{t} has a smaller {what} at {bits}-bit {granularity}"
+                for log_ratio in (True, False):
+                    claims.append(Claim(statement, base, t, measure, -1, "(not reported)", log_ratio=log_ratio))
+    return claims

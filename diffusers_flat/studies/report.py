@@ -10,11 +10,17 @@ from pathlib import Path
 
 import numpy as np
 
-from diffusers_flat.evaluation.plots import plot_bands
+from diffusers_flat.evaluation.plots import plot_bands, plot_loss_curves, plot_study_sensitivity
+from diffusers_flat.quantization import GRANULARITIES
 from diffusers_flat.run_directory import write_atomically, write_json
 from diffusers_flat.studies.claims import (
     CLAIMS,
+    LADDER_MEASURES,
+    Claim,
+    comparison_claims,
     detectable_cell,
+    exposure_gap,
+    ladder_point,
     lpf,
     paired_interval,
     perturbation_slope,
@@ -45,8 +51,13 @@ def _column(results: Results, row: str, measure: Callable[[dict], float]) -> lis
     return values
 
 
+def row_order(results: Results) -> list[str]:
+    """The paper's rows in Table 2's order, then any other rows (e.g. +SAM-rho0.01) in the study's order."""
+    return [row for row in ROW_ORDER if row in results] + [row for row in results if row not in ROW_ORDER]
+
+
 def _table(results: Results, columns: dict[str, Callable[[dict], float]]) -> str:
-    rows = [row for row in ROW_ORDER if row in results]
+    rows = row_order(results)
     lines = ["| row | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for row in rows:
         cells = [mean_std(_column(results, row, measure)) for measure in columns.values()]
@@ -54,47 +65,107 @@ def _table(results: Results, columns: dict[str, Callable[[dict], float]]) -> str
     return "\n".join(lines)
 
 
-def claim_results(results: Results) -> list[dict]:
-    """Each claim's paired interval over the seeds both rows have, and its verdict."""
+def claim_results(results: Results, claims: tuple[Claim, ...] | list[Claim] = CLAIMS) -> list[dict]:
+    """Each claim's paired interval over the seeds both rows have, and its verdict. A log-ratio claim is tested on
+    log(treated) - log(base); its verdict is "undefined" when a value is not positive (e.g. a loss that 8-bit weights
+    lowered). Where the claim has the paper's relative effect, "paper_scaled" is that fraction of the base's mean."""
     out = []
-    for claim in CLAIMS:
+    for claim in claims:
         base, treated = results.get(claim.base, {}), results.get(claim.treated, {})
         pairs = []
         for seed in sorted(set(base) & set(treated)):
             try:
-                pairs.append((claim.measure(base[seed]), claim.measure(treated[seed])))
+                pairs.append((float(claim.measure(base[seed])), float(claim.measure(treated[seed]))))
             except (KeyError, TypeError):
                 continue
-        interval = paired_interval([a for a, _ in pairs], [b for _, b in pairs])
+        a, b = np.asarray([p[0] for p in pairs]), np.asarray([p[1] for p in pairs])
+        undefined = claim.log_ratio and bool(pairs) and bool((a <= 0).any() or (b <= 0).any())
+        if claim.log_ratio and not undefined:
+            a, b = np.log(a), np.log(b)
+        interval = paired_interval(a, b)
+        scaled = None
+        if claim.paper_relative is not None and pairs:
+            scaled = claim.paper_relative * float(np.mean([p[0] for p in pairs]))
+        if not interval["n"]:
+            outcome = "not measured"
+        else:
+            outcome = "undefined (a value <= 0)" if undefined else verdict(interval, claim.expected_sign)
         out.append(
             {
                 "claim": claim.statement,
                 "rows": f"{claim.treated} vs {claim.base}",
+                "form": "log ratio" if claim.log_ratio else "difference",
                 "paper": claim.paper,
+                "paper_scaled": scaled,
                 "expected_sign": claim.expected_sign,
                 "interval": interval,
-                "verdict": verdict(interval, claim.expected_sign) if interval["n"] else "not measured",
+                "verdict": outcome,
             }
         )
     return out
 
 
+def _effect(c: dict) -> str:
+    """A claim's measured effect: treated - base, or for a log ratio treated / base, with its 95% interval."""
+    i = c["interval"]
+    if i["n"] == 0:
+        return "not measured"
+    if c["form"] == "log ratio":
+        if c["verdict"].startswith("undefined"):
+            return f"(n={i['n']})"
+        if math.isnan(i["low"]):
+            return f"×{math.exp(i['mean']):.3g} (n={i['n']}: no interval)"
+        return f"×{math.exp(i['mean']):.3g} [×{math.exp(i['low']):.3g}, ×{math.exp(i['high']):.3g}] (n={i['n']})"
+    if math.isnan(i["low"]):
+        return f"{i['mean']:+.4g} (n={i['n']}: no interval)"
+    return f"{i['mean']:+.4g} [{i['low']:+.4g}, {i['high']:+.4g}] (n={i['n']})"
+
+
+def _detectable(c: dict) -> str:
+    """The minimum detectable effect: ±d for a difference, the ratio ×exp(-d) a log-ratio claim would detect."""
+    d = c["interval"].get("detectable", math.nan)
+    if c["form"] == "log ratio":
+        return "-" if math.isnan(d) else f"×{math.exp(-d):.3g} or ×{math.exp(d):.3g}"
+    return detectable_cell(c["interval"])
+
+
 def _claims_table(claims: list[dict]) -> str:
     lines = [
-        "| claim | rows | paper | measured effect (treated - base), 95% interval | detectable (80% power) | verdict |",
-        "|---|---|---|---|---|---|",
+        "| claim | rows | form | paper | paper's effect in our units | measured effect, 95% interval | detectable "
+        "(80% power) | verdict |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in claims:
-        i = c["interval"]
-        if i["n"] == 0:
-            effect = "not measured"
-        elif math.isnan(i["low"]):
-            effect = f"{i['mean']:+.4g} (n={i['n']}: no interval)"
-        else:
-            effect = f"{i['mean']:+.4g} [{i['low']:+.4g}, {i['high']:+.4g}] (n={i['n']})"
-        detectable = detectable_cell(i)
-        lines.append(f"| {c['claim']} | {c['rows']} | {c['paper']} | {effect} | {detectable} | **{c['verdict']}** |")
+        scaled = "-" if c.get("paper_scaled") is None else f"{c['paper_scaled']:+.4g}"
+        cells = [
+            c["claim"],
+            c["rows"],
+            c["form"],
+            c["paper"],
+            scaled,
+            _effect(c),
+            _detectable(c),
+            f"**{c['verdict']}**",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def study_claims(results: Results, settings: dict) -> list[Claim]:
+    """The paper's claims (CLAIMS) for the paper's grid; for a study with `settings["comparisons"]` (rows that are
+    not the paper's, e.g. SAM at two rho), the pre-registered claims of each comparison (`comparison_claims`)."""
+    if not settings.get("comparisons"):
+        return list(CLAIMS)
+    any_result = next((r for seeds in results.values() for r in seeds.values()), {})
+    steps = sorted(any_result.get("fid", {}), key=int)
+    quantized = sorted(any_result.get("quantization", {}).get("kid", {}), key=int, reverse=True)
+    curves = any_result.get("sensitivity", {}).get("curves", {})
+    ladder = {g: sorted(curves[g], key=int, reverse=True) for g in sorted(curves, key=GRANULARITIES.index)}
+    return [
+        claim
+        for base, treated in settings["comparisons"]
+        for claim in comparison_claims(base, treated, steps, quantized, ladder)
+    ]
 
 
 def _moved(result: dict, bits: str, steps: str) -> float:
@@ -122,11 +193,111 @@ def _tuning_section(tuning: dict, rows: list[dict]) -> list[str]:
     return [title, "\n".join(lines)]
 
 
+def _ladder_section(results: Results, claims: list[dict]) -> list[str]:
+    """The quantization-sensitivity curves: each row's mean ± sd per level, the figure, and per comparison the
+    ladder claims (log ratio, the plain difference beside)."""
+    any_result = next((r for seeds in results.values() for r in seeds.values() if "sensitivity" in r), None)
+    if any_result is None:
+        return []
+    curves = any_result["sensitivity"]["curves"]
+    levels = [
+        (g, b) for g in sorted(curves, key=GRANULARITIES.index) for b in sorted(curves[g], key=int, reverse=True)
+    ]
+    rows = row_order(results)
+    tables = []
+    for name, what in LADDER_MEASURES.items():
+        lines = [f"| {what} | " + " | ".join(rows) + " |", "|---" * (len(rows) + 1) + "|"]
+        for g, b in levels:
+            cells = [mean_std(_column(results, row, ladder_point(g, b, name))) for row in rows]
+            lines.append(f"| {b}-bit {g} | " + " | ".join(cells) + " |")
+        tables.append("\n".join(lines))
+    sections = [
+        "## Quantization-sensitivity curves",
+        f"Paired with fp32, at each level of the ladder: the increase of the fixed diffusion loss and the mean pixel "
+        f"displacement (0-255) of {any_result['sensitivity']['num_samples']} DDIM (eta = 0) samples from the same "
+        f"noises, {any_result['sensitivity']['steps']} steps (ancestral displacements in report.json). Per tensor: "
+        "our symmetric grid, codes ±(2^(b-1) - 1); per channel: torchao's, codes -2^(b-1) .. 2^(b-1) - 1.",
+        *tables,
+        "![quantization sensitivity](sensitivity.png)",
+    ]
+    ladder = [c for c in claims if " has a smaller " in c["claim"]]
+    for rows in dict.fromkeys(c["rows"] for c in ladder):
+        mine = [c for c in ladder if c["rows"] == rows]
+        lines = [
+            "| level | measure | ratio, 95% interval | detectable ratio | verdict | difference | verdict |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for ratio, difference in zip(mine[::2], mine[1::2]):
+            level, measure = (
+                ratio["claim"].split(" at ")[1],
+                ratio["claim"].split(" has a smaller ")[1].split(" at ")[0],
+            )
+            cells = [level, measure, _effect(ratio), _detectable(ratio), f"**{ratio['verdict']}**"]
+            cells += [_effect(difference), f"**{difference['verdict']}**"]
+            lines.append("| " + " | ".join(cells) + " |")
+        sections += [f"### Ladder claims: {rows}", "\n".join(lines)]
+    return sections
+
+
+def _quality_rule_section(results: Results, settings: dict) -> list[str]:
+    """Which of several treated rows the digits study's quality-tuning rule (lowest mean KID at the first T' of the
+    raw pipeline) would pick, and whether the two best differ beyond their paired interval."""
+    treated = [t for b, t in settings.get("comparisons", []) if b == "ADM"]
+    any_result = next((r for seeds in results.values() for r in seeds.values()), {})
+    steps = sorted(any_result.get("kid", {}), key=int)
+    if len(treated) < 2 or not steps:
+        return []
+    kid = {row: _column(results, row, lambda r: 1e3 * r["kid"][steps[0]]["mean"]) for row in treated}
+    ranked = sorted((row for row in treated if kid[row]), key=lambda row: np.mean(kid[row]))
+    if len(ranked) < 2:
+        return []
+    best, second = ranked[:2]
+    seeds = sorted(set(results[best]) & set(results[second]))
+    pair = paired_interval(
+        [1e3 * results[second][s]["kid"][steps[0]]["mean"] for s in seeds],
+        [1e3 * results[best][s]["kid"][steps[0]]["mean"] for s in seeds],
+    )
+    means = ", ".join(f"{row} {np.mean(kid[row]):.4g}" for row in ranked)
+    difference = _effect({"form": "difference", "interval": pair})
+    return [
+        "## Which row the quality rule picks",
+        f"The digits study tuned rho by the lowest KID at T'={steps[0]} of the raw pipeline. Applied to these rows "
+        f"(mean KID x10³: {means}), it picks **{best}**; {best} - {second} = {difference} "
+        "x10³ (paired over seeds). A flat row that costs quality and a quality-tuned row that is barely flatter are "
+        "different answers: both are in the claims below.",
+    ]
+
+
+def _training_section(loss_curves: dict[str, tuple[list[int], list[float]]]) -> list[str]:
+    """The training loss of the first seed's runs, and whether it has flattened: the mean of the last fifth of the
+    steps against the fifth before it."""
+    if not loss_curves:
+        return []
+    lines = ["| run | steps | mean loss, steps 60-80% | mean loss, steps 80-100% | change |", "|---|---|---|---|---|"]
+    for name, (steps, losses) in loss_curves.items():
+        n = len(losses)
+        before, last = np.mean(losses[3 * n // 5 : 4 * n // 5]), np.mean(losses[4 * n // 5 :])
+        lines.append(f"| {name} | {steps[-1]} | {before:.4g} | {last:.4g} | {100 * (last / before - 1):+.1f}% |")
+    return [
+        "## Training: has the loss flattened?",
+        "The training loss (per step, a moving average of 50 in the figure) of each method's first seed.",
+        "\n".join(lines),
+        "![training loss](loss_curve.png)",
+    ]
+
+
 def write_report(
-    results: Results, settings: dict, out: str | os.PathLike, tuning_rows: list[dict] | None = None
+    results: Results,
+    settings: dict,
+    out: str | os.PathLike,
+    tuning_rows: list[dict] | None = None,
+    loss_curves: dict[str, tuple[list[int], list[float]]] | None = None,
+    figure: dict | None = None,
 ) -> str:
     """Write report.md, report.json and the figures into `out`; returns the Markdown. With a tuning in
-    `settings["tuning"]`, `tuning_rows` are its runs: {"run", "value" (None: the baseline), "result", "selected"}."""
+    `settings["tuning"]`, `tuning_rows` are its runs: {"run", "value" (None: the baseline), "result", "selected"}.
+    `loss_curves`: run name -> (steps, training losses), drawn as the evidence of training length. `figure`: the
+    Figure 2 kind of picture already written into `out` ({"path", "seed", "granularity", "bits", "displacement"})."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     any_result = next((r for seeds in results.values() for r in seeds.values()), {})
@@ -140,7 +311,7 @@ def write_report(
         "LPF": lpf,
         "LPF - L(w)": sharpness_excess,
         "perturbation slope": perturbation_slope,
-        "exposure gap (sq. norm)": lambda r: r["exposure_bias"]["squared_norm_gap"],
+        "exposure gap (sq. norm)": exposure_gap,
         "memorization": lambda r: r["memorization"]["memorization_ratio"],
     }
     quantized_fid = any_result.get("quantization", {}).get("fid", {})
@@ -148,9 +319,13 @@ def write_report(
     for b in sorted(quantized_fid, key=int, reverse=True):
         for s in sorted(quantized_fid[b], key=int):
             quantization[f"{b}-bit ΔFID (T'={s})"] = lambda r, b=b, s=s: r["quantization"]["fid"][b][s] - r["fid"][s]
+            quantization[f"{b}-bit ΔKID x10³ (T'={s})"] = lambda r, b=b, s=s: (
+                1e3 * (r["quantization"]["kid"][b][s]["mean"] - r["kid"][s]["mean"])
+            )
             quantization[f"{b}-bit pixels moved (T'={s})"] = lambda r, b=b, s=s: _moved(r, b, s)
         quantization[f"{b}-bit Δloss"] = lambda r, b=b: r["quantization"]["loss_increase"][b]
-    claims = claim_results(results)
+    claims = claim_results(results, study_claims(results, settings))
+    main_claims = [c for c in claims if " has a smaller " not in c["claim"]]
     sections = [
         "# Flatness study report",
         f"Seeds per row: {', '.join(f'{row} {len(seeds)}' for row, seeds in results.items())}. Study "
@@ -163,32 +338,52 @@ def write_report(
         )
         + ".",
         *(_tuning_section(settings["tuning"], tuning_rows or []) if "tuning" in settings else []),
+        *_training_section(loss_curves or {}),
         "## Quality (Table 2)",
         _table(results, quality) if quality else "(FID not measured)",
+        *_quality_rule_section(results, settings),
         "## Flatness and exposure bias (Tables 1 and 3)",
         _table(results, flatness),
     ]
     if quantization:
         sections += [
-            "## Quantization robustness (Table 4), paired with fp32: FID after minus before, the mean pixel "
+            "## Quantization robustness (Table 4), paired with fp32: FID and KID after minus before, the mean pixel "
             "displacement of the samples (0-255, same noise) and the increase of the fixed diffusion loss",
             _table(results, quantization),
+        ]
+    sections += _ladder_section(results, claims)
+    if figure:
+        moved = ", ".join(f"{label} {value:.1f}" for label, value in figure["displacement"].items())
+        sections += [
+            "## The answer in one picture",
+            f"Seed {figure['seed']}, raw pipelines: samples from the same noises at fp32 and with "
+            f"{figure['bits']}-bit {figure['granularity']} weights, the ladder level where the mean paired DDIM "
+            f"displacement of ADM exceeds the flat row's the most. Pixels moved by these samples: {moved}.",
+            f"![the same noises at fp32 and {figure['bits']} bits]({figure['path']})",
         ]
     sections += [
         "## Claims",
         "Each claim is a paired difference over seeds (same seed: same data order and noise), with a 95% "
         "t-interval; **holds** when the interval excludes zero in the paper's direction, **does not hold** when it "
-        "excludes zero in the other, else **inconclusive**. Computed, never written by hand. *Detectable*: the "
-        "smallest true effect this design (its n and the measured spread of the differences) finds with 80% power; "
-        "an inconclusive verdict on an effect below it says the design was blind to it.",
-        _claims_table(claims),
-        "![loss under perturbation](perturbation.png)",
+        "excludes zero in the other, else **inconclusive**. Computed, never written by hand. A *log ratio* claim "
+        "tests log(treated / base), shown as the ratio. *Detectable*: the smallest true effect this design (its n "
+        "and the measured spread of the differences) finds with 80% power; an inconclusive verdict on an effect "
+        "below it says the design was blind to it. *Paper's effect in our units*: the paper's relative change "
+        "applied to the base row's mean here.",
+        _claims_table(main_claims),
         "![exposure bias](exposure_bias.png)",
     ]
+    if any("perturbation" in r for seeds in results.values() for r in seeds.values()):
+        sections.append("![loss under perturbation](perturbation.png)")
+        plot_bands(results, row_order(results), "perturbation", out / "perturbation.png")
     markdown = "\n\n".join(sections) + "\n"
-    plot_bands(results, ROW_ORDER, "perturbation", out / "perturbation.png")
-    plot_bands(results, ROW_ORDER, "exposure_bias", out / "exposure_bias.png")
+    plot_bands(results, row_order(results), "exposure_bias", out / "exposure_bias.png")
+    if any("sensitivity" in r for seeds in results.values() for r in seeds.values()):
+        plot_study_sensitivity(results, row_order(results), out / "sensitivity.png")
+    if loss_curves:
+        plot_loss_curves(loss_curves, out / "loss_curve.png")
     data = {"settings": settings, "results": results, "claims": claims, "tuning": tuning_rows or []}
+    data.update(loss_curves=loss_curves or {}, figure=figure)
     write_json(out / "report.json", data)
     write_atomically(out / "report.md", lambda tmp: tmp.write_text(markdown))
     return markdown

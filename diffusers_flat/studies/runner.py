@@ -28,9 +28,10 @@ from diffusers_flat.evaluation.settings import EvaluationSettings, evaluation_wo
 from diffusers_flat.hub.model_card import write_model_card
 from diffusers_flat.metrics.fid import FID, InceptionFeatures
 from diffusers_flat.run_directory import RunDirectory
-from diffusers_flat.studies.config import Run, Study, Work, row_name, shard_of
+from diffusers_flat.studies.config import METHODS, Run, Study, Work, row_name, shard_of
 from diffusers_flat.studies.directory import StudyDirectory
 from diffusers_flat.studies.generalization_report import write_generalization_report
+from diffusers_flat.studies.quantization_figure import largest_gap, write_quantization_figure
 from diffusers_flat.studies.report import Results, write_report
 from diffusers_flat.training.arguments import parse_training_flags
 from diffusers_flat.training.data import load_image_dataset, subset_indices
@@ -277,10 +278,48 @@ class StudyRunner:
             settings["tuning"].update(evaluation=list(t.evaluation), selected=tuned)
         if study.generalization:
             settings["generalization"] = {**dataclasses.asdict(study.generalization), "training": list(study.training)}
+        if study.generalization or not set(study.methods) <= set(METHODS):  # not the paper's grid: comparisons
             base, *treated = sorted(study.methods, key=lambda m: m != "ADM")  # each method against ADM (or the first)
             pairs = [(row_name(base, v), row_name(m, v)) for v in study.variants for m in treated]
             settings["comparisons"] = pairs
         return settings
+
+    def quantization_figure(self, results: Results, comparisons: list[tuple[str, str]]) -> dict | None:
+        """The Figure 2 kind of picture (`write_quantization_figure`) from the first seed's raw pipelines of the
+        comparison against ADM and the ladder level with the largest gap; None without sensitivity results."""
+        seed = self.study.seeds[0]
+        raw = [
+            (b, t) for b, t in comparisons if b == "ADM" and seed in results.get(b, {}) and seed in results.get(t, {})
+        ]
+        if not raw or not any("sensitivity" in results[b][seed] for b, _ in raw):
+            return None
+        base, treated, granularity, bits = largest_gap(results, raw)
+        pipelines = {}
+        for run in self.study.runs():
+            label = row_name(run.method, "raw")
+            if run.seed == seed and label in (base, treated):
+                pipelines[label] = RunDirectory(self.directory.run(run)).pipeline_path("raw")
+        path = self.directory.path / "quantization_figure.png"
+        displacement = write_quantization_figure(pipelines, granularity, int(bits), path)
+        level = {"granularity": granularity, "bits": bits}
+        return {"path": path.name, "seed": seed, **level, "displacement": displacement}
+
+    def loss_curves(self) -> dict[str, tuple[list[int], list[float]]]:
+        """The training loss of each method's run at the first seed, read from its TensorBoard log (the last value
+        of each step, so that a resumed run's repeated steps count once)."""
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        curves = {}
+        for run in self.study.runs()[: len(self.study.methods)]:
+            by_step = {}
+            for events in sorted((self.directory.run(run) / "logs").rglob("events.out.tfevents.*")):
+                accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0}).Reload()
+                if "loss" in accumulator.Tags()["scalars"]:
+                    by_step.update({e.step: e.value for e in accumulator.Scalars("loss")})
+            if by_step:
+                steps = sorted(by_step)
+                curves[run.name] = (steps, [by_step[step] for step in steps])
+        return curves
 
     def report(self) -> str:
         """Write the report of what is finished; returns its summary."""
@@ -289,7 +328,9 @@ class StudyRunner:
                 self.collect_generalization(), self.settings_record(), self.directory.path
             )
         tuned, tuning_rows = self.tuning_table()
-        return write_report(self.collect(), self.settings_record(tuned), self.directory.path, tuning_rows)
+        results, settings = self.collect(), self.settings_record(tuned)
+        figure = self.quantization_figure(results, settings.get("comparisons", []))
+        return write_report(results, settings, self.directory.path, tuning_rows, self.loss_curves(), figure)
 
     # Shards
 

@@ -1,0 +1,163 @@
+"""A study whose rows are not the paper's grid (SAM at two rho against ADM): the pre-registered claims of each
+comparison, log-ratio tests against a hand computation, the paper's effect in our units, the report's ladder
+sections and quality-rule pick, the Figure 2 kind of picture's level, and a micro study on a few hundred
+Fashion-MNIST images end to end."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import run_study
+from conftest import use_pooled_inception
+from helpers import write_study
+from scipy import stats
+
+from diffusers_flat.studies.claims import HOLDS, Claim, lpf
+from diffusers_flat.studies.quantization_figure import largest_gap
+from diffusers_flat.studies.report import claim_results, study_claims, write_report
+from diffusers_flat.training.fashion_mnist import local_files
+
+LEVELS = {"per_tensor": ("8", "4"), "per_channel": ("8", "4")}
+
+
+def result(kid: float, loss_increase: float, moved: float, lpf_value: float = 0.05) -> dict:
+    """A pipeline's evaluation with every measure the report reads; the ladder scales with the given damage."""
+    curves = {
+        g: {
+            b: {"loss_increase": loss_increase * (9 - int(b)), "ddim_displacement": moved * (9 - int(b))} for b in bits
+        }
+        for g, bits in LEVELS.items()
+    }
+    curves["per_tensor"]["8"]["ancestral_displacement"] = 1.0
+    return {
+        "fid": {"20": 1000 * kid},
+        "kid": {"20": {"mean": kid}},
+        "loss": 0.04,
+        "lpf": {"lpf": lpf_value},
+        "exposure_bias": {"squared_norm_gap": 1.0, "gap": [0.1, 0.2], "timesteps": [999, 0]},
+        "quantization": {
+            "fid": {"5": {"20": 1000 * kid + 5}},
+            "kid": {"5": {"20": {"mean": kid + 0.005}}},
+            "loss_increase": {"5": loss_increase},
+            "pixel_displacement": {"5": {"20": moved}},
+        },
+        "sensitivity": {"curves": curves, "num_samples": 4, "steps": 2},
+    }
+
+
+def test_a_log_ratio_claim_is_the_t_interval_of_the_log_ratios():
+    base, treated = [2.0, 4.0, 8.0, 5.0], [1.0, 3.0, 4.0, 2.0]
+    results = {
+        "ADM": {s: {"x": b} for s, b in enumerate(base)},
+        "+SAM": {s: {"x": t} for s, t in enumerate(treated)},
+    }
+    claims = [
+        Claim("ratio", "ADM", "+SAM", lambda r: r["x"], -1, "-", log_ratio=True),
+        Claim("difference", "ADM", "+SAM", lambda r: r["x"], -1, "-"),
+    ]
+    ratio, difference = claim_results(results, claims)
+    logs = [math.log(t / b) for b, t in zip(base, treated)]
+    mean, sd = sum(logs) / 4, float(np.std(logs, ddof=1))
+    half = stats.t.ppf(0.975, 3) * sd / 2
+    assert ratio["form"] == "log ratio" and ratio["interval"]["mean"] == pytest.approx(mean)
+    assert (ratio["interval"]["low"], ratio["interval"]["high"]) == pytest.approx((mean - half, mean + half))
+    assert ratio["verdict"] == HOLDS  # every ratio is below 1: the interval of the logs is below 0
+    assert difference["interval"]["mean"] == pytest.approx(np.mean(np.subtract(treated, base)))
+    # A damage that quantization lowered (a negative loss increase) has no log: the ratio form says so.
+    results["ADM"][0]["x"] = -0.1
+    assert claim_results(results, claims)[0]["verdict"] == "undefined (a value <= 0)"
+
+
+def test_the_papers_effect_is_scaled_to_the_base_rows_mean():
+    results = {
+        "ADM": {1: {"lpf": {"lpf": 0.10}}, 2: {"lpf": {"lpf": 0.14}}},
+        "+SAM": {1: {"lpf": {"lpf": 0.08}}, 2: {"lpf": {"lpf": 0.10}}},
+    }
+    claim = Claim("SAM lowers LPF", "ADM", "+SAM", lpf, -1, "0.097 -> 0.063", paper_relative=-0.35)
+    (c,) = claim_results(results, [claim])
+    assert c["paper_scaled"] == pytest.approx(-0.35 * 0.12)
+
+
+def comparison_results() -> dict:
+    """Six seeds of ADM and SAM at two rho: rho 0.01 halves the damage and costs quality, rho 0.001 keeps both."""
+    rng = np.random.default_rng(0)
+    rows = {"ADM": (0.020, 1.0), "+SAM-rho0.01": (0.030, 0.5), "+SAM-rho0.001": (0.019, 0.98)}
+    return {
+        row: {
+            seed: result(kid * (1 + 0.05 * rng.standard_normal()), 1e-3 * damage, 10 * damage * rng.uniform(0.9, 1.1))
+            for seed in range(1, 7)
+        }
+        for row, (kid, damage) in rows.items()
+    }
+
+
+def test_a_comparison_study_reports_its_claims_ladder_and_pick(tmp_path):
+    results = comparison_results()
+    comparisons = [("ADM", "+SAM-rho0.01"), ("ADM", "+SAM-rho0.001")]
+    settings = {"study": "s.yaml", "evaluation": [], "comparisons": comparisons}
+    claims = study_claims(results, settings)
+    # per comparison: LPF, the sharpness excess, KID and FID at T'=20, KID and FID at 5 bits, the exposure gap, and
+    # 4 ladder levels x 2 measures x (log ratio, difference)
+    assert len(claims) == 2 * (7 + 4 * 2 * 2)
+    markdown = write_report(results, settings, tmp_path)
+    data = json.loads((tmp_path / "report.json").read_text())
+    ladder = [c for c in data["claims"] if c["rows"] == "+SAM-rho0.01 vs ADM" and c["form"] == "log ratio"]
+    assert {c["verdict"] for c in ladder} == {HOLDS}  # half the damage at every level, seed by seed
+    kid = {t: np.mean([r["kid"]["20"]["mean"] for r in results[t].values()]) for _, t in comparisons}
+    assert f"it picks **{min(kid, key=kid.get)}**" in markdown
+    for section in (
+        "## Quantization-sensitivity curves",
+        "### Ladder claims: +SAM-rho0.001 vs ADM",
+        "4-bit per_channel",
+    ):
+        assert section in markdown
+    assert (tmp_path / "sensitivity.png").stat().st_size > 10_000
+
+
+def test_the_picture_shows_the_level_of_the_largest_gap():
+    results = comparison_results()
+    # rho 0.01 halves damage that grows as bits fall: the largest ADM - SAM displacement is at 4 bits
+    base, treated, _, bits = largest_gap(results, [("ADM", "+SAM-rho0.01"), ("ADM", "+SAM-rho0.001")])
+    assert (base, treated, bits) == ("ADM", "+SAM-rho0.01", "4")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    local_files("train") is None or local_files("test") is None,
+    reason="needs Debian's dataset-fashion-mnist (the README's test command installs it)",
+)
+def test_a_micro_study_on_fashion_mnist_runs_end_to_end(tmp_path, monkeypatch):
+    training = json.loads(write_study(tmp_path / "base.yaml").read_text())["training"]
+    training += ["--dataset_name", "fashion_mnist", "--train_subset", "300", "--ema_max_decay", "0.9"]
+    evaluation = ["--metrics", "fid", "lpf", "exposure_bias", "sensitivity", "--inference_steps", "2"]
+    evaluation += ["--num_samples", "20", "--num_real", "40", "--quantize", "5", "--lpf_draws", "2"]
+    evaluation += ["--loss_samples", "8", "--exposure_samples", "2", "--ladder", "8", "3", "--ladder_samples", "2"]
+    evaluation += ["--ladder_steps", "2"]
+    methods = {"ADM": [], "SAM-rho0.01": ["--sam_rho", "0.01"]}
+    path = write_study(
+        tmp_path / "study.yaml", methods=methods, variants=["raw", "ema"], training=training, evaluation=evaluation
+    )
+    study = json.loads(path.read_text())
+    del study["tuning"]
+    path.write_text(json.dumps(study))
+    use_pooled_inception(monkeypatch)
+    out = tmp_path / "out"
+    run_study.main(run_study.parse_args(["--study", str(path), "--output_dir", str(out)]))
+    data = json.loads((out / "report.json").read_text())
+    assert set(data["results"]) == {"ADM", "+EMA", "+SAM-rho0.01", "+SAM-rho0.01+EMA"}
+    adm = data["results"]["ADM"]["1"]
+    assert adm["fid_num_real"] == 40 and set(adm["sensitivity"]["curves"]) == {"per_tensor", "per_channel"}
+    rows = {c["rows"] for c in data["claims"]}
+    assert rows == {"+SAM-rho0.01 vs ADM", "+SAM-rho0.01+EMA vs +EMA"}
+    # the training loss of each method's first seed, every step, read from its TensorBoard log
+    assert {name: len(curve[1]) for name, curve in data["loss_curves"].items()} == {
+        "adm-seed1": 3,
+        "sam-rho0.01-seed1": 3,
+    }
+    assert data["figure"]["seed"] == 1 and set(data["figure"]["displacement"]) == {"ADM", "+SAM-rho0.01"}
+    report = (out / "report.md").read_text()
+    for section in ("## Training: has the loss flattened?", "## The answer in one picture", "### Ladder claims"):
+        assert section in report
+    for figure in ("loss_curve.png", "sensitivity.png", "quantization_figure.png", "exposure_bias.png"):
+        assert (out / figure).stat().st_size > 5_000, figure
