@@ -100,8 +100,8 @@ def test_the_space_generates_on_cuda(two_models, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "spaces_app"))
     app = importlib.import_module("app")
     assert app.DEVICE.type == "cuda" and os.environ["FLAT_MODELS"] in app.MODELS
-    for precision in ("fp32", "4-bit"):
-        assert next(app.load_unet(app.MODELS[0], precision).parameters()).device.type == "cuda"
+    for level in ("fp32", "4-bit per_tensor", "8-bit per_channel"):
+        assert next(app.load_unet(app.MODELS[0], level).parameters()).device.type == "cuda"
     fp32_grid, int8_grid, difference, summary, _ = app.generate(app.MODELS[0], 0, 20, "8-bit", 4)
     assert fp32_grid.size == int8_grid.size and "**8-bit**" in summary
 

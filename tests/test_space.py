@@ -1,5 +1,6 @@
-"""The Gradio Space: the real app served on 127.0.0.1, driven with gradio_client, and its page rendered in Debian's
-headless Chromium (through Playwright, which is given /usr/bin/chromium and downloads nothing)."""
+"""The Gradio Space: the real app served on 127.0.0.1, driven with gradio_client (both tabs, also under concurrent
+requests), and its page rendered in Debian's headless Chromium (through Playwright, which is given /usr/bin/chromium
+and downloads nothing)."""
 
 import os
 import re
@@ -12,9 +13,13 @@ import urllib.request
 
 import numpy as np
 import pytest
+import torch
 from conftest import REPO, free_port, per_image_generators, run_script
-from diffusers import DDPMPipeline
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from helpers import MICRO_UNET
 from PIL import Image
+
+from diffusers_flat.quantization import quantize_weights_
 
 pytestmark = pytest.mark.slow  # a real server, gradio_client and Chromium
 
@@ -35,11 +40,29 @@ def model(tmp_path_factory, two_models):
 
 
 @pytest.fixture(scope="module")
-def server(model, tmp_path_factory):
+def toy_models(tmp_path_factory) -> dict[str, str]:
+    """Two untrained micro pipelines, one of them with every Conv2d/Linear weight already on a 4-bit per-tensor
+    grid: quantizing it to 4 bits per tensor again changes nothing."""
+    out, models = tmp_path_factory.mktemp("toys"), {}
+    for name in ("on-a-4-bit-grid", "off-the-grid"):
+        torch.manual_seed(0)
+        unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, **MICRO_UNET)
+        with torch.no_grad():  # away from the initialisation, whose output layer is zero
+            for p in unet.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        if name == "on-a-4-bit-grid":
+            quantize_weights_(unet, 4, "per_tensor")
+        DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(out / name)
+        models[name] = str(out / name)
+    return models
+
+
+@pytest.fixture(scope="module")
+def server(model, toy_models, tmp_path_factory):
     port = free_port()
     env = dict(
         os.environ,
-        FLAT_MODELS=str(model),
+        FLAT_MODELS=",".join([str(model), *toy_models.values()]),
         GRADIO_SERVER_NAME="127.0.0.1",
         GRADIO_SERVER_PORT=str(port),
         GRADIO_TEMP_DIR=str(tmp_path_factory.mktemp("gradio")),
@@ -93,6 +116,59 @@ def reference_samples(model, seed: int, steps: int, count: int) -> np.ndarray:
         batch_size=count, generator=per_image_generators(count, seed), num_inference_steps=steps, output_type="np"
     ).images
     return np.round(images[..., 0] * 255).astype(np.uint8)
+
+
+def test_concurrent_mixed_requests_at_both_tabs_leave_nothing_broken(client, model):
+    """8 requests at once, 8-bit and 4-bit, both tabs, each level's models loaded for the first time; then one
+    request of each still succeeds alone."""
+    jobs = [client.submit(str(model), i, 20, ("8-bit", "4-bit")[i % 2], 2, api_name="/generate") for i in range(4)]
+    jobs += [
+        client.submit(bits, granularity, i, 20, 2, api_name="/compare_models")
+        for i, (bits, granularity) in enumerate([(8, "per_channel"), (4, "per_tensor")] * 2)
+    ]
+    for job in jobs:
+        job.result(timeout=300)
+    for precision in ("8-bit", "4-bit"):
+        assert "overall" in client.predict(str(model), 0, 20, precision, 1, api_name="/generate")[3]
+    for bits, granularity in ((8, "per_channel"), (4, "per_tensor")):
+        assert "pixels moved" in client.predict(bits, granularity, 0, 20, 1, api_name="/compare_models")[1]
+
+
+def moved(summary: str) -> dict[str, float]:
+    """The first table of the comparison: model -> pixels moved."""
+    return {name: float(value) for name, value in re.findall(r"^\| (\S+) \| (\d+\.\d+) \|$", summary, re.MULTILINE)}
+
+
+def test_model_against_model_shows_the_model_on_the_grid_unmoved(client, model, toy_models):
+    gallery, summary, curves = client.predict(4, "per_tensor", 5, 20, 4, api_name="/compare_models")
+    served = [str(model), *toy_models.values()]
+    # two panels per model, fp32 then quantized, 2x2 grids of 64-pixel cells
+    assert [item["caption"].split(" · ")[0] for item in gallery] == [name for name in served for _ in range(2)]
+    assert Image.open(gallery[0]["image"]).size == (134, 134)
+    displacement = moved(summary)
+    assert set(displacement) == set(served)
+    assert displacement[toy_models["on-a-4-bit-grid"]] == 0.0  # the same weights: the same DDIM samples
+    assert displacement[toy_models["off-the-grid"]] > 1.0
+    # the shown displacement is that of the shown images (0-255; the grids round to whole values)
+    for name in served:
+        i = 2 * served.index(name)
+        fp32, quantized = (grid_cells(gallery[j]["image"], 4, 64).astype(float) for j in (i, i + 1))
+        assert abs(np.abs(fp32 - quantized).mean() - displacement[name]) < 0.6
+    assert (
+        "| model | KID x10³ | FID | LPF |" in summary
+        and f"| {toy_models['off-the-grid']} | (not evaluated) |" in summary
+    )
+    assert "**4-bit per_tensor**: the same 4 noises" in summary and curves == []
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [({"bits": 2}, "Value 2 is less than minimum value 3."), ({"granularity": "per_row"}, "is not in the list")],
+)
+def test_bad_comparison_inputs_are_rejected_with_a_message(client, inputs, message):
+    values = {"bits": 4, "granularity": "per_tensor", "seed": 0, "steps": 20, "num_images": 2, **inputs}
+    with pytest.raises(gradio_client.exceptions.AppError, match=re.escape(message)):
+        client.predict(*values.values(), api_name="/compare_models")
 
 
 @pytest.mark.parametrize("precision", ["8-bit", "4-bit"])
@@ -173,6 +249,12 @@ def test_page_renders_controls_and_images_in_chromium(server):
         widths = page.eval_on_selector_all(generated, "images => images.map(i => i.naturalWidth)")
         assert widths.count(266) == 3  # fp32, quantized, difference: 4x4 grids (16 images) of 64-pixel cells
         page.screenshot(path=os.path.join(ARTIFACTS, "space.png"), full_page=True)
+        # The second tab: every model at one precision, side by side.
+        page.get_by_role("tab", name="Model against model").click()
+        page.get_by_role("button", name="Compare").click()
+        page.wait_for_function(f"{loaded}.length >= 9", timeout=120_000)  # 3 models x 2 grids, and the first tab's 3
+        expect(page.get_by_text("pixels moved (mean, 0-255)").first).to_be_visible(timeout=60_000)
+        page.screenshot(path=os.path.join(ARTIFACTS, "space-compare.png"), full_page=True)
         browser.close()
     assert Image.open(os.path.join(ARTIFACTS, "space.png")).size[0] == 1400
 

@@ -99,9 +99,16 @@ def nhwc_to_nchw(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
 
 
-class _Precomputed(torch.nn.Module):
-    """The "feature network" handed to torchmetrics: the features are computed once per batch, by `FID`, and shared
-    by the FID and KID metrics."""
+class PrecomputedFeatures(torch.nn.Module):
+    """An identity "feature network" of `num_features` dimensions: what `FID` hands torchmetrics (the features are
+    computed once per batch, by `FID`, and shared by the FID and KID metrics), and what `FID` itself takes to score
+    features computed elsewhere (`FID(PrecomputedFeatures(2048))`, then `set_real_features` and
+    `scores_of_features`).
+
+    Example:
+        >>> PrecomputedFeatures(3)(torch.ones(2, 3)).shape
+        torch.Size([2, 3])
+    """
 
     def __init__(self, num_features: int):
         super().__init__()
@@ -160,14 +167,14 @@ class FID:
         self.batch_size = batch_size or default_fid_batch_size(self.device)
         self.show_progress = show_progress
         self.kid_subset_size = kid_subset_size
-        precomputed = _Precomputed(self.features.num_features)
+        precomputed = PrecomputedFeatures(self.features.num_features)
         # The FID metric accumulates feature sums and covariances in float64; the KID metric keeps the features.
         # Neither syncs across processes by itself: multi-process evaluation gathers the features (`evaluate`).
         self.metric = FrechetInceptionDistance(
             feature=precomputed, reset_real_features=False, normalize=False, sync_on_compute=False
         )
         self.kid = KernelInceptionDistance(
-            feature=_Precomputed(self.features.num_features),
+            feature=PrecomputedFeatures(self.features.num_features),
             subsets=kid_subsets,
             subset_size=kid_subset_size,
             reset_real_features=False,
@@ -205,10 +212,15 @@ class FID:
     def set_real(self, images: np.ndarray) -> None:
         """Real images, uint8 NHWC."""
         check_count(len(images))
+        self.set_real_features(self.features_of(images, "Inception features (real)"))
+
+    def set_real_features(self, features: torch.Tensor) -> None:
+        """The real images' features (`features_of`, or features computed elsewhere), (N, num_features)."""
+        check_count(len(features))
         for state in self._statistics("real").values():
             state.zero_()
         self.kid.real_features = []
-        self._update(self.features_of(images, "Inception features (real)"), real=True)
+        self._update(features.to(self.device), real=True)
 
     @property
     def num_real(self) -> int:
