@@ -36,7 +36,7 @@ def use_pooled_inception(monkeypatch) -> None:
     import diffusers_flat.studies.runner
 
     for module in (diffusers_flat.evaluation.runs, diffusers_flat.studies.runner):
-        monkeypatch.setattr(module, "InceptionFeatures", lambda dtype="float32": PooledPixels())
+        monkeypatch.setattr(module, "feature_network", lambda *args, **kwargs: PooledPixels())
 
 
 @pytest.fixture

@@ -60,6 +60,16 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
         help="Images per InceptionV3 batch (default: 200 on a GPU, about 6 GB; 32 on the CPU, its fastest).",
     )
     parser.add_argument(
+        "--features",
+        default=DEFAULTS.features,
+        help="The feature space of FID, KID and precision/recall: inception (the TF-ported InceptionV3) or dinov2.",
+    )
+    parser.add_argument(
+        "--dinov2_model",
+        default=DEFAULTS.dinov2_model,
+        help="With --features dinov2: the DINOv2 model's Hub id or local directory (default ViT-L/14).",
+    )
+    parser.add_argument(
         "--fid_dtype",
         default="float32",
         choices=list(FID_DTYPES),

@@ -50,9 +50,9 @@ def set_fid_reference(fid: FID, real: RealImages, settings: EvaluationSettings, 
     """Give `fid` the statistics of the real images `evaluate` compares with, from `cache_dir` when computed
     before."""
     images = real.fid_subset(settings.num_real, settings.seed)
-    # bf16 features have statistics of their own
-    dtype = str(getattr(fid.features, "dtype", "")).removeprefix("torch.")
-    real_statistics_cached(fid, images, cache_dir, {**real.key, "n": len(images), "features": dtype})
+    # each feature network (and InceptionV3 at bf16) has statistics of its own
+    features = getattr(fid.features, "key", None) or str(getattr(fid.features, "dtype", "")).removeprefix("torch.")
+    real_statistics_cached(fid, images, cache_dir, {**real.key, "n": len(images), "features": features})
 
 
 def evaluate(

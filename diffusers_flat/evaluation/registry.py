@@ -125,10 +125,14 @@ class MetricInputs:
 
 
 def measure_fid(m: MetricInputs) -> None:
-    """FID and KID of each T' column, on the same features."""
+    """FID, KID and improved precision/recall of each T' column, on the same features (InceptionV3's, or DINOv2's
+    with `settings.features`)."""
     scores = {str(t): m.fid.scores_of_features(m.features[32, t], m.settings.seed) for t in m.evaluation.samples}
     m.evaluation.result["fid"] = {t: score["fid"] for t, score in scores.items()}
     m.evaluation.result["kid"] = {t: score["kid"] for t, score in scores.items()}
+    m.evaluation.result["precision_recall"] = {t: score["precision_recall"] for t, score in scores.items()}
+    s = m.settings
+    m.evaluation.result["features"] = s.features if s.features == "inception" else f"dinov2 ({s.dinov2_model})"
     m.evaluation.result["fid_num_generated"] = m.settings.num_samples
     m.evaluation.result["fid_num_real"] = m.fid.num_real
 

@@ -19,7 +19,7 @@ from diffusers_flat.evaluation.real_images import RealImages, load_real_images
 from diffusers_flat.evaluation.registry import EvaluationResult, empirical_reference
 from diffusers_flat.evaluation.report import write_comparison, write_model_report
 from diffusers_flat.evaluation.settings import EvaluationSettings
-from diffusers_flat.metrics.fid import FID, InceptionFeatures
+from diffusers_flat.metrics.fid import FID, feature_network
 from diffusers_flat.metrics.pfd import check_steps
 from diffusers_flat.run_directory import RunDirectory
 from diffusers_flat.utils.cli import share_cpu_threads
@@ -127,7 +127,7 @@ def evaluate_runs(
         out.mkdir(parents=True, exist_ok=True)
     fid = None
     if "fid" in settings.metrics:
-        features = InceptionFeatures(dtype=fid_dtype)
+        features = feature_network(settings.features, fid_dtype, settings.dinov2_model)
         fid = FID(features, batch_size=fid_batch_size, device=device, show_progress=main_process)
 
     real_images: dict[tuple, RealImages] = {}  # models trained on the same data share one read of it

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from diffusers_flat.errors import FlatError
 from diffusers_flat.evaluation.registry import METRICS
-from diffusers_flat.metrics.fid import check_count
+from diffusers_flat.metrics.dinov2 import DEFAULT_DINOV2
+from diffusers_flat.metrics.fid import FEATURE_SPACES, check_count
 from diffusers_flat.metrics.pfd import DESCRIPTORS, SOLVERS
 from diffusers_flat.quantization import check_bits, check_granularity
 
@@ -47,6 +48,9 @@ class EvaluationSettings:
         ladder_granularities: the scales of each ladder level: per_tensor and/or per_channel.
         ladder_samples: samples of each ladder level's pixel displacements.
         ladder_steps: DDIM (and respaced ancestral) steps of those samples; a divisor of the training timesteps.
+        features: the feature space of FID, KID and precision/recall: "inception" (the TF-ported InceptionV3) or
+            "dinov2" (FD_DINOv2 and the rest in DINOv2's space).
+        dinov2_model: with features "dinov2", the DINOv2 model's Hub id or local directory.
 
     Example:
         >>> EvaluationSettings(metrics=("lpf",), lpf_draws=5).lpf_draws
@@ -79,6 +83,8 @@ class EvaluationSettings:
     ladder_granularities: tuple[str, ...] = ("per_tensor", "per_channel")
     ladder_samples: int = 64
     ladder_steps: int = 20
+    features: str = "inception"
+    dinov2_model: str = DEFAULT_DINOV2
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.metrics if m not in METRICS]
@@ -93,6 +99,8 @@ class EvaluationSettings:
         if self.quantize and "fid" not in self.metrics:
             raise FlatError("quantize reports FID before -> after quantization: add fid to metrics", "quantize")
         check_granularity(self.quantize_granularity)
+        if self.features not in FEATURE_SPACES:
+            raise FlatError(f"features {self.features!r}: choose {' or '.join(FEATURE_SPACES)}", "features")
         if "pfd" in self.metrics:
             check_pfd_settings(self)
         if "sensitivity" in self.metrics:

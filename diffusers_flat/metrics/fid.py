@@ -21,6 +21,8 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm.auto import tqdm
 
 from diffusers_flat.errors import FlatError
+from diffusers_flat.metrics.dinov2 import DEFAULT_DINOV2, DINOv2Features
+from diffusers_flat.metrics.precision_recall import precision_recall
 from diffusers_flat.run_directory import write_atomically
 
 INCEPTION_SIZE = 299
@@ -58,6 +60,7 @@ def nvidia_bilinear_resize(x: torch.Tensor, size: int = INCEPTION_SIZE) -> torch
 
 
 FID_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+FEATURE_SPACES = ("inception", "dinov2")
 
 
 class InceptionFeatures(torch.nn.Module):
@@ -97,6 +100,18 @@ class InceptionFeatures(torch.nn.Module):
 
 def nhwc_to_nchw(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+
+
+def feature_network(
+    space: str = "inception", dtype: str = "float32", dinov2_model: str = DEFAULT_DINOV2
+) -> torch.nn.Module:
+    """The feature network of FID, KID and precision/recall: the TF-ported InceptionV3 at `dtype`, or DINOv2
+    (`dinov2_model`, a Hub id or local directory; float32)."""
+    if space == "dinov2":
+        return DINOv2Features.from_pretrained(dinov2_model)
+    if space != "inception":
+        raise FIDError(f"features {space!r}: choose {' or '.join(FEATURE_SPACES)}", "features")
+    return InceptionFeatures(dtype=dtype)
 
 
 class PrecomputedFeatures(torch.nn.Module):
@@ -236,13 +251,14 @@ class FID:
         self.kid.real_features = [statistics["features"].to(self.device)]
 
     def scores(self, images: np.ndarray, seed: int = 0) -> dict:
-        """FID and KID of generated uint8 NHWC images against the real set: `{"fid": float, "kid": KIDResult}`."""
+        """FID, KID and improved precision/recall of generated uint8 NHWC images against the real set:
+        `{"fid": float, "kid": KIDResult, "precision_recall": PrecisionRecall}`."""
         check_count(len(images))
         return self.scores_of_features(self.features_of(images, "Inception features (generated)"), seed)
 
     def scores_of_features(self, features: torch.Tensor, seed: int = 0) -> dict:
         """`scores` of generated images whose features (`features_of`) were computed already, e.g. by several
-        processes that each generated a share of the images."""
+        processes that each generated a share of the images; with improved precision and recall (k = 3) too."""
         check_count(len(features))
         if self.num_real == 0:
             raise FIDError("set the real images first")
@@ -261,7 +277,8 @@ class FID:
             "subset_size": self.kid.subset_size,
             "subsets": self.kid.subsets,
         }
-        return {"fid": float(self.metric.compute()), "kid": kid}
+        real = torch.cat(self.kid.real_features)
+        return {"fid": float(self.metric.compute()), "kid": kid, "precision_recall": precision_recall(real, features)}
 
     def score(self, images: np.ndarray) -> float:
         """FID of generated uint8 NHWC images against the real set."""

@@ -18,22 +18,33 @@ class PrecisionRecall(TypedDict):
     k: int
 
 
+CHUNK = 512  # rows of each distance block: memory stays at CHUNK x N however many samples
+
+
 def _radii(features: torch.Tensor, k: int) -> torch.Tensor:
     """Each sample's distance to its k-th nearest neighbour in its own set (itself excluded)."""
-    distances = torch.cdist(features, features)
-    return distances.kthvalue(k + 1, dim=1).values  # the 1st smallest is the sample itself, at distance 0
+    # the 1st smallest distance is the sample's own, 0
+    blocks = [
+        torch.cdist(features[i : i + CHUNK], features).kthvalue(k + 1, dim=1).values
+        for i in range(0, len(features), CHUNK)
+    ]
+    return torch.cat(blocks)
 
 
 def _inside(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
     """Whether each point lies in some ball (centre, radius): within the manifold of `centres`."""
-    return (torch.cdist(points, centres) <= radii[None, :]).any(dim=1)
+    blocks = [
+        (torch.cdist(points[i : i + CHUNK], centres) <= radii[None, :]).any(dim=1)
+        for i in range(0, len(points), CHUNK)
+    ]
+    return torch.cat(blocks)
 
 
 def precision_recall(real: torch.Tensor, generated: torch.Tensor, k: int = 3) -> PrecisionRecall:
     """Improved precision and recall of `generated` against `real` features ((N, D) each, float).
 
     Args:
-        real: the real samples' features.
+        real: the real samples' features (their dtype is that of the distances).
         generated: the generated samples' features.
         k: the neighbour whose distance is each ball's radius (the paper: 3).
 
@@ -47,7 +58,7 @@ def precision_recall(real: torch.Tensor, generated: torch.Tensor, k: int = 3) ->
             raise FlatError(f"{name}: needs an (N, D) array with N > k = {k}, got shape {tuple(features.shape)}", name)
     if k < 1:
         raise FlatError(f"k must be at least 1, got {k}", "k")
-    real, generated = real.double(), generated.double()
+    generated = generated.to(real.dtype)
     precision = _inside(generated, real, _radii(real, k)).double().mean()
     recall = _inside(real, generated, _radii(generated, k)).double().mean()
     return {"precision": float(precision), "recall": float(recall), "k": k}

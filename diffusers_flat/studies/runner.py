@@ -26,7 +26,7 @@ from diffusers_flat.evaluation.report import write_comparison, write_model_repor
 from diffusers_flat.evaluation.runs import evaluate_runs
 from diffusers_flat.evaluation.settings import EvaluationSettings, evaluation_work
 from diffusers_flat.hub.model_card import write_model_card
-from diffusers_flat.metrics.fid import FID, InceptionFeatures
+from diffusers_flat.metrics.fid import FID, feature_network
 from diffusers_flat.run_directory import RunDirectory
 from diffusers_flat.studies.config import METHODS, Run, Study, Work, row_name, shard_of
 from diffusers_flat.studies.directory import StudyDirectory
@@ -187,7 +187,7 @@ class StudyRunner:
         real = load_real_images(source, unet.sample_size, unet.in_channels)
         fid = None
         if "fid" in plan.settings.metrics:
-            features = InceptionFeatures(dtype=plan.options["fid_dtype"])
+            features = feature_network(plan.settings.features, plan.options["fid_dtype"], plan.settings.dinov2_model)
             fid = FID(features, batch_size=plan.options["fid_batch_size"], device=device)
             set_fid_reference(fid, real, plan.settings, self.directory.fid_cache)
         for temperature, unconditional in todo:
