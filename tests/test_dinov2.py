@@ -60,6 +60,9 @@ def test_no_weights_offline_is_one_line_naming_the_flag(tmp_path):
     assert err.value.parameter == "dinov2_model" and "\n" not in str(err.value)
     with pytest.raises(FlatError, match="features 'clip': choose inception or dinov2"):
         parse_evaluation_flags(["--features", "clip"])
+    # a study file's evaluation flags go through the same parser
+    settings, _ = parse_evaluation_flags(["--features", "dinov2", "--dinov2_model", str(tmp_path / "local")])
+    assert (settings.features, settings.dinov2_model) == ("dinov2", str(tmp_path / "local"))
 
 
 @pytest.mark.slow
