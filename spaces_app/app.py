@@ -2,9 +2,11 @@
 seed (first tab), and every served model side by side at one precision from the same noises (second tab: a flat and
 a sharp model, the paper's Figures 2 and 4).
 
-    FLAT_MODELS=ddpm-flat-digits python spaces_app/app.py
+    python spaces_app/app.py                                  # the models shipped in spaces_app/models
+    FLAT_MODELS=ddpm-flat-digits python spaces_app/app.py     # or your own
 
-FLAT_MODELS lists Hub repo ids or local pipeline dirs, comma-separated. Gradio's own GRADIO_SERVER_NAME and
+FLAT_MODELS lists Hub repo ids or local pipeline dirs, comma-separated; by default the flat and the sharp model
+shipped in spaces_app/models. Gradio's own GRADIO_SERVER_NAME and
 GRADIO_SERVER_PORT choose where it listens. Only safetensors weights are read, and no remote code is run. The UNets
 run on the GPU when there is one (a GPU Space), else on the CPU.
 """
@@ -29,7 +31,9 @@ from diffusers_flat.quantization import GRANULARITIES, quantize_for_deployment, 
 from diffusers_flat.run_directory import RunDirectory, hub_download_patterns
 from diffusers_flat.utils.sampling import image_grid, sample_images
 
-MODELS = [m.strip() for m in os.environ.get("FLAT_MODELS", "ddpm-flat-digits").split(",") if m.strip()]
+# The default: the flat and the sharp model shipped beside the app (the Fashion-MNIST study's ADM and SAM, one seed).
+SHIPPED = sorted(str(p) for p in (Path(__file__).parent / "models").glob("*") if (p / "model_index.json").is_file())
+MODELS = [m.strip() for m in os.environ.get("FLAT_MODELS", ",".join(SHIPPED)).split(",") if m.strip()]
 PRECISIONS = {
     "8-bit": "8-bit: real int8 weights (torchao int8 tensors on every Conv2d and Linear, per output channel)",
     "4-bit": "4-bit: direct quantization of every Conv2d/Linear weight, one scale per tensor",
@@ -263,6 +267,8 @@ def build_demo() -> gr.Blocks:
 
 if __name__ == "__main__":
     missing = [m for m in MODELS if not Path(m).is_dir() and m.count("/") != 1]
+    if not MODELS:
+        raise SystemExit("app.py: error: FLAT_MODELS: no models; name Hub repo ids or local pipeline dirs")
     if missing:
         raise SystemExit(
             f"app.py: error: FLAT_MODELS: {', '.join(missing)} is neither a local pipeline dir nor a "
