@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import datasets
+import evaluate
 import numpy as np
 import torch
 
@@ -17,6 +18,19 @@ def module_features(config_name: str) -> datasets.Features:
     """The `evaluate` features of a module configured as "features" (the default) or "images"."""
     column = datasets.Image() if config_name == "images" else datasets.Sequence(datasets.Value("float64"))
     return datasets.Features({"predictions": column, "references": column})
+
+
+def metric_info(
+    description: str, citation: str, inputs_description: str, url: str, features: datasets.Features
+) -> evaluate.MetricInfo:
+    """A module's `_info`: its texts, its paper and its input features."""
+    return evaluate.MetricInfo(
+        description=description,
+        citation=citation,
+        inputs_description=inputs_description,
+        features=features,
+        reference_urls=[url],
+    )
 
 
 def as_uint8_images(rows: Sequence) -> np.ndarray:

@@ -9,7 +9,7 @@ fid.compute(predictions=generated_images, references=real_images)
 import evaluate
 
 from diffusers_flat.metrics.fid import FID, PrecomputedFeatures
-from diffusers_flat.metrics.module_inputs import as_features, module_features
+from diffusers_flat.metrics.module_inputs import as_features, metric_info, module_features
 
 _CITATION = """\
 @inproceedings{heusel2017gans,
@@ -46,12 +46,12 @@ Examples:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class Fid(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=module_features(self.config_name),
-            reference_urls=["https://arxiv.org/abs/1706.08500"],
+        return metric_info(
+            _DESCRIPTION,
+            _CITATION,
+            _KWARGS_DESCRIPTION,
+            "https://arxiv.org/abs/1706.08500",
+            module_features(self.config_name),
         )
 
     def _compute(self, predictions, references):

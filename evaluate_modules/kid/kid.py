@@ -7,7 +7,7 @@ kid.compute(predictions=generated_features, references=real_features)["kid"]
 import evaluate
 
 from diffusers_flat.metrics.fid import FID, PrecomputedFeatures
-from diffusers_flat.metrics.module_inputs import as_features, module_features
+from diffusers_flat.metrics.module_inputs import as_features, metric_info, module_features
 
 _CITATION = """\
 @inproceedings{binkowski2018demystifying,
@@ -47,12 +47,12 @@ Examples:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class Kid(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=module_features(self.config_name),
-            reference_urls=["https://arxiv.org/abs/1801.01401"],
+        return metric_info(
+            _DESCRIPTION,
+            _CITATION,
+            _KWARGS_DESCRIPTION,
+            "https://arxiv.org/abs/1801.01401",
+            module_features(self.config_name),
         )
 
     def _compute(self, predictions, references, subsets: int = 100, subset_size: int = 1000, seed: int = 0):

@@ -9,7 +9,7 @@ import datasets
 import evaluate
 
 from diffusers_flat.metrics.memorization import memorization_ratio
-from diffusers_flat.metrics.module_inputs import as_uint8_images
+from diffusers_flat.metrics.module_inputs import as_uint8_images, metric_info
 
 _CITATION = """\
 @inproceedings{yoon2023diffusion,
@@ -45,12 +45,12 @@ Examples:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class Memorization(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Image()}),
-            reference_urls=["https://arxiv.org/abs/2306.03436"],
+        return metric_info(
+            _DESCRIPTION,
+            _CITATION,
+            _KWARGS_DESCRIPTION,
+            "https://arxiv.org/abs/2306.03436",
+            datasets.Features({"predictions": datasets.Image()}),
         )
 
     def _compute(self, predictions, training, threshold: float = 1 / 3):

@@ -7,7 +7,7 @@
 
 import evaluate
 
-from diffusers_flat.metrics.module_inputs import as_features, module_features
+from diffusers_flat.metrics.module_inputs import as_features, metric_info, module_features
 from diffusers_flat.metrics.precision_recall import precision_recall
 
 _CITATION = """\
@@ -43,12 +43,12 @@ Examples:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class PrecisionRecall(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=module_features(self.config_name),
-            reference_urls=["https://arxiv.org/abs/1904.06991"],
+        return metric_info(
+            _DESCRIPTION,
+            _CITATION,
+            _KWARGS_DESCRIPTION,
+            "https://arxiv.org/abs/1904.06991",
+            module_features(self.config_name),
         )
 
     def _compute(self, predictions, references, k: int = 3):
