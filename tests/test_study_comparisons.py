@@ -1,7 +1,7 @@
 """A study whose rows are not the paper's grid (SAM at two rho against ADM): the pre-registered claims of each
 comparison, log-ratio tests against a hand computation, the paper's effect in our units, the report's ladder
 sections and quality-rule pick, the Figure 2 kind of picture's level, and a micro study on a few hundred
-Fashion-MNIST images end to end."""
+Fashion-MNIST images end to end (with flatness logged during training)."""
 
 import json
 import math
@@ -130,6 +130,7 @@ def test_the_picture_shows_the_level_of_the_largest_gap():
 def test_a_micro_study_on_fashion_mnist_runs_end_to_end(tmp_path, monkeypatch):
     training = json.loads(write_study(tmp_path / "base.yaml").read_text())["training"]
     training += ["--dataset_name", "fashion_mnist", "--train_subset", "300", "--ema_max_decay", "0.9"]
+    training += ["--flatness_every", "1", "--flatness_draws", "2", "--flatness_samples", "4"]
     evaluation = ["--metrics", "fid", "lpf", "exposure_bias", "sensitivity", "--inference_steps", "2"]
     evaluation += ["--num_samples", "20", "--num_real", "40", "--quantize", "5", "--lpf_draws", "2"]
     evaluation += ["--loss_samples", "8", "--exposure_samples", "2", "--ladder", "8", "3", "--ladder_samples", "2"]
@@ -159,5 +160,10 @@ def test_a_micro_study_on_fashion_mnist_runs_end_to_end(tmp_path, monkeypatch):
     report = (out / "report.md").read_text()
     for section in ("## Training: has the loss flattened?", "## The answer in one picture", "### Ladder claims"):
         assert section in report
-    for figure in ("loss_curve.png", "sensitivity.png", "quantization_figure.png", "exposure_bias.png"):
+    # LPF during training, step by step, for each raw row
+    series = data["results"]["+SAM-rho0.01"]["2"]["flatness_series"]
+    assert [entry["step"] for entry in series] == [1, 2, 3] and "flatness_series" not in data["results"]["+EMA"]["1"]
+    assert "![flatness during training](flatness_during_training.png)" in report
+    figures = ("loss_curve.png", "sensitivity.png", "quantization_figure.png", "exposure_bias.png")
+    for figure in (*figures, "flatness_during_training.png"):
         assert (out / figure).stat().st_size > 5_000, figure

@@ -40,6 +40,7 @@ from diffusers_flat.training.data import (
     load_image_dataset,
     subset_indices,
 )
+from diffusers_flat.training.flatness_log import FlatnessLog
 from diffusers_flat.training.models import build_scheduler, build_unet, make_noise_unconditional
 from diffusers_flat.training.step import (
     check_finite,
@@ -158,6 +159,16 @@ def main(args: argparse.Namespace) -> None:
                 tag, writer = "model" if variant == "raw" else variant, accelerator.get_tracker("tensorboard").writer
                 writer.add_images(f"samples/{tag}", grid.transpose(0, 3, 1, 2), global_step)
 
+    flatness = None
+    if args.flatness_every and accelerator.is_main_process:
+        # Flatness during training: LPF of the first images of the dataset (centre crop, no flip), fixed triples.
+        fixed = ImageTransform(args.resolution, center_crop=True, random_flip=False, channels=channels)
+        count = min(args.flatness_samples, len(dataset))
+        images_of_log = torch.stack([TrainingImages(dataset, args.image_column, fixed)[(i, 0)] for i in range(count)])
+        flatness = FlatnessLog(
+            run, noise_scheduler, images_of_log, args.flatness_draws, seed=args.seed, start_step=global_step
+        )
+
     quiet = not accelerator.is_local_main_process
     progress_bar = tqdm(total=max_train_steps, initial=global_step, desc="Steps", disable=quiet)
     sample_shape = (channels, args.resolution, args.resolution)
@@ -194,6 +205,8 @@ def main(args: argparse.Namespace) -> None:
         logs = {"loss": stats.loss, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": stats.grad_norm}
         logs |= {"sam_sharpness": stats.sharpness, "ema_decay": ema.cur_decay_value if ema else None}
         accelerator.log({name: value for name, value in logs.items() if value is not None}, step=global_step)
+        if flatness is not None and global_step % args.flatness_every == 0:
+            accelerator.log(flatness.measure(unet, global_step, stats.sharpness), step=global_step)
         progress_bar.update(1)
         progress_bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{logs['lr']:.2e}")
 

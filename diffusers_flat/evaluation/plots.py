@@ -227,6 +227,28 @@ def plot_study_sensitivity(results: dict[str, dict[int, dict]], order: list[str]
     _save(fig, path)
 
 
+def plot_flatness_during_training(
+    results: dict[str, dict[int, dict]], order: list[str], path: str | os.PathLike
+) -> None:
+    """LPF estimated during training against steps (`--flatness_every`), one line per row (the mean over seeds) with
+    a band of ± one standard deviation."""
+    fig, ((ax,),) = _figure((6, 4))
+    for i, row in enumerate(order):
+        series = [r["flatness_series"] for r in results.get(row, {}).values() if "flatness_series" in r]
+        if not series:
+            continue
+        steps = sorted(set.intersection(*({e["step"] for e in s} for s in series)))
+        y = np.asarray([[next(e["lpf"] for e in s if e["step"] == step) for step in steps] for s in series])
+        mean, std = y.mean(axis=0), (y.std(axis=0, ddof=1) if len(y) > 1 else np.zeros(len(steps)))
+        ax.plot(steps, mean, color=f"C{i}", label=f"{row} (n={len(y)})")
+        ax.fill_between(steps, mean - std, mean + std, color=f"C{i}", alpha=0.15)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("LPF estimate (fixed triples and draws)")
+    ax.set_title("Flatness during training")
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
 def plot_loss_curves(curves: dict[str, tuple[list[int], list[float]]], path: str | os.PathLike) -> None:
     """Training loss against steps, one line per run: a moving average of 50 steps over the raw loss."""
     fig, ((ax,),) = _figure((6, 4))

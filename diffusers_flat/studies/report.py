@@ -10,7 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from diffusers_flat.evaluation.plots import plot_bands, plot_loss_curves, plot_study_sensitivity
+from diffusers_flat.evaluation.plots import (
+    plot_bands,
+    plot_flatness_during_training,
+    plot_loss_curves,
+    plot_study_sensitivity,
+)
 from diffusers_flat.quantization import GRANULARITIES
 from diffusers_flat.run_directory import write_atomically, write_json
 from diffusers_flat.studies.claims import (
@@ -345,6 +350,11 @@ def write_report(
         "## Flatness and exposure bias (Tables 1 and 3)",
         _table(results, flatness),
     ]
+    if any("flatness_series" in r for seeds in results.values() for r in seeds.values()):
+        sections += [
+            "LPF estimated during training (`--flatness_every`: a few draws on fixed triples, the same all run long):",
+            "![flatness during training](flatness_during_training.png)",
+        ]
     if quantization:
         sections += [
             "## Quantization robustness (Table 4), paired with fp32: FID and KID after minus before, the mean pixel "
@@ -382,6 +392,8 @@ def write_report(
         plot_study_sensitivity(results, row_order(results), out / "sensitivity.png")
     if loss_curves:
         plot_loss_curves(loss_curves, out / "loss_curve.png")
+    if any("flatness_series" in r for seeds in results.values() for r in seeds.values()):
+        plot_flatness_during_training(results, row_order(results), out / "flatness_during_training.png")
     data = {"settings": settings, "results": results, "claims": claims, "tuning": tuning_rows or []}
     data.update(loss_curves=loss_curves or {}, figure=figure)
     write_json(out / "report.json", data)

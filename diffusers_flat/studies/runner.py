@@ -35,6 +35,7 @@ from diffusers_flat.studies.quantization_figure import largest_gap, write_quanti
 from diffusers_flat.studies.report import Results, write_report
 from diffusers_flat.training.arguments import parse_training_flags
 from diffusers_flat.training.data import load_image_dataset, subset_indices
+from diffusers_flat.training.flatness_log import FLATNESS_LOG
 from diffusers_flat.utils.cli import flag_message
 
 PROJECT_HINT = (
@@ -231,11 +232,15 @@ class StudyRunner:
         return None
 
     def collect(self) -> Results:
-        """The finished evaluations of the grid, by row and seed."""
+        """The finished evaluations of the grid, by row and seed (a raw pipeline's with the LPF series its training
+        logged under `--flatness_every`, as "flatness_series")."""
         results: Results = {}
         for run in self.study.runs():
             for variant in self.study.variants:
                 result = self.directory.result(self.directory.evaluation(run, variant))
+                log = self.directory.run(run) / FLATNESS_LOG
+                if result is not None and variant == "raw" and log.is_file():  # LPF of the trained weights by step
+                    result["flatness_series"] = json.loads(log.read_text())
                 if result is not None:
                     results.setdefault(row_name(run.method, variant), {})[run.seed] = result
         return results

@@ -165,6 +165,17 @@ def training_parser(description: str | None = None) -> OneLineArgumentParser:
     parser.add_argument(
         "--input_perturbation", type=float, default=0.0, help="DDPM-IP gamma: train on eps + gamma*xi (paper: 0.1)."
     )
+    # Flatness during training
+    parser.add_argument(
+        "--flatness_every",
+        type=int,
+        default=0,
+        help="Every N steps, log a cheap LPF estimate (flatness/lpf, flatness.json); 0 turns it off.",
+    )
+    parser.add_argument("--flatness_draws", type=int, default=8, help="LPF draws of each estimate.")
+    parser.add_argument(
+        "--flatness_samples", type=int, default=64, help="The first N training images: the estimate's fixed triples."
+    )
     # Output, logging, checkpoints
     parser.add_argument("--output_dir", type=str, default="ddpm-flat-digits")
     parser.add_argument(
@@ -226,6 +237,13 @@ def check_args(args: argparse.Namespace) -> None:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
     check_rho(args.sam_rho)
+    if args.flatness_every < 0:
+        raise UsageError(f"--flatness_every must be >= 0 (0: off), got {args.flatness_every}")
+    if args.flatness_every and (args.flatness_draws < 2 or args.flatness_samples < 1):
+        raise UsageError(
+            f"--flatness_draws must be >= 2 and --flatness_samples >= 1, got {args.flatness_draws} and "
+            f"{args.flatness_samples}"
+        )
     if not args.input_perturbation >= 0:
         raise UsageError(f"--input_perturbation must be >= 0 (paper: 0.1), got {args.input_perturbation}")
     if args.swa_cycle < 1:
