@@ -2,6 +2,7 @@
 requests), and its page rendered in Debian's headless Chromium (through Playwright, which is given /usr/bin/chromium
 and downloads nothing)."""
 
+import importlib
 import os
 import re
 import shutil
@@ -271,3 +272,18 @@ def test_app_refuses_a_model_that_is_neither_dir_nor_repo_id(tmp_path):
     )
     assert result.returncode != 0
     assert "FLAT_MODELS:" in result.stderr.strip().splitlines()[-1] and "missing" in result.stderr
+
+
+def test_the_default_models_are_the_shipped_flat_and_sharp_pair(monkeypatch):
+    """Without FLAT_MODELS the Space serves the pipelines in spaces_app/models, and each loads in plain diffusers."""
+    monkeypatch.delenv("FLAT_MODELS", raising=False)
+    monkeypatch.syspath_prepend(str(REPO / "spaces_app"))
+    sys.modules.pop("app", None)
+    app = importlib.import_module("app")
+    shipped = sorted(p for p in (REPO / "spaces_app" / "models").iterdir() if (p / "model_index.json").is_file())
+    assert app.MODELS == [str(p) for p in shipped] and len(shipped) == 2
+    for path in shipped:
+        pipeline = DDPMPipeline.from_pretrained(path)
+        assert pipeline.unet.config.sample_size == 16
+        assert (path / "evaluation" / "eval_results.json").is_file()
+    sys.modules.pop("app", None)
