@@ -156,7 +156,7 @@ def check_comparison(bits, granularity: str, seed, steps, num_images) -> tuple[i
 def study_results(name: str, bits: int, granularity: str) -> str:
     """One table row of the model's own evaluation, where it has one: KID and FID at T'=20 before -> after at this
     level (when evaluated there), LPF, and the fixed-loss increase at this level of its sensitivity curve."""
-    result = next(iter(model_dir(name).read_evaluations().get("raw", {}).values()), None)
+    result = model_dir(name).read_evaluations().get("raw")
     if result is None:
         return f"| {name} | (not evaluated) | | | |"
     quantized = result.get("quantization", {})
@@ -251,9 +251,13 @@ def build_demo() -> gr.Blocks:
                 compare_steps = gr.Radio(list(STEPS), value=STEPS[0], label="DDIM steps")
                 compare_images = gr.Slider(1, MAX_IMAGES, value=8, step=1, label="Images per model")
             compare_button = gr.Button("Compare", variant="primary")
-            samples = gr.Gallery(label="fp32 and quantized, model by model", columns=2, height="auto")
+            samples = gr.Gallery(
+                label="fp32 and quantized, model by model", columns=2, height="auto", object_fit="contain"
+            )
             comparison = gr.Markdown()
-            curves = gr.Gallery(label="Quantization-sensitivity curves", columns=2, height="auto")
+            curves = gr.Gallery(
+                label="Quantization-sensitivity curves", columns=1, height="auto", object_fit="contain"
+            )
         inputs = [model, seed, steps, precision, num_images]
         outputs = [fp32_image, quantized_image, difference_image, summary, plots]
         button.click(generate, inputs, outputs, api_name="generate")

@@ -3,6 +3,7 @@ requests), and its page rendered in Debian's headless Chromium (through Playwrig
 and downloads nothing)."""
 
 import importlib
+import json
 import os
 import re
 import shutil
@@ -34,7 +35,8 @@ def model(tmp_path_factory, two_models):
     """A micro model with evaluation plots in its dir."""
     out = tmp_path_factory.mktemp("space") / "micro"
     shutil.copytree(two_models[0], out)
-    small = "--metrics perturbation --gammas 0 5 --directions 1 --loss_samples 16"
+    small = "--metrics perturbation lpf sensitivity --gammas 0 5 --directions 1 --loss_samples 16 --lpf_draws 2"
+    small += " --ladder 8 4 --ladder_samples 2 --ladder_steps 2"
     result = run_script("evaluate_flat", "--model_path", out, *small.split(), "--output_dir", out.parent / "eval")
     assert result.returncode == 0, result.stderr[-3000:]
     return out
@@ -159,7 +161,12 @@ def test_model_against_model_shows_the_model_on_the_grid_unmoved(client, model, 
         "| model | KID x10³ | FID | LPF |" in summary
         and f"| {toy_models['off-the-grid']} | (not evaluated) |" in summary
     )
-    assert "**4-bit per_tensor**: the same 4 noises" in summary and curves == []
+    # the evaluated model's own results, read here from its evaluation's JSON
+    evaluated = json.loads((model / "evaluation" / "eval_results.json").read_text())
+    increase = evaluated["sensitivity"]["curves"]["per_tensor"]["4"]["loss_increase"]
+    assert f"| {model} | - | - | {evaluated['lpf']['lpf']:.4g} | {increase:+.3g} |" in summary
+    assert "**4-bit per_tensor**: the same 4 noises" in summary
+    assert [item["caption"] for item in curves] == [f"{model}: quantization sensitivity"]
 
 
 @pytest.mark.parametrize(

@@ -132,7 +132,7 @@ def test_a_micro_study_on_fashion_mnist_runs_end_to_end(tmp_path, monkeypatch):
     training += ["--dataset_name", "fashion_mnist", "--train_subset", "300", "--ema_max_decay", "0.9"]
     training += ["--flatness_every", "1", "--flatness_draws", "2", "--flatness_samples", "4"]
     evaluation = ["--metrics", "fid", "lpf", "exposure_bias", "sensitivity", "--inference_steps", "2"]
-    evaluation += ["--num_samples", "20", "--num_real", "40", "--quantize", "5", "--lpf_draws", "2"]
+    evaluation += ["--num_samples", "100", "--num_real", "100", "--quantize", "5", "--lpf_draws", "2"]
     evaluation += ["--loss_samples", "8", "--exposure_samples", "2", "--ladder", "8", "3", "--ladder_samples", "2"]
     evaluation += ["--ladder_steps", "2"]
     methods = {"ADM": [], "SAM-rho0.01": ["--sam_rho", "0.01"]}
@@ -148,7 +148,7 @@ def test_a_micro_study_on_fashion_mnist_runs_end_to_end(tmp_path, monkeypatch):
     data = json.loads((out / "report.json").read_text())
     assert set(data["results"]) == {"ADM", "+EMA", "+SAM-rho0.01", "+SAM-rho0.01+EMA"}
     adm = data["results"]["ADM"]["1"]
-    assert adm["fid_num_real"] == 40 and set(adm["sensitivity"]["curves"]) == {"per_tensor", "per_channel"}
+    assert adm["fid_num_real"] == 100 and set(adm["sensitivity"]["curves"]) == {"per_tensor", "per_channel"}
     rows = {c["rows"] for c in data["claims"]}
     assert rows == {"+SAM-rho0.01 vs ADM", "+SAM-rho0.01+EMA vs +EMA"}
     # the training loss of each method's first seed, every step, read from its TensorBoard log
