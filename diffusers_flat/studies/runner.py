@@ -310,12 +310,14 @@ class StudyRunner:
         return {"path": path.name, "seed": seed, **level, "displacement": displacement}
 
     def loss_curves(self) -> dict[str, tuple[list[int], list[float]]]:
-        """The training loss of each method's run at the first seed, read from its TensorBoard log (the last value
-        of each step, so that a resumed run's repeated steps count once)."""
+        """The training loss of each method's finished run at the first seed, read from its TensorBoard log (the
+        last value of each step, so that a resumed run's repeated steps count once)."""
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
         curves = {}
         for run in self.study.runs()[: len(self.study.methods)]:
+            if self.directory.made_with(self.directory.run(run)) is None:
+                continue  # still training: its curve would end early
             by_step = {}
             for events in sorted((self.directory.run(run) / "logs").rglob("events.out.tfevents.*")):
                 accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0}).Reload()
