@@ -104,6 +104,9 @@ def test_the_space_generates_on_cuda(two_models, monkeypatch):
         assert next(app.load_unet(app.MODELS[0], level).parameters()).device.type == "cuda"
     fp32_grid, int8_grid, difference, summary, _ = app.generate(app.MODELS[0], 0, 20, "8-bit", 4)
     assert fp32_grid.size == int8_grid.size and "**8-bit**" in summary
+    for bits, granularity in ((8, "per_channel"), (4, "per_tensor")):  # the real int8 path, and direct quantization
+        gallery, comparison, _ = app.compare_models(bits, granularity, 0, 20, 2)
+        assert len(gallery) == 2 and "pixels moved" in comparison
 
 
 def test_pfd_on_cuda_agrees_with_the_cpu(two_models, tmp_path):
