@@ -281,7 +281,6 @@ def test_app_refuses_a_model_that_is_neither_dir_nor_repo_id(tmp_path):
     assert "FLAT_MODELS:" in result.stderr.strip().splitlines()[-1] and "missing" in result.stderr
 
 
-@pytest.mark.skipif(not (REPO / "spaces_app" / "models").is_dir(), reason="the study's models are not shipped yet")
 def test_the_default_models_are_the_shipped_flat_and_sharp_pair(monkeypatch):
     """Without FLAT_MODELS the Space serves the pipelines in spaces_app/models, and each loads in plain diffusers."""
     monkeypatch.delenv("FLAT_MODELS", raising=False)
@@ -294,4 +293,8 @@ def test_the_default_models_are_the_shipped_flat_and_sharp_pair(monkeypatch):
         pipeline = DDPMPipeline.from_pretrained(path)
         assert pipeline.unet.config.sample_size == 16
         assert (path / "evaluation" / "eval_results.json").is_file()
+    # A sharp (plain) and a flat (SAM) model of the same seed, trained on the same data.
+    args = [json.loads((path / "training_args.json").read_text()) for path in shipped]
+    assert sorted(a["sam_rho"] > 0 for a in args) == [False, True]
+    assert len({(a["seed"], a["dataset_name"], a["max_train_steps"]) for a in args}) == 1
     sys.modules.pop("app", None)
