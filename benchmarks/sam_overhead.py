@@ -1,10 +1,15 @@
-"""SAM's cost over a plain optimizer step, measured in one run on the same model and batch.
+"""The cost of SAM and of each cheaper SAM mode over a plain optimizer step, measured in one run on one model/batch.
 
-    python benchmarks/sam_overhead.py [--preset tiny] [--resolution 16] [--batch_size 64] [--steps 20]
+    python benchmarks/sam_overhead.py [--preset tiny] [--resolution 16] [--batch_size 64] [--cycles 4]
+    python benchmarks/sam_overhead.py --preset adm-cifar10 --resolution 32 --batch_size 8 --cycles 1  # a larger one
 
-Prints the time ratio SAM step / plain step (floor 2.0: two forward-backward passes; target <= 2.05) and SAM's
-extra memory over the plain optimizer in copies of the trainable parameters (target <= 1). Steps alternate between
-the two so that machine noise hits both alike; the ratio of medians is reported.
+A mode's cost is the mean step time over a cycle of 20 optimizer steps, which holds every mode's pattern whole:
+`every` and `looksam` at K = 5 take SAM's two passes on 4 of the 20 steps; `late` with its start at 0.75 of training
+runs 15 plain steps and then 5 SAM steps, the proportion of a whole run. Cycles of the modes alternate, so machine
+noise hits all alike; the ratio of each mode's median cycle time to the plain cycle's is printed (full SAM's floor is
+2.0: two forward/backward passes), with each mode's memory beyond the plain optimizer in copies of the trainable
+parameters that it holds between steps (SAM's backup of w; LookSAM also keeps its component g_v, and on its SAM
+steps copies g for a moment), and on CUDA each mode's peak memory over the plain step's.
 """
 
 from __future__ import annotations
@@ -18,12 +23,20 @@ from accelerate import Accelerator
 from diffusers import DDPMScheduler
 
 from diffusers_flat.methods.sam import SAM
+from diffusers_flat.methods.sam_modes import SAM_MODES, SAMMode
 from diffusers_flat.training.models import build_unet
 from diffusers_flat.training.step import MicroBatch, draw_step_noise, train_step
 
+CYCLE, EVERY, LATE_START = 20, 5, 0.75
+
 
 def tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(t.numel() * t.element_size() for t in tensors or [])
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -31,7 +44,7 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--resolution", type=int, default=16)
     parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cycles", type=int, default=4, help="Timed cycles of 20 steps per mode.")
     parser.add_argument("--rho", type=float, default=0.1)
     args = parser.parse_args()
 
@@ -52,46 +65,45 @@ def main() -> None:
     ]
     params = [p for p in model.parameters() if p.requires_grad]
     sam = SAM(params, rho=args.rho)
+    modes = {"plain": None} | {
+        mode: SAMMode(sam, mode, every=EVERY, start_step=round(LATE_START * CYCLE)) for mode in SAM_MODES
+    }
 
-    def timed(use_sam: bool) -> float:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+    def cycle(mode: SAMMode | None) -> float:
+        """Seconds per step over one cycle of the mode."""
+        synchronize()
         start = time.perf_counter()
-        train_step(accelerator, model, optimizer, scheduler, batch, sam=sam if use_sam else None)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+        for step in range(CYCLE):
+            train_step(accelerator, model, optimizer, scheduler, batch, sam=mode, step=step)
+        synchronize()
+        return (time.perf_counter() - start) / CYCLE
 
-    for _ in range(3):  # warm-up: allocator, Adam state
-        timed(False), timed(True)
-    plain, with_sam = [], []
-    for _ in range(args.steps):
-        plain.append(timed(False))
-        with_sam.append(timed(True))
+    for mode in modes.values():  # warm-up: allocator, Adam state, LookSAM's first component
+        train_step(accelerator, model, optimizer, scheduler, batch, sam=mode, step=0)
+    times = {name: [] for name in modes}
+    for _ in range(args.cycles):
+        for name, mode in modes.items():
+            times[name].append(cycle(mode))
 
-    # Memory SAM holds beyond the plain optimizer: its backup of w (e lives in the gradient buffers).
-    extra = tensor_bytes(sam._backup)
-    param_bytes = tensor_bytes(params)
-    ratio = statistics.median(with_sam) / statistics.median(plain)
+    peaks = {}
+    if torch.cuda.is_available():
+        for name, mode in modes.items():
+            torch.cuda.reset_peak_memory_stats()
+            cycle(mode)
+            peaks[name] = torch.cuda.max_memory_allocated()
+
+    plain, param_bytes = statistics.median(times["plain"]), tensor_bytes(params)
     print(
         f"device: {accelerator.device}, model: {args.preset} ({sum(p.numel() for p in params):,} parameters), "
-        f"batch {args.batch_size} at {args.resolution}x{args.resolution}, {args.steps} steps each"
+        f"batch {args.batch_size} at {args.resolution}x{args.resolution}, {args.cycles} cycles of {CYCLE} steps "
+        f"per mode (K = {EVERY}, late from {LATE_START})"
     )
-    print(f"plain step: {statistics.median(plain) * 1000:.1f} ms (median)")
-    print(f"SAM step:   {statistics.median(with_sam) * 1000:.1f} ms (median)")
-    print(f"SAM / plain step time: {ratio:.3f}  (floor 2.0, target <= 2.05)")
-    print(
-        f"SAM extra memory: {extra / param_bytes:.2f} copies of the trainable parameters "
-        f"({extra / 2**20:.1f} MiB; target <= 1)"
-    )
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-        timed(False)
-        peak_plain = torch.cuda.max_memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        timed(True)
-        peak_sam = torch.cuda.max_memory_allocated()
-        print(f"CUDA peak memory, SAM - plain: {(peak_sam - peak_plain) / param_bytes:.2f} parameter copies")
+    print(f"{'mode':<10} {'ms/step':>8} {'x plain':>8} {'held (param copies)':>20} {'CUDA peak - plain':>18}")
+    for name, values in times.items():
+        held = 0 if modes[name] is None else tensor_bytes(sam._backup) + tensor_bytes(modes[name].state_dict()["g_v"])
+        peak = f"{(peaks[name] - peaks['plain']) / param_bytes:.2f}" if peaks else "-"
+        median = statistics.median(values)
+        print(f"{name:<10} {median * 1000:>8.1f} {median / plain:>8.3f} {held / param_bytes:>20.2f} {peak:>18}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from evaluation import features_per_second, synchronize  # benchmarks/evaluation
 
 from diffusers_flat.evaluation.evaluate import resolve_device
 from diffusers_flat.methods.sam import SAM
+from diffusers_flat.methods.sam_modes import SAMMode
 from diffusers_flat.metrics.fid import InceptionFeatures, default_fid_batch_size
 from diffusers_flat.studies.config import Study
 from diffusers_flat.studies.directory import StudyDirectory
@@ -45,7 +46,7 @@ def steps_per_second(accelerator: Accelerator, unet, scheduler, flags, channels:
     model = copy.deepcopy(unet)
     optimizer = torch.optim.AdamW(model.parameters(), lr=flags.learning_rate)
     model, optimizer = accelerator.prepare(model, optimizer)
-    optimizer_sam = SAM(accelerator.unwrap_model(model).parameters(), rho=SAM_RHO) if sam else None
+    optimizer_sam = SAMMode(SAM(accelerator.unwrap_model(model).parameters(), rho=SAM_RHO)) if sam else None
     device, size = accelerator.device, flags.resolution
     shape = (flags.train_batch_size, channels, size, size)
     batch = MicroBatch(

@@ -15,6 +15,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from helpers import MICRO_UNET
 
 from diffusers_flat.methods.sam import SAM
+from diffusers_flat.methods.sam_modes import SAMMode
 from diffusers_flat.training.step import MicroBatch, draw_step_noise, leave_without_teardown, train_step
 
 
@@ -38,6 +39,7 @@ def main(mode):
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
     model, optimizer = accelerator.prepare(unet, optimizer)
     sam = RecordingSAM(unet.parameters(), rho=0.1)
+    sam_mode = SAMMode(sam)
     in_sync, same_ascent = [], []
     for step in range(3):
         rank = accelerator.process_index
@@ -45,7 +47,7 @@ def main(mode):
         rows = slice(4 * rank, 4 * rank + 4)
         clean = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(step)) * 2 - 1
         batches = [MicroBatch(clean[rows], noise[rows], timesteps[rows])]
-        train_step(accelerator, model, optimizer, DDPMScheduler(), batches, sam=sam, sam_ascent=mode)
+        train_step(accelerator, model, optimizer, DDPMScheduler(), batches, sam=sam_mode, sam_ascent=mode)
         in_sync.append(same_on_all_ranks(accelerator, torch.cat([p.detach().flatten() for p in unet.parameters()])))
         same_ascent.append(same_on_all_ranks(accelerator, sam.ascent_point))
     if accelerator.is_main_process:

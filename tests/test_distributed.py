@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 from conftest import REPO, launch_two_processes, micro_args, run_training
+from distributed_sam_modes_check import MODES, train_modes
 from safetensors.torch import load_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]  # real gloo process groups
@@ -46,6 +48,20 @@ def test_sam_ranks_stay_in_sync(mode):
     assert report["in_sync"] == [True, True, True]
     # m-sharpness: each rank perturbs along its own gradient; global: one shared perturbation.
     assert report["same_ascent"] == ([True] * 3 if mode == "global" else [False] * 3)
+
+
+def test_each_cheap_sam_mode_on_two_processes_matches_one_process_on_the_global_batch(tmp_path):
+    saved = tmp_path / "two.pt"
+    result = launch_two_processes(
+        str(REPO / "tests" / "distributed_sam_modes_check.py"), str(saved), cwd=REPO / "tests"
+    )
+    assert result.returncode == 0, "\n".join(line for line in result.stderr.splitlines() if "rror" in line)
+    two = torch.load(saved)
+    assert two["world_size"] == 2
+    one = train_modes(Accelerator(cpu=True))
+    assert set(two["weights"]) == set(one) == set(MODES)
+    for mode, weights in one.items():
+        assert max((weights[n] - two["weights"][mode][n]).abs().max().item() for n in weights) < 1e-6, mode
 
 
 def test_local_ascent_mode_trains_through_the_cli_in_bf16(tmp_path, micro_unet_config):

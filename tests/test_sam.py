@@ -10,6 +10,7 @@ from helpers import MICRO_UNET
 from torch.func import functional_call
 
 from diffusers_flat.methods.sam import SAM
+from diffusers_flat.methods.sam_modes import SAMMode
 from diffusers_flat.training.step import MicroBatch, draw_step_noise, train_step
 
 LR = 0.05
@@ -54,7 +55,7 @@ def library_step(model, batch, sam_rho, adaptive=False, max_grad_norm=0.0, use_s
     accelerator = Accelerator(cpu=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     prepared, optimizer = accelerator.prepare(model, optimizer)
-    sam = SAM(model.parameters(), rho=sam_rho, adaptive=adaptive) if use_sam else None
+    sam = SAMMode(SAM(model.parameters(), rho=sam_rho, adaptive=adaptive)) if use_sam else None
     train_step(accelerator, prepared, optimizer, DDPMScheduler(), [batch], sam=sam, max_grad_norm=max_grad_norm)
     return dict(model.named_parameters())
 
@@ -140,7 +141,7 @@ def test_both_passes_see_the_same_inputs(micro_batches):
     batches = [fixed_batch(input_perturbation=0.1) for _ in range(micro_batches)]
     for i, b in enumerate(batches):
         b.clean = b.clean.roll(i, 0)  # distinct micro-batches
-    sam = SAM(recorder.parameters(), rho=0.1)
+    sam = SAMMode(SAM(recorder.parameters(), rho=0.1))
     stats = train_step(accelerator, prepared, optimizer, DDPMScheduler(), batches, sam=sam)
     first, second = recorder.calls[:micro_batches], recorder.calls[micro_batches:]
     assert len(second) == micro_batches

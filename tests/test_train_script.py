@@ -126,19 +126,41 @@ def test_resume_continues_as_if_never_stopped(tmp_path, micro_unet_config):
         "1",
         "--random_flip",
     ]
+    assert_resume_is_exact(tmp_path, micro_unet_config, flags, ("", "ema", "swa"))
+
+
+def assert_resume_is_exact(tmp_path: Path, config: Path, flags: list[str], pipelines: tuple[str, ...]) -> None:
+    """A 4-step run with a checkpoint at step 2, and a second one resumed from that checkpoint alone in a fresh
+    process, end with the same weights bit for bit in each of `pipelines` ("" the model, "ema", "swa")."""
     straight = tmp_path / "straight"
-    run_training(*micro_args(straight, micro_unet_config, *flags))
+    run_training(*micro_args(straight, config, *flags))
     # A second run that stops after step 2: only checkpoint-2 survives; it is resumed in a fresh process.
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
-    result = run_training(*micro_args(resumed, micro_unet_config, *flags, "--resume_from_checkpoint", "latest"))
+    result = run_training(*micro_args(resumed, config, *flags, "--resume_from_checkpoint", "latest"))
     assert "Resumed from" in result.stderr
-    for sub in ("", "ema", "swa"):
+    for sub in pipelines:
         a, b = unet_weights(straight / sub), unet_weights(resumed / sub)
         for name in a:
             torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=f"{sub or 'model'}: {name}")
     assert (resumed / "checkpoint-4").is_dir()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "mode, options",
+    [
+        ("every", ["--sam_every", "3"]),
+        ("looksam", ["--sam_every", "3"]),  # step 2 reuses the component kept at step 0: it must be saved
+        ("momentum", []),
+        ("late", ["--sam_start", "0.5"]),
+        ("random", []),
+    ],
+)
+def test_resume_is_exact_in_each_cheap_sam_mode(tmp_path, micro_unet_config, mode, options):
+    flags = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--sam_rho", "0.1", "--sam_mode", mode, *options]
+    assert_resume_is_exact(tmp_path, micro_unet_config, flags, ("",))
 
 
 @pytest.mark.slow
@@ -237,7 +259,38 @@ BAD_INPUTS = {
         "--dataset_name 'someone/no-such-dataset' is not a local path and could not be loaded from the Hub",
     ),
     "missing checkpoint": (["--resume_from_checkpoint", "checkpoint-99"], "no checkpoint 'checkpoint-99' in"),
-    "fp16 with sam": (["--sam_rho", "0.1", "--mixed_precision", "fp16"], "--mixed_precision fp16 cannot be"),
+    "unknown sam mode": (["--sam_rho", "0.1", "--sam_mode", "half"], "argument --sam_mode: invalid choice: 'half'"),
+    "mode without rho": (["--sam_mode", "looksam"], "--sam_mode looksam needs --sam_rho > 0"),
+    "every, unread": (
+        ["--sam_rho", "0.1", "--sam_every", "3"],
+        "--sam_every is read only by --sam_mode every or looksam, not full",
+    ),
+    "every of 0": (["--sam_rho", "0.1", "--sam_mode", "every", "--sam_every", "0"], "--sam_every must be >= 1, got 0"),
+    "negative alpha": (
+        ["--sam_rho", "0.1", "--sam_mode", "looksam", "--looksam_alpha", "-0.5"],
+        "--looksam_alpha must be >= 0 (LookSAM: 0.7), got -0.5",
+    ),
+    "alpha, unread": (
+        ["--sam_rho", "0.1", "--sam_mode", "every", "--looksam_alpha", "0.5"],
+        "--looksam_alpha is read only by --sam_mode looksam, not every",
+    ),
+    "start of 1": (
+        ["--sam_rho", "0.1", "--sam_mode", "late", "--sam_start", "1"],
+        "--sam_start must be a fraction of training in [0, 1), got 1.0",
+    ),
+    "start, unread": (["--sam_rho", "0.1", "--sam_start", "0.5"], "--sam_start is read only by --sam_mode late"),
+    "momentum without a moment": (
+        ["--sam_rho", "0.1", "--sam_mode", "momentum", "--adam_beta1", "0"],
+        "--sam_mode momentum reads Adam's first moment: --adam_beta1 must be > 0, got 0.0",
+    ),
+    "local looksam": (
+        ["--sam_rho", "0.1", "--sam_mode", "looksam", "--sam_ascent", "local"],
+        "--sam_ascent local needs --sam_mode full, every or late",
+    ),
+    "adaptive random": (
+        ["--sam_rho", "0.1", "--sam_mode", "random", "--sam_adaptive"],
+        "--sam_adaptive scales SAM's ascent, which --sam_mode random does not take",
+    ),
     "unknown preset": (
         ["--model_config_name_or_path", "huge"],
         "'huge' is neither a preset (tiny, ddpm-cifar10, adm-cifar10, adm-64)",

@@ -29,6 +29,7 @@ from diffusers_flat.hub.model_card import write_model_card
 from diffusers_flat.hub.push import push_to_hub
 from diffusers_flat.methods.averaging import make_ema, make_swa, resolve_swa_start, swa_due
 from diffusers_flat.methods.sam import SAM
+from diffusers_flat.methods.sam_modes import SAMMode
 from diffusers_flat.methods.timestep_sampler import LossSecondMomentSampler, importance_weights
 from diffusers_flat.run_directory import RunDirectory
 from diffusers_flat.training.arguments import check_args, training_parser
@@ -113,7 +114,18 @@ def main(args: argparse.Namespace) -> None:
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total)
     model, optimizer = accelerator.prepare(model, optimizer)
     unet = accelerator.unwrap_model(model)
-    sam = SAM(unet.parameters(), rho=args.sam_rho, adaptive=args.sam_adaptive) if args.sam_rho > 0 else None
+    sam = None
+    if args.sam_rho > 0:  # SAM, or one of its cheaper modes (methods/sam_modes.py)
+        sam_start = round(args.sam_start * max_train_steps) if args.sam_mode == "late" else 0
+        looksam = {"looksam_alpha": args.looksam_alpha} if args.sam_mode == "looksam" else {}
+        sam = SAMMode(
+            SAM(unet.parameters(), rho=args.sam_rho, adaptive=args.sam_adaptive),
+            args.sam_mode,
+            every=args.sam_every or 1,
+            start_step=sam_start,
+            seed=args.seed,
+            **looksam,
+        )
     ema_decay = (args.ema_max_decay, args.ema_inv_gamma, args.ema_power, not args.ema_constant_decay)
     ema = make_ema(unet, *ema_decay) if args.use_ema else None
     swa = make_swa(unet) if args.use_swa else None
@@ -121,8 +133,10 @@ def main(args: argparse.Namespace) -> None:
     adaptive_t = args.timestep_sampler == "loss-second-moment"
     timestep_sampler = LossSecondMomentSampler(args.ddpm_num_steps) if adaptive_t else None
     registered = [lr_scheduler, *averages.values()] + ([timestep_sampler] if timestep_sampler else [])
+    registered += [sam] if args.sam_mode == "looksam" else []  # LookSAM's stored component
     accelerator.register_for_checkpointing(*registered)
     checkpoint_info = {"averages": list(averages), "timestep_sampler": args.timestep_sampler}
+    checkpoint_info["sam_mode"] = args.sam_mode
 
     global_step = 0
     if resume_from is not None:
@@ -147,7 +161,7 @@ def main(args: argparse.Namespace) -> None:
 
     logger.info(f"***** Running training *****\n  Num examples = {len(dataset)}, processes = {world_size}")
     logger.info(f"  Total batch size = {samples_per_step}, steps = {max_train_steps} ({steps_per_epoch} per epoch)")
-    sam_kind = f"{args.sam_rho}{' (adaptive)' if args.sam_adaptive else ''}"
+    sam_kind = f"{args.sam_rho}{' (adaptive)' if args.sam_adaptive else ''}, mode {args.sam_mode}"
     logger.info(f"  SAM rho={sam_kind}, IP gamma={args.input_perturbation}, EMA={args.use_ema}, SWA={args.use_swa}")
 
     def save(samples_name: str | None) -> None:
@@ -190,8 +204,11 @@ def main(args: argparse.Namespace) -> None:
             micro_batch_iterator, step_noise, args.train_batch_size, accumulation, accelerator
         )
         # SAM: the gradient at w gives e(g); the step ascends to w + e, takes the descent gradient there, comes back
-        # to w and lets AdamW step with it (`sam_ascent`: from the all-reduced or each rank's own gradient).
-        stats = train_step(accelerator, model, optimizer, noise_scheduler, batches, sam=sam, **step_options)
+        # to w and lets AdamW step with it (`sam_ascent`: from the all-reduced or each rank's own gradient). The
+        # cheaper modes take that second pass on some steps only, or one pass at a perturbation known beforehand.
+        stats = train_step(
+            accelerator, model, optimizer, noise_scheduler, batches, sam=sam, step=global_step, **step_options
+        )
         check_finite(stats, global_step + 1, run)  # a diverged run stops before anything is saved from it
         if timestep_sampler is not None:
             timestep_sampler.update(stats.timesteps, stats.sample_losses)

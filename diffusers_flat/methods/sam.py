@@ -10,7 +10,7 @@ SAM is a *perturbation* around an ordinary optimizer step, not an optimizer of i
 
 Keeping it out of the optimizer lets `accelerate` prepare the base optimizer as usual: the learning-rate scheduler,
 gradient clipping, mixed precision and checkpointing all see the plain optimizer. The training loop that calls these
-two methods lives in `training.py`.
+two methods lives in `training/step.py`; `sam_modes.py` holds the cheaper modes that skip or replace the ascent.
 """
 
 from __future__ import annotations
@@ -45,6 +45,11 @@ class SAM:
         # subtracting e) gives back w bit for bit.
         self._backup = [torch.empty_like(p, memory_format=torch.preserve_format) for p in self.params]
 
+    @property
+    def is_moved(self) -> bool:
+        """Whether the parameters are at w + e, waiting for `restore()`."""
+        return bool(self._moved)
+
     @torch.no_grad()
     def ascend(self) -> torch.Tensor:
         """Move the parameters to w + e using their current gradients, which it consumes (sets to None).
@@ -67,12 +72,26 @@ class SAM:
         if self.adaptive:
             for p, g in zip(params, grads):
                 g.mul_(p.abs())
-        torch._foreach_copy_([b for _, b in pairs], params)
-        torch._foreach_add_(params, grads)
+        self._move(pairs, grads)
         for p in params:
             p.grad = None
-        self._moved = pairs
         return norm
+
+    @torch.no_grad()
+    def move(self, perturbation: list[torch.Tensor]) -> None:
+        """Move the parameters to w + e for a given e (one tensor per parameter of `params`), as the one-pass modes
+        of `sam_modes` do; `restore()` brings them back."""
+        if self._moved:
+            raise RuntimeError("SAM.move() called twice without SAM.restore()")
+        if len(perturbation) != len(self.params):
+            raise ValueError(f"perturbation has {len(perturbation)} tensors for {len(self.params)} parameters")
+        self._move(list(zip(self.params, self._backup)), perturbation)
+
+    def _move(self, pairs: list[tuple[torch.nn.Parameter, torch.Tensor]], e: list[torch.Tensor]) -> None:
+        params = [p for p, _ in pairs]
+        torch._foreach_copy_([b for _, b in pairs], params)
+        torch._foreach_add_(params, e)  # w <- w + e
+        self._moved = pairs
 
     @torch.no_grad()
     def restore(self) -> None:

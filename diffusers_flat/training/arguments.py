@@ -11,6 +11,7 @@ from pathlib import Path
 import huggingface_hub
 
 from diffusers_flat.methods.sam import check_rho
+from diffusers_flat.methods.sam_modes import LOOKSAM_ALPHA, SAM_MODES
 from diffusers_flat.methods.timestep_sampler import TIMESTEP_SAMPLERS
 from diffusers_flat.training.models import PRESETS
 from diffusers_flat.training.step import SAM_ASCENT_MODES
@@ -145,6 +146,28 @@ def training_parser(description: str | None = None) -> OneLineArgumentParser:
         help="Across processes, perturb along the all-reduced gradient (global) or each process's own (local, "
         "m-sharpness, no extra all-reduce).",
     )
+    parser.add_argument(
+        "--sam_mode",
+        type=str,
+        default="full",
+        choices=SAM_MODES,
+        help="full: SAM every step (2 passes). Cheaper: every (SAM every --sam_every steps, plain between), looksam "
+        "(SAM every --sam_every steps, its orthogonal component reused between), momentum (one pass at w - rho "
+        "m/||m||, m Adam's first moment), late (plain until --sam_start, then full), random (one pass at Gaussian "
+        "weight noise scaled as LPF's, --sam_rho its sigma).",
+    )
+    parser.add_argument(
+        "--sam_every", type=int, default=None, help="K of --sam_mode every and looksam (default 5, LookSAM's k)."
+    )
+    parser.add_argument(
+        "--looksam_alpha", type=float, default=None, help=f"LookSAM's alpha (default {LOOKSAM_ALPHA})."
+    )
+    parser.add_argument(
+        "--sam_start",
+        type=float,
+        default=None,
+        help="--sam_mode late: the fraction of training, in [0, 1), after which SAM starts (default 0.75).",
+    )
     parser.add_argument("--use_ema", action="store_true", help="Keep an EMA of the weights, saved in output_dir/ema.")
     parser.add_argument("--ema_inv_gamma", type=float, default=1.0, help="The inverse gamma of the EMA warm-up.")
     parser.add_argument("--ema_power", type=float, default=3 / 4, help="The power of the EMA warm-up.")
@@ -216,6 +239,37 @@ def parse_training_flags(flags: Sequence[str]) -> argparse.Namespace:
     return parse_flags(training_parser(), flags)
 
 
+SAM_MODE_FLAGS = {"sam_every": ("every", "looksam"), "looksam_alpha": ("looksam",), "sam_start": ("late",)}
+SAM_MODE_DEFAULTS = {"sam_every": 5, "looksam_alpha": LOOKSAM_ALPHA, "sam_start": 0.75}
+
+
+def check_sam_mode(args: argparse.Namespace) -> None:
+    """Reject --sam_mode combinations that cannot work, then fill in the defaults of the flags the mode reads."""
+    if args.sam_mode != "full" and not args.sam_rho > 0:
+        raise UsageError(f"--sam_mode {args.sam_mode} needs --sam_rho > 0 (its radius, or random mode's sigma)")
+    for flag, modes in SAM_MODE_FLAGS.items():
+        if getattr(args, flag) is not None and args.sam_mode not in modes:
+            raise UsageError(f"--{flag} is read only by --sam_mode {' or '.join(modes)}, not {args.sam_mode}")
+        if getattr(args, flag) is None and args.sam_mode in modes:
+            setattr(args, flag, SAM_MODE_DEFAULTS[flag])
+    if args.sam_every is not None and args.sam_every < 1:
+        raise UsageError(f"--sam_every must be >= 1, got {args.sam_every}")
+    if args.looksam_alpha is not None and not args.looksam_alpha >= 0:
+        raise UsageError(f"--looksam_alpha must be >= 0 (LookSAM: 0.7), got {args.looksam_alpha}")
+    if args.sam_start is not None and not 0 <= args.sam_start < 1:
+        raise UsageError(f"--sam_start must be a fraction of training in [0, 1), got {args.sam_start}")
+    if args.sam_mode == "momentum" and not args.adam_beta1 > 0:
+        raise UsageError(
+            f"--sam_mode momentum reads Adam's first moment: --adam_beta1 must be > 0, got {args.adam_beta1}"
+        )
+    if args.sam_adaptive and args.sam_mode in ("momentum", "random"):
+        raise UsageError(f"--sam_adaptive scales SAM's ascent, which --sam_mode {args.sam_mode} does not take")
+    if args.sam_ascent == "local" and args.sam_mode not in ("full", "every", "late"):
+        raise UsageError(
+            f"--sam_ascent local needs --sam_mode full, every or late: {args.sam_mode} must perturb every rank alike"
+        )
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Reject flag values that cannot work, before anything is loaded or written."""
     positive = [
@@ -252,11 +306,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--model_card_template: no file {args.model_card_template}")
     if not args.learning_rate > 0:
         raise UsageError(f"--learning_rate must be > 0, got {args.learning_rate}")
-    if args.sam_rho > 0 and args.mixed_precision == "fp16":
-        raise UsageError(
-            "--mixed_precision fp16 cannot be combined with --sam_rho: loss scaling does not survive SAM's two "
-            "passes; use --mixed_precision bf16 or no"
-        )
+    check_sam_mode(args)
     if args.push_to_hub and huggingface_hub.constants.HF_HUB_OFFLINE:
         raise UsageError(
             "--push_to_hub: HF_HUB_OFFLINE is set, so the Hub cannot be reached; unset it or push later "

@@ -85,17 +85,18 @@ def resume_training(
     accelerator: Accelerator, checkpoint: Path, training_state: dict[str, Any], ema: EMAModel | None = None
 ) -> int:
     """Load a checkpoint saved by `save_checkpoint` into the prepared objects and return its step. `training_state`
-    is what this run would save (the averages kept, the timestep sampler); a checkpoint saved with another is refused,
-    since its registered objects would not match.
+    is what this run would save (the averages kept, the timestep sampler, the SAM mode); a checkpoint saved with
+    another is refused, since its registered objects would not match.
 
     Collective: every process must call it.
     """
     state = read_training_state(checkpoint)
     saved = {"averages": state.get("averages", []), "timestep_sampler": state.get("timestep_sampler", "uniform")}
+    saved["sam_mode"] = state.get("sam_mode", "full")
     if saved != training_state:
         raise FlatError(
             f"checkpoint {checkpoint.name} was saved with {saved} but this run has {training_state}; resume with the "
-            "same use_ema/use_swa/timestep_sampler",
+            "same use_ema/use_swa/timestep_sampler/sam_mode",
             "checkpoint",
         )
     accelerator.load_state(str(checkpoint))

@@ -1,4 +1,5 @@
-"""One optimisation step of a DDPM under `accelerate`: plain, or SAM's two passes, with gradient accumulation.
+"""One optimisation step of a DDPM under `accelerate`: plain, SAM's two passes or a cheap SAM mode's one, with gradient
+accumulation.
 
 `train_flat_ddpm.py` calls `draw_step_noise` and `train_step` once per optimizer step; they are here, not in the
 script, so the tests can run exactly the step the script runs.
@@ -21,7 +22,7 @@ from diffusers import DDPMScheduler
 from diffusers_flat.errors import FlatError
 from diffusers_flat.methods.input_perturbation import noisy_input_and_target
 from diffusers_flat.methods.learned_variance import hybrid_loss
-from diffusers_flat.methods.sam import SAM
+from diffusers_flat.methods.sam_modes import SAMMode
 from diffusers_flat.run_directory import RunDirectory
 from diffusers_flat.utils.seeding import dropout_seed, step_noise_generator
 
@@ -157,6 +158,17 @@ def _accumulate_gradients(
     return total, torch.cat(sample_losses)
 
 
+def _unscale_(accelerator: Accelerator, grads: list[torch.Tensor]) -> bool:
+    """Divide fp16-scaled gradients by the GradScaler's scale (nothing to do without one); returns whether they are
+    finite on every process. The scaler's own `unscale_` runs once per optimizer step, in `clip_grad_norm_`: this is
+    for SAM's ascent pass, before it."""
+    if accelerator.scaler is None:
+        return True
+    torch._foreach_mul_(grads, 1.0 / accelerator.scaler.get_scale())
+    finite = torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()).float()
+    return bool(accelerator.reduce(finite, reduction="sum").item() == accelerator.num_processes)
+
+
 def train_step(
     accelerator: Accelerator,
     model: torch.nn.Module,
@@ -164,41 +176,60 @@ def train_step(
     scheduler: DDPMScheduler,
     micro_batches: list[MicroBatch],
     *,
-    sam: SAM | None = None,
+    sam: SAMMode | None = None,
+    step: int = 0,
     sam_ascent: str = "global",
     max_grad_norm: float = 1.0,
     gather_sample_losses: bool = False,
 ) -> StepStats:
-    """One optimizer step over `micro_batches` (gradient accumulation when there are several).
+    """Optimizer step `step` (0-based) over `micro_batches` (gradient accumulation when there are several).
 
-    With `sam`, the ascent direction comes from the all-reduced gradient (`sam_ascent="global"`, identical to one
-    process on the global batch) or from each rank's own gradient (`"local"`, Foret et al.'s m-sharpness: no
-    all-reduce in the first pass, a different perturbation per rank). The descent pass always all-reduces, so every
-    rank takes the same step. Gradient clipping (off when `max_grad_norm <= 0`) applies to the descent gradient;
-    the ascent step normalises its gradient, so global-norm clipping could not change e. Both passes draw the same
-    dropout masks. With `gather_sample_losses`, every process gets every sample's timestep and loss at w (for the
-    timestep sampler).
+    With `sam`, `sam.plan(step)` picks the pass: SAM's two ("ascent"), or one at w ("plain", or "reuse": LookSAM's
+    stored component added) or at w + e ("perturbed": momentum and random modes). SAM's ascent direction comes from
+    the all-reduced gradient (`sam_ascent="global"`, identical to one process on the global batch) or from each rank's
+    own gradient (`"local"`, Foret et al.'s m-sharpness: no all-reduce in the first pass, a different perturbation per
+    rank). The descent pass always all-reduces, so every rank takes the same step. Gradient clipping (off when
+    `max_grad_norm <= 0`) applies to the descent gradient; the ascent step normalises its gradient, so global-norm
+    clipping could not change e. Both passes draw the same dropout masks. Under fp16 the GradScaler's one scale
+    serves both passes; the ascent unscales its gradient first, and a non-finite gradient in either pass skips the
+    step, the weights left exactly as they were. With `gather_sample_losses`, every process gets every sample's
+    timestep and loss at w (for the timestep sampler).
     """
     if sam_ascent not in SAM_ASCENT_MODES:
         raise FlatError(f"sam_ascent must be one of {SAM_ASCENT_MODES}, got {sam_ascent!r}", parameter="sam_ascent")
+    unet = accelerator.unwrap_model(model)
+    sam_pass, perturbation = ("plain", None) if sam is None else sam.plan(step, optimizer, unet)
+    if sam_pass == "perturbed":  # momentum and random modes: the one pass is at w + e
+        sam.sam.move(perturbation)
     # SAM's two passes must see the same dropout masks, or e and g' are measured on two different networks: the
     # random state is saved before the first pass and put back before the second.
     rng_devices = [accelerator.device] if accelerator.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices) if sam is not None else nullcontext():
-        loss, sample_losses = _accumulate_gradients(
-            accelerator, model, scheduler, micro_batches, all_reduce=sam is None or sam_ascent == "global"
-        )
-    sharpness = None
-    if sam is not None:
-        sam.ascend()
-        perturbed_loss, _ = _accumulate_gradients(accelerator, model, scheduler, micro_batches, all_reduce=True)
-    # An infinite bound measures the norm without clipping.
+    with torch.random.fork_rng(devices=rng_devices) if sam_pass == "ascent" else nullcontext():
+        all_reduce = sam_pass != "ascent" or sam_ascent == "global"
+        loss, sample_losses = _accumulate_gradients(accelerator, model, scheduler, micro_batches, all_reduce)
+    sharpness, plain = None, None
+    if sam_pass == "ascent":
+        grads = [p.grad for p in sam.params if p.grad is not None]
+        if _unscale_(accelerator, grads):  # else: the step is skipped below, with the non-finite gradient
+            if sam.mode == "looksam":
+                plain = [g.clone() for g in grads]
+            sam.sam.ascend()
+            perturbed_loss, _ = _accumulate_gradients(accelerator, model, scheduler, micro_batches, all_reduce=True)
+    if sam_pass == "reuse":  # LookSAM between its SAM steps: g + alpha ||g|| / ||g_v|| g_v
+        sam.reuse_([p.grad for p in sam.params if p.grad is not None])
+    # An infinite bound measures the norm without clipping (and unscales fp16 gradients first).
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
-    if sam is not None:
-        sam.restore()
+    if sam_pass == "ascent" and sam.sam.is_moved:
+        sam.sam.restore()
         sharpness = accelerator.reduce(perturbed_loss - loss, reduction="mean").item()
-    optimizer.step()
+        if plain is not None:  # LookSAM's SAM step keeps the part of its gradient orthogonal to the plain one
+            sam.remember(plain, [p.grad for p in sam.params if p.grad is not None])
+    if sam_pass == "perturbed":
+        sam.sam.restore()
+    optimizer.step()  # under fp16, skipped by the GradScaler when a gradient is not finite
     optimizer.zero_grad(set_to_none=True)
+    if getattr(optimizer, "step_was_skipped", False):
+        sharpness = None  # a skipped step measured nothing
     stats = StepStats(
         loss=accelerator.reduce(loss, reduction="mean").item(), grad_norm=float(grad_norm), sharpness=sharpness
     )

@@ -6,6 +6,8 @@ straight run would:
 - augmentation: the flips of step s, `augmentation_rng(seed, s)`;
 - step noise: the noise, timesteps and IP perturbation of step s, `step_noise_generator(seed, s)`;
 - dropout: the global generators dropout draws from at step s on rank r, `dropout_seed(seed, s, r)`;
+- weight noise: the random SAM mode's perturbation of step s, the same on every rank,
+  `weight_noise_generator(seed, s)`;
 - sampling noise: everything image i of a sample stream draws (x_T and each step's noise),
   `sampling_generator(seed, i)`.
 """
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 
 # The tags that keep the per-step streams apart (the values fix the streams: changing one changes every result).
-AUGMENTATION, STEP_NOISE, DROPOUT = 1, 2, 3
+AUGMENTATION, STEP_NOISE, DROPOUT, WEIGHT_NOISE = 1, 2, 3, 4
 
 
 def derived_seed(*keys: int) -> int:
@@ -42,6 +44,11 @@ def step_noise_generator(seed: int, step: int) -> torch.Generator:
 def dropout_seed(seed: int, step: int, rank: int) -> int:
     """The seed of torch's global generators (which dropout draws from) at step `step` on rank `rank`."""
     return derived_seed(seed, step, DROPOUT, rank)
+
+
+def weight_noise_generator(seed: int, step: int) -> torch.Generator:
+    """The CPU generator of step `step`'s weight noise (the random SAM mode), the same on every rank."""
+    return torch.Generator().manual_seed(derived_seed(seed, step, WEIGHT_NOISE))
 
 
 def sampling_generator(seed: int, index: int) -> torch.Generator:
