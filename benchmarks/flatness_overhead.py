@@ -18,8 +18,8 @@ import torch
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
 
+from diffusers_flat.metrics.flatness_log import FlatnessLog
 from diffusers_flat.run_directory import RunDirectory
-from diffusers_flat.training.flatness_log import FlatnessLog
 from diffusers_flat.training.models import build_unet
 from diffusers_flat.training.step import MicroBatch, draw_step_noise, train_step
 

@@ -41,6 +41,7 @@ _EXPORTS = {
     "quantization": ["load_quantized", "quantize_for_deployment", "quantize_weights_", "save_quantized"],
     "run_directory": ["DataSource", "RunDirectory", "TrainingRecord", "write_atomically", "write_json"],
     "methods.sam": ["SAM"],
+    "methods.sam_modes": ["SAMMode", "SAM_MODES"],
     "utils.sampling": ["image_grid", "sample_images"],
     "methods.timestep_sampler": ["LossSecondMomentSampler", "importance_weights"],
     "training.step": ["MicroBatch", "StepStats", "diffusion_loss", "draw_step_noise", "seed_dropout", "train_step"],

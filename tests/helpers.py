@@ -4,6 +4,9 @@ import json
 
 import numpy as np
 import torch
+from diffusers import UNet2DModel
+
+from diffusers_flat.training.step import MicroBatch, draw_step_noise
 
 # A UNet small enough for a training step in a few milliseconds: two levels, 8x8 images.
 MICRO_UNET = {
@@ -62,3 +65,16 @@ def write_study(path, **overrides):
     (path.parent / "micro.json").write_text(json.dumps(MICRO_UNET))
     path.write_text(json.dumps(study))  # JSON is YAML
     return path
+
+
+def micro_unet() -> UNet2DModel:
+    """The micro UNet for 3-channel 8x8 images, initialised from seed 0."""
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, **MICRO_UNET)
+
+
+def fixed_batch(input_perturbation: float = 0.0) -> MicroBatch:
+    """One micro-batch of 6 fixed random images with a step's noise and timesteps (and IP's perturbation)."""
+    noise, timesteps, perturbation = draw_step_noise(3, 0, 6, (3, 8, 8), 1000, input_perturbation)
+    clean = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    return MicroBatch(clean, noise, timesteps, perturbation)

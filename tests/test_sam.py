@@ -6,25 +6,14 @@ import pytest
 import torch
 from accelerate import Accelerator
 from diffusers import DDPMScheduler, UNet2DModel
-from helpers import MICRO_UNET
+from helpers import MICRO_UNET, fixed_batch, micro_unet
 from torch.func import functional_call
 
 from diffusers_flat.methods.sam import SAM
 from diffusers_flat.methods.sam_modes import SAMMode
-from diffusers_flat.training.step import MicroBatch, draw_step_noise, train_step
+from diffusers_flat.training.step import MicroBatch, train_step
 
 LR = 0.05
-
-
-def micro_unet() -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, **MICRO_UNET)
-
-
-def fixed_batch(input_perturbation: float = 0.0) -> MicroBatch:
-    noise, timesteps, perturbation = draw_step_noise(3, 0, 6, (3, 8, 8), 1000, input_perturbation)
-    clean = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    return MicroBatch(clean, noise, timesteps, perturbation)
 
 
 def hand_loss(model, params: dict, batch: MicroBatch) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from diffusers import DDPMScheduler
-from test_sam import fixed_batch, micro_unet
+from helpers import fixed_batch, micro_unet
 
 from diffusers_flat.errors import FlatError
 from diffusers_flat.methods.sam import SAM

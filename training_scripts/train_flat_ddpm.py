@@ -31,6 +31,7 @@ from diffusers_flat.methods.averaging import make_ema, make_swa, resolve_swa_sta
 from diffusers_flat.methods.sam import SAM
 from diffusers_flat.methods.sam_modes import SAMMode
 from diffusers_flat.methods.timestep_sampler import LossSecondMomentSampler, importance_weights
+from diffusers_flat.metrics.flatness_log import FlatnessLog
 from diffusers_flat.run_directory import RunDirectory
 from diffusers_flat.training.arguments import check_args, training_parser
 from diffusers_flat.training.checkpointing import resume_training, run_record, save_checkpoint, save_outputs, start_run
@@ -41,7 +42,6 @@ from diffusers_flat.training.data import (
     load_image_dataset,
     subset_indices,
 )
-from diffusers_flat.training.flatness_log import FlatnessLog
 from diffusers_flat.training.models import build_scheduler, build_unet, make_noise_unconditional
 from diffusers_flat.training.step import (
     check_finite,

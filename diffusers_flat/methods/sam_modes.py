@@ -24,7 +24,7 @@ import torch
 
 from diffusers_flat.errors import FlatError
 from diffusers_flat.methods.sam import SAM
-from diffusers_flat.metrics.flatness import lpf_noise
+from diffusers_flat.methods.weight_noise import lpf_noise
 from diffusers_flat.utils.seeding import weight_noise_generator
 
 SAM_MODES = ("full", "every", "looksam", "momentum", "late", "random")

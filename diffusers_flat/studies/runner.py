@@ -27,6 +27,7 @@ from diffusers_flat.evaluation.runs import evaluate_runs
 from diffusers_flat.evaluation.settings import EvaluationSettings, evaluation_work
 from diffusers_flat.hub.model_card import write_model_card
 from diffusers_flat.metrics.fid import FID, feature_network
+from diffusers_flat.metrics.flatness_log import FLATNESS_LOG
 from diffusers_flat.run_directory import RunDirectory
 from diffusers_flat.studies.config import METHODS, Run, Study, Work, row_name, shard_of
 from diffusers_flat.studies.directory import StudyDirectory
@@ -35,7 +36,6 @@ from diffusers_flat.studies.quantization_figure import largest_gap, write_quanti
 from diffusers_flat.studies.report import Results, write_report
 from diffusers_flat.training.arguments import parse_training_flags
 from diffusers_flat.training.data import load_image_dataset, subset_indices
-from diffusers_flat.training.flatness_log import FLATNESS_LOG
 from diffusers_flat.utils.cli import flag_message
 
 PROJECT_HINT = (
