@@ -26,6 +26,9 @@ from diffusers_flat.studies.claims import (
     verdict,
 )
 from diffusers_flat.studies.config import Study, Tuning, Work, shard_of
+from diffusers_flat.studies.directory import StudyDirectory
+from diffusers_flat.studies.report import write_report
+from diffusers_flat.studies.runner import StudyRunner
 
 T_975_2 = 4.302652729911275  # Student's t, 97.5% quantile, 2 degrees of freedom (from a table)
 
@@ -114,6 +117,17 @@ BAD = {
     "selection not measured": (
         {"tuning": tuning(evaluation=["--metrics", "lpf", "--inference_steps", "2"])},
         "the tuning selects by kid at T'=2: its evaluation flags must measure fid with --inference_steps including 2",
+    ),
+    "fraction of an unknown method": (
+        {"fraction_kept": {"of": "IP", "granularity": "per_channel", "bits": 3}},
+        "fraction_kept.of must be a method of the study other than ADM, with ADM and at least one more method",
+    ),
+    "fraction at a level not measured": (
+        {
+            "methods": {"ADM": [], "SAM": [], "SAM-b": []},
+            "fraction_kept": {"of": "SAM", "granularity": "per_channel", "bits": 3},
+        },
+        "fraction_kept: 3-bit per_channel must be a level of the evaluation's sensitivity ladder",
     ),
     "quantized column not sampled": (
         {
@@ -222,13 +236,14 @@ def test_dry_run_lists_every_run_and_evaluation(tmp_path, capsys):
             "evaluation (sampling steps and loss terms) and 36,000 generated images",
         ),
         # Tuning: the random mode at sigma 0.01, 0.003, 0.001 on seed 0 (200 images at T'=20 each); the grid: 5 seeds
-        # x 7 rows (ADM plain; full SAM and the five modes counted as SAM steps, an upper bound for the cheap ones),
-        # 1,500 steps, raw and EMA: 70 pipelines x 58,784 + 3 x 200 x 20 = 4,126,880 forwards, 70,600 images.
+        # x 7 rows less ADM and full SAM at seeds 2-5 (read from the Fashion-MNIST study's report) = 27 runs (ADM
+        # plain; full SAM and the five modes counted as SAM steps, an upper bound for the cheap ones), 1,500 steps, raw
+        # and EMA: 54 pipelines x 58,784 + 3 x 200 x 20 = 3,186,336 forwards, 54,000 + 600 images.
         (
             "fashion-mnist-cheap-sam.yaml",
-            "38 trainings and 73 evaluations",
-            "work: 7,500 training steps and 49,500 SAM steps (two passes each); 4,126,880 UNet image-forwards of "
-            "evaluation (sampling steps and loss terms) and 70,600 generated images",
+            "30 trainings and 57 evaluations",
+            "work: 1,500 training steps and 43,500 SAM steps (two passes each); 3,186,336 UNet image-forwards of "
+            "evaluation (sampling steps and loss terms) and 54,600 generated images",
         ),
     ],
 )
@@ -266,6 +281,73 @@ def test_the_cost_benchmark_measures_rates_and_projects_the_study(tmp_path):
     assert rates["sam_steps_per_s"] < rates["plain_steps_per_s"]  # two passes cost more than one
     # the micro study without a baseline: ADM 2 x 3 steps, SAM 4 x 3; 2 x 200 + 12 x 144 forwards, 200 images
     assert Work(6, 12, 2128, 200).projection(rates) in result.stdout
+
+
+def reuse_pair(tmp_path, other: dict | None = None, this: dict | None = None, seeds_reported=("1", "2", "3")):
+    """Two micro studies of seeds 1-3 (ADM and SAM, raw pipelines): "other.yaml" with a report.json of made-up
+    results, and "this.yaml", which reuses other's ADM runs of seeds 2 and 3."""
+    base = {"seeds": [1, 2, 3], "tuning": None, "variants": ["raw"]}
+    other_path = write_study(tmp_path / "other.yaml", **{**base, **(other or {})})
+    results = {"ADM": {s: {"loss": 0.04 + int(s) / 1000, "lpf": {"lpf": 0.06 + int(s) / 100}} for s in seeds_reported}}
+    report = {"settings": {"study": str(other_path), "evaluation": json.loads(other_path.read_text())["evaluation"]}}
+    (tmp_path / "report.json").write_text(json.dumps({**report, "results": results}))
+    reuse = {"study": str(other_path), "report": str(tmp_path / "report.json"), "runs": {"ADM": [2, 3]}}
+    return write_study(tmp_path / "this.yaml", **{**base, "reuse": reuse, **(this or {})}), results
+
+
+def test_reused_runs_are_read_from_the_other_studys_report_and_never_trained(tmp_path, capsys):
+    path, reported = reuse_pair(tmp_path)
+    study = Study.load(path)
+    assert [run.name for run in study.to_train()] == ["adm-seed1", "sam-seed1", "sam-seed2", "sam-seed3"]
+    assert len(study.runs()) == 6
+    shards = [{run.name for run in shard_of(study.to_train(), i, 2)} for i in (1, 2)]
+    assert shards == [{"adm-seed1", "sam-seed2"}, {"sam-seed1", "sam-seed3"}]
+    runner = StudyRunner(study, StudyDirectory(tmp_path / "out"), REPO / "training_scripts" / "train_flat_ddpm.py")
+    # nothing trained here yet: the grid holds only the reused runs, read from the report
+    assert runner.collect() == {"ADM": {2: reported["ADM"]["2"], 3: reported["ADM"]["3"]}}
+    record = runner.settings_record()["reuse"]
+    assert record["runs"] == {"ADM": (2, 3)}
+    assert record["reproduction"] == [{"row": "ADM", "seed": 1, "here": None, "there": reported["ADM"]["1"]}]
+    markdown = write_report(runner.collect(), runner.settings_record(), tmp_path / "report")
+    # the check row: seed 1 not yet trained here; there loss 0.04 + 1/1000 and LPF 0.06 + 1/100, no FID measured
+    assert "| ADM | 1 | not finished | 0.041 | not finished | 0.07 | not finished | - |" in markdown
+    run_study.main(run_study.parse_args(["--study", str(path), "--output_dir", str(tmp_path / "out"), "--dry_run"]))
+    printed = capsys.readouterr().out
+    assert "4 trainings and 4 evaluations (shard 1/1)" in printed and "train adm-seed2" not in printed
+    assert f"reused from {tmp_path / 'report.json'} (not trained): ADM seeds 2, 3" in printed
+
+
+REUSE_BAD = {
+    "first seed": ({}, {"reuse": "first seed"}, "reuse.runs.ADM: seed 1 is the first seed, trained here"),
+    "other flags": (
+        {"methods": {"ADM": ["--learning_rate", "0.001"], "SAM": []}},
+        {},
+        "reuse.runs.ADM: {other} trains seed 2 with other flags than this study",
+    ),
+    "other evaluation": (
+        {"evaluation": ["--metrics", "lpf", "--lpf_draws", "2"]},
+        {},
+        "reuse.study {other} evaluates with other flags",
+    ),
+    "tuned here": ({}, {"tuning": tuning(method="ADM", flag="--learning_rate", values=["0.001"])}, "takes the value"),
+    "not in the report": ({}, {"reported": ("1", "2")}, "reuse.report {report} has no result of row ADM at seed 3"),
+}
+
+
+@pytest.mark.parametrize("case", list(REUSE_BAD))
+def test_a_bad_reuse_is_one_line_naming_the_key(case, tmp_path, capsys):
+    other, this, message = REUSE_BAD[case]
+    reported = this.pop("reported", ("1", "2", "3"))
+    path, _ = reuse_pair(tmp_path, other, {k: v for k, v in this.items() if k != "reuse"}, reported)
+    if this.get("reuse") == "first seed":
+        study = json.loads(path.read_text())
+        study["reuse"]["runs"] = {"ADM": [1, 2]}
+        path.write_text(json.dumps(study))
+    status, err = run_cli(run_study, ["--study", path, "--output_dir", tmp_path / "out"], capsys)
+    errors = [line for line in err.splitlines() if "error:" in line]
+    expected = message.format(other=tmp_path / "other.yaml", report=tmp_path / "report.json")
+    assert status != 0 and len(errors) == 1 and expected in errors[0], err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_shard_whose_tuned_runs_wait_for_another_shards_tuning_says_so(tmp_path, capsys):

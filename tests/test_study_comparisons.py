@@ -13,9 +13,9 @@ from conftest import use_pooled_inception
 from helpers import write_study
 from scipy import stats
 
-from diffusers_flat.studies.claims import HOLDS, Claim, lpf
+from diffusers_flat.studies.claims import HOLDS, Claim, fraction_kept, lpf
 from diffusers_flat.studies.quantization_figure import largest_gap
-from diffusers_flat.studies.report import claim_results, study_claims, write_report
+from diffusers_flat.studies.report import claim_results, fractions_kept, study_claims, write_report
 from diffusers_flat.training.fashion_mnist import local_files
 
 LEVELS = {"per_tensor": ("8", "4"), "per_channel": ("8", "4")}
@@ -77,6 +77,66 @@ def test_the_papers_effect_is_scaled_to_the_base_rows_mean():
     claim = Claim("SAM lowers LPF", "ADM", "+SAM", lpf, -1, "0.097 -> 0.063", paper_relative=-0.35)
     (c,) = claim_results(results, [claim])
     assert c["paper_scaled"] == pytest.approx(-0.35 * 0.12)
+
+
+def test_the_fraction_kept_is_the_set_of_ratios_a_paired_t_test_does_not_reject():
+    # Fieller's interval by its definition: every f for which the t-test of (base - mode) - f (base - full) keeps zero,
+    # found here by scanning f on a fine grid
+    rng = np.random.default_rng(1)
+    base = 0.10 + 0.01 * rng.standard_normal(5)
+    full, mode = base - 0.05 + 0.004 * rng.standard_normal(5), base - 0.03 + 0.006 * rng.standard_normal(5)
+    kept = fraction_kept(base, full, mode)
+    t = stats.t.ppf(0.975, 4)
+    grid = np.linspace(-1.0, 3.0, 400_001)
+    d_mode, d_full = base - mode, base - full
+    differences = d_mode[None, :] - grid[:, None] * d_full[None, :]
+    accepted = grid[np.abs(differences.mean(1)) <= t * differences.std(1, ddof=1) / math.sqrt(5)]
+    assert kept["estimate"] == pytest.approx(d_mode.mean() / d_full.mean())
+    assert (kept["low"], kept["high"]) == pytest.approx((accepted.min(), accepted.max()), abs=2e-5)
+    assert 0.2 < kept["low"] < kept["estimate"] < kept["high"] < 1.2  # a bounded interval around about 0.6
+    # full's differences all equal: the interval is the t-interval of base - mode divided by that effect
+    constant = fraction_kept(base, base - 0.05, mode)
+    half = t * d_mode.std(ddof=1) / math.sqrt(5)
+    assert (constant["low"], constant["high"]) == pytest.approx(
+        ((d_mode.mean() - half) / 0.05, (d_mode.mean() + half) / 0.05)
+    )
+
+
+def test_the_fraction_of_an_effect_that_is_not_there_is_unbounded():
+    rng = np.random.default_rng(2)
+    base = 0.10 + 0.01 * rng.standard_normal(5)
+    full = base + 0.01 * rng.standard_normal(5)  # full's own effect: noise around zero
+    kept = fraction_kept(base, full, base - 0.02)
+    assert stats.ttest_1samp(base - full, 0.0).pvalue > 0.05  # not distinct from zero, as constructed
+    assert (kept["low"], kept["high"]) == (-math.inf, math.inf)
+
+
+def test_the_report_says_which_method_keeps_80_percent_of_the_effect(tmp_path):
+    # full SAM halves LPF and the 4-bit damage; "keep" keeps 90% of both and "lose" 20%, seed by seed with noise
+    rng = np.random.default_rng(3)
+    results = {"ADM": {}, "+SAM": {}, "+SAM-keep": {}, "+SAM-lose": {}}
+    for seed in range(1, 7):
+        lpf_adm, damage = 0.08 * rng.uniform(0.95, 1.05), rng.uniform(0.9, 1.1)
+        for row, kept in (("ADM", 0.0), ("+SAM", 1.0), ("+SAM-keep", 0.9), ("+SAM-lose", 0.2)):
+            noise = 1 + 0.003 * rng.standard_normal()
+            # LPF: ADM - kept x 0.04; damage: ADM x 0.5^kept (a log-scale fraction)
+            results[row][seed] = result(
+                0.02, 1e-3 * damage * 0.5**kept * noise, 10 * damage * 0.5**kept, lpf_adm - 0.04 * kept * noise
+            )
+    fraction = {"of": "SAM", "methods": ["SAM-keep", "SAM-lose"], "granularity": "per_channel", "bits": 4}
+    rows = fractions_kept(results, fraction, ["raw"])
+    assert [(r["row"], r["goal"]) for r in rows] == [("+SAM-keep", "yes"), ("+SAM-lose", "no")]
+    for r, expected in zip(rows, (0.9, 0.2)):
+        assert {name: round(k["estimate"], 1) for name, k in r["kept"].items()} == {
+            "LPF": expected,
+            "fixed-loss increase, 4-bit per_channel": expected,
+            "DDIM displacement, 4-bit per_channel": expected,
+        }
+    settings = {"study": "s.yaml", "evaluation": [], "variants": ["raw"], "fraction_kept": fraction}
+    settings["comparisons"] = [("ADM", row) for row in results if row != "ADM"]
+    markdown = write_report(results, settings, tmp_path)
+    assert "## Fraction of the effect kept" in markdown and "| +SAM-keep | +SAM | 0.90 [" in markdown
+    assert json.loads((tmp_path / "report.json").read_text())["fractions"][1]["goal"] == "no"
 
 
 def comparison_results() -> dict:

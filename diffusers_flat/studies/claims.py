@@ -70,6 +70,50 @@ def paired_interval(a: Sequence[float], b: Sequence[float], confidence: float = 
     return {**interval, "sd": sd, "detectable": detectable}
 
 
+class Fraction(TypedDict):
+    estimate: float  # mean(base - mode) / mean(base - full)
+    low: float  # Fieller's interval; -inf and inf when it is unbounded
+    high: float
+    n: int
+    confidence: float
+
+
+def fraction_kept(
+    base: Sequence[float], full: Sequence[float], mode: Sequence[float], confidence: float = 0.95
+) -> Fraction:
+    """The fraction of a method's effect that a cheaper one keeps, paired over seeds: f = mean(base - mode) /
+    mean(base - full) (1: all of full's effect, 0: none), with Fieller's interval for a ratio of paired means: every
+    f whose numerator - f denominator is within the t-interval of zero,
+
+        (a - f b)^2 <= t^2 (v_aa - 2 f v_ab + f^2 v_bb),    a, b the means, v the (co)variances of the means.
+
+    The interval is unbounded (-inf, inf) when full's own effect b is not distinct from zero at this confidence:
+    there is then no effect to keep a fraction of.
+
+    Example:
+        >>> kept = fraction_kept([1.0, 1.2, 0.9], [0.5, 0.7, 0.4], [0.6, 0.8, 0.5])  # full -0.5 each, mode -0.4
+        >>> round(kept["estimate"], 3), round(kept["low"], 3), round(kept["high"], 3)
+        (0.8, 0.8, 0.8)
+    """
+    numerator = np.asarray(base, dtype=float) - np.asarray(mode, dtype=float)
+    denominator = np.asarray(base, dtype=float) - np.asarray(full, dtype=float)
+    if not len(numerator) == len(denominator) == len(base):
+        raise FlatError(f"full and mode must pair with base's {len(base)} values", "mode")
+    n = len(numerator)
+    a, b = float(numerator.mean()), float(denominator.mean())
+    estimate = a / b if b else math.nan
+    if n < 2:
+        return {"estimate": estimate, "low": -math.inf, "high": math.inf, "n": n, "confidence": confidence}
+    (v_aa, v_ab), (_, v_bb) = (np.cov(numerator, denominator, ddof=1) / n).tolist()
+    q = stats.t.ppf((1 + confidence) / 2, n - 1) ** 2
+    # the quadratic A f^2 - 2 B f + C <= 0; bounded only when b^2 > q v_bb (b distinct from zero)
+    A, B, C = b * b - q * v_bb, a * b - q * v_ab, a * a - q * v_aa
+    if A <= 0:
+        return {"estimate": estimate, "low": -math.inf, "high": math.inf, "n": n, "confidence": confidence}
+    root = math.sqrt(max(B * B - A * C, 0.0))  # >= 0: the estimate a / b always satisfies the inequality
+    return {"estimate": estimate, "low": (B - root) / A, "high": (B + root) / A, "n": n, "confidence": confidence}
+
+
 def detectable_cell(interval: Interval) -> str:
     """The detectable effect as a report shows it: ±value, or "-" without an interval."""
     detectable = interval.get("detectable", math.nan)

@@ -28,13 +28,22 @@ METHOD-TAG, e.g. SAM-rho0.01 and SAM-rho0.001 (rows +SAM-rho0.01, +SAM-rho0.001+
       temperatures: [1, 100, 10000]
       empirical_evaluation: [--metrics, fid, memorization]
       noise_unconditional: true            # also its noise-unconditional variant, and a --noise_unconditional UNet
+    reuse:                                 # optional: finished runs of another study with the same flags
+      study: studies/fashion-mnist.yaml
+      report: docs/study-fashion-mnist/report.json   # its report, which holds every run's evaluation
+      runs: {ADM: [2, 3]}                  # method -> seeds read from the report instead of trained again
+    fraction_kept:                         # optional: what fraction of one method's effect (against ADM) the others
+      of: SAM-rho0.01                      # keep, on LPF and on the quantization damage at one ladder level
+      granularity: per_channel
+      bits: 3
 
 Standard library and PyYAML only: checking a study file loads no model.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -43,7 +52,20 @@ from diffusers_flat.errors import FlatError
 
 METHODS = ("ADM", "IP", "SAM")
 VARIANT_ROWS = {"raw": "", "ema": "+EMA", "swa": "+SWA"}
-KEYS = ("seeds", "methods", "recipe", "training", "evaluation", "variants", "tuning", "generalization")
+KEYS = (
+    "seeds",
+    "methods",
+    "recipe",
+    "training",
+    "evaluation",
+    "variants",
+    "tuning",
+    "generalization",
+    "reuse",
+    "fraction_kept",
+)
+REUSE_KEYS = ("study", "report", "runs")
+FRACTION_KEYS = ("of", "granularity", "bits")
 TUNING_KEYS = ("method", "flag", "values", "seed", "select", "baseline", "evaluation")
 GENERALIZATION_KEYS = (
     "subsets",
@@ -177,6 +199,63 @@ class Generalization:
 
 
 @dataclass(frozen=True)
+class Reuse:
+    """Finished runs of another study, read from its report instead of trained again. Training is deterministic, so
+    the same method at the same seed with the same training and evaluation flags (checked when the study file loads)
+    is the same run. The study's first seed is always trained here: the report's figure and training curves read
+    its runs, and the report compares them with the other study's (the check that the reuse reproduces).
+
+    Args:
+        study: the other study's file.
+        report: the other study's report.json, which holds every run's evaluation results.
+        runs: method -> the seeds read from the report.
+
+    Example:
+        >>> reuse = Reuse(Path("other.yaml"), Path("report.json"), {"ADM": (2, 3)})
+        >>> reuse.covers(Run("ADM", 2, ())), reuse.covers(Run("ADM", 1, ()))
+        (True, False)
+    """
+
+    study: Path
+    report: Path
+    runs: dict[str, tuple[int, ...]]
+
+    def covers(self, run: Run) -> bool:
+        """Whether `run` is one of the reused runs (never a tuning or teacher run)."""
+        return not run.tag and run.seed in self.runs.get(run.method, ())
+
+    def results(self) -> dict[str, dict[int, dict]]:
+        """The other study's evaluation results: row -> seed -> result."""
+        rows = json.loads(self.report.read_text())["results"]
+        return {row: {int(seed): result for seed, result in seeds.items()} for row, seeds in rows.items()}
+
+
+@dataclass(frozen=True)
+class FractionKept:
+    """What fraction of one method's effect relative to ADM each other method keeps (cheap SAM modes against full
+    SAM): on LPF, and on the quantization damage (fixed-loss increase and DDIM displacement, as log ratios) at one
+    level of the evaluation's ladder (`fraction_kept` in claims.py).
+
+    Args:
+        of: the method whose effect is the whole, e.g. "SAM-rho0.01".
+        granularity: the ladder level's scales, per_tensor or per_channel.
+        bits: the ladder level's bits.
+
+    Example:
+        >>> FractionKept("SAM-rho0.01", "per_channel", 3).level
+        '3-bit per_channel'
+    """
+
+    of: str
+    granularity: str
+    bits: int
+
+    @property
+    def level(self) -> str:
+        return f"{self.bits}-bit {self.granularity}"
+
+
+@dataclass(frozen=True)
 class Study:
     """A parsed study file (`Study.load`).
 
@@ -190,6 +269,8 @@ class Study:
         tuning: a flag tuned before the grid, or None.
         variants: the pipelines of each run that are evaluated (raw, ema, swa; default all three).
         generalization: training-set size as an axis of the grid, or None.
+        reuse: runs of the grid read from another study's report, or None.
+        fraction_kept: the fraction of one method's effect each other method keeps, reported; or None.
 
     Example:
         >>> study = Study(Path("s.yaml"), (1, 2), {"ADM": (), "SAM": ("--sam_rho", "0.1")})
@@ -206,6 +287,8 @@ class Study:
     tuning: Tuning | None = None
     variants: tuple[str, ...] = tuple(VARIANT_ROWS)
     generalization: Generalization | None = None
+    reuse: Reuse | None = None
+    fraction_kept: FractionKept | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> Study:
@@ -259,7 +342,9 @@ class Study:
                 f"study {path}: tuning and generalization cannot be combined; tune in a study of its own", "study"
             )
         evaluation = tuple(map(str, data.get("evaluation") or []))
-        return cls(path, tuple(seeds), methods, recipe, training, evaluation, tuning, tuple(variants), generalization)
+        study = cls(path, tuple(seeds), methods, recipe, training, evaluation, tuning, tuple(variants), generalization)
+        fraction = _load_fraction_kept(path, data.get("fraction_kept"), methods)
+        return replace(study, reuse=_load_reuse(study, data.get("reuse")), fraction_kept=fraction)
 
     def _run(self, method: str, seed: int, extra: tuple[str, ...] = (), tag: str = "") -> Run:
         common = ((f"@{self.recipe}",) if self.recipe else ()) + self.training
@@ -281,6 +366,10 @@ class Study:
                     tuned_flag = self.tuning and method == self.tuning.method
                     runs.append(self._run(method, seed, (self.tuning.flag, tuned or UNTUNED) if tuned_flag else ()))
         return runs
+
+    def to_train(self, tuned: str | None = None) -> list[Run]:
+        """The grid's runs this study trains itself: `runs(tuned)` less those it reuses."""
+        return [run for run in self.runs(tuned) if not (self.reuse and self.reuse.covers(run))]
 
     def teacher_runs(self) -> list[Run]:
         """A generalization study's teacher (all the data), then the noise-unconditional student if asked for."""
@@ -449,6 +538,71 @@ def _load_generalization(path: Path, data, seeds: list[int], methods: dict, trai
         tuple(map(str, data.get("empirical_evaluation") or [])),
         bool(data.get("noise_unconditional")),
     )
+
+
+def _load_reuse(study: Study, data) -> Reuse | None:
+    if data is None:
+        return None
+
+    def fail(problem: str) -> StudyError:
+        return StudyError(f"study {study.path}: reuse.{problem}", "study")
+
+    if not isinstance(data, dict) or set(data) != set(REUSE_KEYS):
+        raise StudyError(f"study {study.path}: reuse must be a mapping with keys {', '.join(REUSE_KEYS)}", "study")
+    other = Study.load(data["study"])  # relative to the checkout, as the recipe
+    report, runs = Path(str(data["report"])), data["runs"]
+    if other.evaluation != study.evaluation:
+        raise fail(f"study {other.path} evaluates with other flags: reused runs must be evaluated as this study's")
+    if not isinstance(runs, dict) or not runs:
+        raise fail("runs must map methods to the seeds read from the report, e.g. {ADM: [2, 3]}")
+    for method, seeds in runs.items():
+        if method not in study.methods or method not in other.methods:
+            raise fail(f"runs: {method} must be a method of both this study and {other.path}")
+        if study.tuning and method == study.tuning.method:
+            raise fail(f"runs: {method} takes the value tuned here, which {other.path} did not tune")
+        if not isinstance(seeds, list) or not seeds or not set(seeds) <= set(study.seeds) & set(other.seeds):
+            raise fail(f"runs.{method} must list seeds of both this study and {other.path}")
+        if study.seeds[0] in seeds:
+            raise fail(f"runs.{method}: seed {study.seeds[0]} is the first seed, trained here to check the reuse")
+        for seed in seeds:
+            if study._run(method, seed).flags != other._run(method, seed).flags:
+                raise fail(f"runs.{method}: {other.path} trains seed {seed} with other flags than this study")
+    try:
+        recorded = json.loads(report.read_text())
+        settings, results = recorded["settings"], recorded["results"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise fail(f"report {report} is not the report.json of a finished study") from None
+    if Path(settings.get("study", "")) != other.path or settings.get("evaluation") != list(study.evaluation):
+        raise fail(f"report {report} is not {other.path}'s report with this study's evaluation flags")
+    for method, seeds in runs.items():
+        for variant in study.variants:
+            row = row_name(method, variant)
+            missing = [seed for seed in seeds if str(seed) not in results.get(row, {})]
+            if missing:
+                raise fail(f"report {report} has no result of row {row} at seed {missing[0]}")
+    return Reuse(other.path, report, {method: tuple(seeds) for method, seeds in runs.items()})
+
+
+def _load_fraction_kept(path: Path, data, methods: dict) -> FractionKept | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict) or set(data) != set(FRACTION_KEYS):
+        raise StudyError(
+            f"study {path}: fraction_kept must be a mapping with keys {', '.join(FRACTION_KEYS)}", "study"
+        )
+    others = [m for m in methods if m not in ("ADM", data["of"])]
+    if "ADM" not in methods or data["of"] not in methods or not others:
+        raise StudyError(
+            f"study {path}: fraction_kept.of must be a method of the study other than ADM, with ADM and at least one "
+            f"more method beside it, got {data['of']}",
+            "study",
+        )
+    if data["granularity"] not in ("per_tensor", "per_channel") or type(data["bits"]) is not int:
+        raise StudyError(
+            f"study {path}: fraction_kept.granularity must be per_tensor or per_channel and bits a whole number",
+            "study",
+        )
+    return FractionKept(data["of"], data["granularity"], data["bits"])
 
 
 def _check_flags(path: Path, key: str, flags) -> None:

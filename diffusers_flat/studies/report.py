@@ -25,6 +25,7 @@ from diffusers_flat.studies.claims import (
     comparison_claims,
     detectable_cell,
     exposure_gap,
+    fraction_kept,
     ladder_point,
     lpf,
     paired_interval,
@@ -32,6 +33,7 @@ from diffusers_flat.studies.claims import (
     sharpness_excess,
     verdict,
 )
+from diffusers_flat.studies.config import row_name
 
 # row -> seed -> the evaluation result of that row's pipeline at that seed
 Results = dict[str, dict[int, dict]]
@@ -273,6 +275,97 @@ def _quality_rule_section(results: Results, settings: dict) -> list[str]:
     ]
 
 
+GOAL = 0.8  # the fraction of the whole effect a cheaper method is asked to keep (issue 22)
+
+
+def fractions_kept(results: Results, fraction: dict, variants: list[str]) -> list[dict]:
+    """For each variant and each method other than ADM and `fraction["of"]`: the fraction of of's effect relative to
+    ADM it keeps (`fraction_kept`, paired over the seeds all three rows have) on LPF, and at the ladder level on the
+    fixed-loss increase and the DDIM displacement (on their logs: damage varies multiplicatively between seeds), and
+    whether it keeps at least GOAL of each: "yes" (every interval above GOAL), "no" (one below), else "undecided"."""
+    g, bits = fraction["granularity"], str(fraction["bits"])
+    level = f"{bits}-bit {g}"
+    measures = {
+        "LPF": (lpf, False),
+        f"fixed-loss increase, {level}": (ladder_point(g, bits, "loss_increase"), True),
+        f"DDIM displacement, {level}": (ladder_point(g, bits, "ddim_displacement"), True),
+    }
+    out = []
+    for variant in variants:
+        base, full = row_name("ADM", variant), row_name(fraction["of"], variant)
+        for method in fraction["methods"]:
+            row, kept = row_name(method, variant), {}
+            for name, (measure, log) in measures.items():
+                seeds = sorted(set(results.get(base, {})) & set(results.get(full, {})) & set(results.get(row, {})))
+                try:
+                    values = np.array([[measure(results[r][s]) for r in (base, full, row)] for s in seeds], float)
+                except (KeyError, TypeError):
+                    continue  # not measured
+                if values.size and not (log and (values <= 0).any()):
+                    kept[name] = fraction_kept(*(np.log(values) if log else values).T)
+            lows, highs = [k["low"] for k in kept.values()], [k["high"] for k in kept.values()]
+            goal = "no" if any(h < GOAL for h in highs) else "yes" if lows and min(lows) >= GOAL else "undecided"
+            out.append({"row": row, "of": full, "base": base, "kept": kept, "goal": goal if kept else "not measured"})
+    return out
+
+
+def _fraction_cell(kept: dict | None) -> str:
+    if kept is None:
+        return "not measured"
+    if math.isinf(kept["low"]):
+        return f"{kept['estimate']:.2f}, unbounded (n={kept['n']})"
+    return f"{kept['estimate']:.2f} [{kept['low']:.2f}, {kept['high']:.2f}] (n={kept['n']})"
+
+
+def _fraction_section(rows: list[dict]) -> list[str]:
+    """The fractions kept, one row per method and variant."""
+    if not rows:
+        return []
+    measures = list(dict.fromkeys(name for row in rows for name in row["kept"]))
+    lines = ["| row | of | " + " | ".join(f"{m} kept" for m in measures) + f" | keeps ≥ {GOAL:.0%} of each |"]
+    lines.append("|---|---|" + "---|" * len(measures) + "---|")
+    for row in rows:
+        cells = [_fraction_cell(row["kept"].get(m)) for m in measures]
+        lines.append(f"| {row['row']} | {row['of']} | " + " | ".join(cells) + f" | **{row['goal']}** |")
+    return [
+        "## Fraction of the effect kept",
+        "(base - row) / (base - of), paired over seeds, with Fieller's 95% interval; 1 keeps all of the effect, 0 "
+        "none. LPF as it is, the quantization damage on its log scale. *Unbounded*: the whole effect itself is not "
+        f"distinct from zero, so there is no fraction to measure. *Keeps ≥ {GOAL:.0%}*: yes when every interval lies "
+        "above it, no when one lies below, else undecided.",
+        "\n".join(lines),
+    ]
+
+
+def _reuse_section(reuse: dict) -> list[str]:
+    """Which runs were read from another study's report, and the check that they reproduce: the first seed, trained
+    again here, beside the other study's run of the same flags."""
+    runs = "; ".join(f"{method} seeds {', '.join(map(str, seeds))}" for method, seeds in reuse["runs"].items())
+    measures = {
+        "loss L(w)": lambda r: r["loss"],
+        "LPF": lpf,
+        "FID (first T')": lambda r: r["fid"][min(r["fid"], key=int)],
+    }
+    lines = ["| row | seed | " + " | ".join(f"{m} here | {m} there" for m in measures) + " |"]
+    lines.append("|---|---|" + "---|---|" * len(measures))
+    for check in reuse["reproduction"]:
+        cells = []
+        for measure in measures.values():
+            for result in (check["here"], check["there"]):
+                try:
+                    cells.append(f"{measure(result):.6g}")
+                except (KeyError, TypeError):
+                    cells.append("not finished" if result is None else "-")
+        lines.append(f"| {check['row']} | {check['seed']} | " + " | ".join(cells) + " |")
+    return [
+        "## Reused runs",
+        f"Read from {reuse['report']} ({reuse['study']}) instead of trained again, with the same training and "
+        f"evaluation flags: {runs}. Training and evaluation are deterministic; the first seed was trained again here "
+        "as the check:",
+        "\n".join(lines),
+    ]
+
+
 def _training_section(loss_curves: dict[str, tuple[list[int], list[float]]]) -> list[str]:
     """The training loss of the first seed's runs, and whether it has flattened: the mean of the last fifth of the
     steps against the fifth before it."""
@@ -343,6 +436,7 @@ def write_report(
         )
         + ".",
         *(_tuning_section(settings["tuning"], tuning_rows or []) if "tuning" in settings else []),
+        *(_reuse_section(settings["reuse"]) if "reuse" in settings else []),
         *_training_section(loss_curves or {}),
         "## Quality (Table 2)",
         _table(results, quality) if quality else "(FID not measured)",
@@ -362,6 +456,10 @@ def write_report(
             _table(results, quantization),
         ]
     sections += _ladder_section(results, claims)
+    fractions = (
+        fractions_kept(results, settings["fraction_kept"], settings["variants"]) if "fraction_kept" in settings else []
+    )
+    sections += _fraction_section(fractions)
     if figure:
         moved = ", ".join(f"{label} {value:.1f}" for label, value in figure["displacement"].items())
         sections += [
@@ -395,7 +493,7 @@ def write_report(
     if any("flatness_series" in r for seeds in results.values() for r in seeds.values()):
         plot_flatness_during_training(results, row_order(results), out / "flatness_during_training.png")
     data = {"settings": settings, "results": results, "claims": claims, "tuning": tuning_rows or []}
-    data.update(loss_curves=loss_curves or {}, figure=figure)
+    data.update(loss_curves=loss_curves or {}, figure=figure, fractions=fractions)
     write_json(out / "report.json", data)
     write_atomically(out / "report.md", lambda tmp: tmp.write_text(markdown))
     return markdown

@@ -83,6 +83,15 @@ class StudyRunner:
                     f"the tuning selects by {tuning.metric} at T'={tuning.inference_steps}: its evaluation flags "
                     f"must measure fid with --inference_steps including {tuning.inference_steps}"
                 )
+        fraction, ladder = study.fraction_kept, self.evaluation.settings
+        if fraction and not (
+            "sensitivity" in ladder.metrics
+            and fraction.bits in ladder.ladder
+            and fraction.granularity in ladder.ladder_granularities
+        ):
+            raise self._error(
+                f"fraction_kept: {fraction.level} must be a level of the evaluation's sensitivity ladder"
+            )
         if g:
             self._check_subsets()
             # the runner gives the E_gen evaluation its reference: the teacher's pipeline
@@ -235,14 +244,20 @@ class StudyRunner:
         """The finished evaluations of the grid, by row and seed (a raw pipeline's with the LPF series its training
         logged under `--flatness_every`, as "flatness_series")."""
         results: Results = {}
+        reuse = self.study.reuse
+        reused = reuse.results() if reuse else {}
         for run in self.study.runs():
             for variant in self.study.variants:
+                row = row_name(run.method, variant)
+                if reuse and reuse.covers(run):  # the other study's run, read from its report
+                    results.setdefault(row, {})[run.seed] = reused[row][run.seed]
+                    continue
                 result = self.directory.result(self.directory.evaluation(run, variant))
                 log = self.directory.run(run) / FLATNESS_LOG
                 if result is not None and variant == "raw" and log.is_file():  # LPF of the trained weights by step
                     result["flatness_series"] = json.loads(log.read_text())
                 if result is not None:
-                    results.setdefault(row_name(run.method, variant), {})[run.seed] = result
+                    results.setdefault(row, {})[run.seed] = result
         return results
 
     def collect_generalization(self) -> dict:
@@ -283,11 +298,32 @@ class StudyRunner:
             settings["tuning"].update(evaluation=list(t.evaluation), selected=tuned)
         if study.generalization:
             settings["generalization"] = {**dataclasses.asdict(study.generalization), "training": list(study.training)}
+        if study.fraction_kept:
+            f = study.fraction_kept
+            others = [m for m in study.methods if m not in ("ADM", f.of)]
+            settings["fraction_kept"] = {"of": f.of, "methods": others, "granularity": f.granularity, "bits": f.bits}
+        if study.reuse:
+            settings["reuse"] = {"study": str(study.reuse.study), "report": str(study.reuse.report)}
+            settings["reuse"].update(runs=study.reuse.runs, reproduction=self.reproduction())
         if study.generalization or not set(study.methods) <= set(METHODS):  # not the paper's grid: comparisons
             base, *treated = sorted(study.methods, key=lambda m: m != "ADM")  # each method against ADM (or the first)
             pairs = [(row_name(base, v), row_name(m, v)) for v in study.variants for m in treated]
             settings["comparisons"] = pairs
         return settings
+
+    def reproduction(self) -> list[dict]:
+        """The check that reused runs reproduce: for each reused method and variant, its first seed's results here
+        (trained again) and in the other study's report, side by side."""
+        study, reuse = self.study, self.study.reuse
+        seed, there = study.seeds[0], reuse.results()
+        rows = []
+        for method in reuse.runs:
+            run = next(r for r in study.runs() if r.method == method and r.seed == seed)
+            for variant in study.variants:
+                here = self.directory.result(self.directory.evaluation(run, variant))
+                other = there.get(row_name(method, variant), {}).get(seed)
+                rows.append({"row": row_name(method, variant), "seed": seed, "here": here, "there": other})
+        return rows
 
     def quantization_figure(self, results: Results, comparisons: list[tuple[str, str]]) -> dict | None:
         """The Figure 2 kind of picture (`write_quantization_figure`) from the first seed's raw pipelines of the
@@ -347,7 +383,7 @@ class StudyRunner:
         may wait for the tuning; a student's E_gen for the teacher)."""
         study = self.study
         tuning_runs, teachers = study.tuning_runs(), study.teacher_runs()
-        mine = {run.name for run in shard_of(tuning_runs + teachers + study.runs(), index, count)}
+        mine = {run.name for run in shard_of(tuning_runs + teachers + study.to_train(), index, count)}
         tuning_runs, teachers = ([run for run in runs if run.name in mine] for runs in (tuning_runs, teachers))
         sweep = bool(study.generalization and teachers and teachers[0].tag == "teacher" and self.empirical_sweep())
         return tuning_runs, teachers, mine, sweep
@@ -386,7 +422,7 @@ class StudyRunner:
             lines.append(f"tune {run.name}: {' '.join(run.flags)} --output_dir {directory.run(run)}")
             lines.append(f"  evaluate {run.name} {variant} -> {directory.evaluation(run, variant)}")
         tuned, _ = self.tuning_table()
-        grid = [run for run in study.runs(tuned) if run.name in mine]
+        grid = [run for run in study.to_train(tuned) if run.name in mine]
         for run in teachers + grid:
             lines.append(f"train {run.name}: {' '.join(run.flags)} --output_dir {directory.run(run)}")
             for v in study.variants:
@@ -404,9 +440,14 @@ class StudyRunner:
             students = sum(self.against_teacher(run) for run in teachers + grid)
             evaluations += students * len(study.variants) + sweep * len(self.empirical_sweep())
         lines.append(f"{trainings} trainings and {evaluations} evaluations (shard {index}/{count})")
+        if study.reuse and index == 1:
+            reused = ", ".join(f"{m} seeds {', '.join(map(str, seeds))}" for m, seeds in study.reuse.runs.items())
+            lines.append(f"reused from {study.reuse.report} (not trained): {reused}")
         # the work does not depend on which candidate wins: cost the grid with the first
         candidate = tuned or (study.tuning.values[0] if study.tuning else None)
-        work = self.workload(tuning_runs, teachers, [run for run in study.runs(candidate) if run.name in mine], sweep)
+        work = self.workload(
+            tuning_runs, teachers, [run for run in study.to_train(candidate) if run.name in mine], sweep
+        )
         lines.append(work.describe())
         lines.append(work.projection(rates) if rates else PROJECT_HINT)
         return "\n".join(lines)
@@ -416,7 +457,7 @@ class StudyRunner:
         naming `shard` when some of its work waits for another shard (run it again when that one has finished)."""
         study = self.study
         tuning_runs, teachers, mine, sweep = self.shard(index, count)
-        grid_size = sum(run.name in mine for run in study.runs())
+        grid_size = sum(run.name in mine for run in study.to_train())
         per_run = len(study.variants) * (2 if study.generalization else 1)
         total = 2 * len(tuning_runs) + (len(teachers) + grid_size) * (1 + per_run) + sweep
         egen_waiting = None
@@ -427,7 +468,7 @@ class StudyRunner:
                 self.evaluate(run, study.tuning.variant, self.tuning_evaluation)
                 progress.update(1)
             tuned, _ = self.tuning_table()
-            grid = [run for run in study.runs(tuned) if run.name in mine]
+            grid = [run for run in study.to_train(tuned) if run.name in mine]
             waiting = [run for run in grid if tuned is None and study.tuning and run.method == study.tuning.method]
             for run in teachers + [run for run in grid if run not in waiting]:
                 self.train(run)
