@@ -64,7 +64,7 @@ def main() -> None:
         )
     ]
     params = [p for p in model.parameters() if p.requires_grad]
-    sam = SAM(params, rho=args.rho)
+    sam = SAM(model.named_parameters(), rho=args.rho)
     modes = {"plain": None} | {
         mode: SAMMode(sam, mode, every=EVERY, start_step=round(LATE_START * CYCLE)) for mode in SAM_MODES
     }

@@ -46,7 +46,7 @@ def steps_per_second(accelerator: Accelerator, unet, scheduler, flags, channels:
     model = copy.deepcopy(unet)
     optimizer = torch.optim.AdamW(model.parameters(), lr=flags.learning_rate)
     model, optimizer = accelerator.prepare(model, optimizer)
-    optimizer_sam = SAMMode(SAM(accelerator.unwrap_model(model).parameters(), rho=SAM_RHO)) if sam else None
+    optimizer_sam = SAMMode(SAM(accelerator.unwrap_model(model).named_parameters(), rho=SAM_RHO)) if sam else None
     device, size = accelerator.device, flags.resolution
     shape = (flags.train_batch_size, channels, size, size)
     batch = MicroBatch(

@@ -38,7 +38,7 @@ def main(mode):
     unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, **MICRO_UNET)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
     model, optimizer = accelerator.prepare(unet, optimizer)
-    sam = RecordingSAM(unet.parameters(), rho=0.1)
+    sam = RecordingSAM(unet.named_parameters(), rho=0.1)
     sam_mode = SAMMode(sam)
     in_sync, same_ascent = [], []
     for step in range(3):

@@ -37,7 +37,7 @@ def train_modes(accelerator: Accelerator) -> dict[str, dict[str, torch.Tensor]]:
         # A large Adam epsilon keeps Adam from blowing float rounding in near-zero gradients up to a full step.
         optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, eps=1e-3)
         model, optimizer = accelerator.prepare(unet, optimizer)
-        sam = SAMMode(SAM(unet.parameters(), rho=0.1), mode, **options)
+        sam = SAMMode(SAM(unet.named_parameters(), rho=0.1), mode, **options)
         for step in range(STEPS):
             noise, timesteps, _ = draw_step_noise(0, step, GLOBAL_BATCH, (3, 8, 8), 1000)
             clean = torch.rand(GLOBAL_BATCH, 3, 8, 8, generator=torch.Generator().manual_seed(step)) * 2 - 1

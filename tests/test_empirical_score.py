@@ -8,7 +8,7 @@ from diffusers import DDPMScheduler
 from sklearn.datasets import load_digits
 
 from diffusers_flat.errors import FlatError
-from diffusers_flat.metrics.empirical_score import EmpiricalDenoiser
+from diffusers_flat.metrics.empirical_score import EmpiricalDenoiser, find_collapse_sigma
 from diffusers_flat.metrics.memorization import memorization_ratio
 from diffusers_flat.metrics.pfd import flow_map
 from diffusers_flat.utils.sampling import sample_images
@@ -62,6 +62,108 @@ def test_three_points_give_the_hand_computed_softmax_mean():
     # chunking changes nothing: one image per chunk, or all at once
     whole = EmpiricalDenoiser.from_training_set(points, SCHEDULER, temperature=temperature, chunk_size=1024)
     assert torch.allclose(whole(x, t).sample, model(x, t).sample, atol=1e-6)
+
+
+def test_the_collapse_tempering_is_max_of_sigma_c_over_sigma_t_and_one_by_hand():
+    points = digits(5, size=2)
+    x = torch.randn(1, 1, 2, 2, generator=torch.Generator().manual_seed(3))
+    sigma_c = 0.5
+    model = EmpiricalDenoiser.from_training_set(points, SCHEDULER, tempering="collapse", collapse_sigma=sigma_c)
+    for t in (20, 150, 700):  # sigma_t about 0.16, 0.70 and 3.9: tempered at the first level only
+        abar = float(SCHEDULER.alphas_cumprod[t])
+        sigma_t = ((1 - abar) / abar) ** 0.5
+        temperature = max(sigma_c / sigma_t, 1.0)
+        distances = [float(((x.flatten() - abar**0.5 * q.flatten()) ** 2).sum()) for q in points]
+        logits = np.array([-d / (2 * (1 - abar) * temperature) for d in distances])
+        weights = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        by_hand = sum(float(w) * q.double() for w, q in zip(weights, points))
+        assert torch.allclose(x0_of(model, x, t), by_hand, atol=1e-5), t
+    assert (
+        max(sigma_c / ((1 - float(SCHEDULER.alphas_cumprod[20])) / float(SCHEDULER.alphas_cumprod[20])) ** 0.5, 1) > 2
+    )
+
+
+def test_a_collapse_level_below_every_noise_level_is_the_plain_empirical_denoiser():
+    images, x = digits(20), torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    plain = EmpiricalDenoiser.from_training_set(images, SCHEDULER)
+    below = EmpiricalDenoiser.from_training_set(images, SCHEDULER, tempering="collapse", collapse_sigma=1e-6)
+    for t in (0, 50, 999):
+        assert torch.equal(below(x, t).sample, plain(x, t).sample), t
+
+
+def test_all_n_neighbours_are_the_full_softmax_and_k_of_them_are_the_brute_force_k_nearest():
+    images, x = digits(12), torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    full = EmpiricalDenoiser.from_training_set(images, SCHEDULER, temperature=3.0)
+    every = EmpiricalDenoiser.from_training_set(images, SCHEDULER, temperature=3.0, neighbours=12, chunk_size=5)
+    t = 250
+    assert torch.allclose(every(x, t).sample, full(x, t).sample, atol=1e-6)
+    # K = 4 by brute force: the 4 images nearest x / sqrt(abar), then the tempered softmax over them alone
+    abar = SCHEDULER.alphas_cumprod[t].double()
+    flat, mu = x.flatten(1).double(), images.flatten(1).double()
+    nearest = torch.cdist(flat / abar.sqrt(), mu).argsort(1)[:, :4]
+    expected = []
+    for i in range(3):
+        chosen = mu[nearest[i]]
+        logits = -((flat[i] - abar.sqrt() * chosen) ** 2).sum(1) / (2 * (1 - abar) * 3.0)
+        expected.append((logits.softmax(0)[:, None] * chosen).sum(0))
+    four = EmpiricalDenoiser.from_training_set(images, SCHEDULER, temperature=3.0, neighbours=4, chunk_size=5)
+    assert torch.allclose(x0_of(four, x, t).flatten(1), torch.stack(expected), atol=1e-5)
+    assert not torch.allclose(x0_of(four, x, t), x0_of(full, x, t), atol=1e-3)  # the restriction changes the mean
+
+
+def test_neighbours_in_a_feature_space_are_the_brute_force_nearest_features():
+    images, x = digits(12), torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(6))
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 5))  # a small fixed random embedding
+    model = EmpiricalDenoiser.from_training_set(images, SCHEDULER, feature_network=network, neighbours=3)
+    t = 100
+    abar = SCHEDULER.alphas_cumprod[t].double()
+    flat, mu = x.flatten(1).double(), images.flatten(1).double()
+    with torch.no_grad():
+        keys, queries = network(images).double(), network((x.double() / abar.sqrt()).float()).double()
+    nearest = torch.cdist(queries, keys).argsort(1)[:, :3]
+    for i in range(2):
+        chosen = mu[nearest[i]]
+        logits = -((flat[i] - abar.sqrt() * chosen) ** 2).sum(1) / (2 * (1 - abar))
+        by_hand = (logits.softmax(0)[:, None] * chosen).sum(0)
+        assert torch.allclose(x0_of(model, x, t)[i].flatten(), by_hand, atol=1e-5)
+
+
+def test_the_collapse_level_is_where_the_plain_chains_estimates_start_copying_training_images():
+    images, scheduler, n = digits(10), DDPMScheduler(), 16  # "leading" spacing: DDIM steps 900, 800, ..., 0
+    found = find_collapse_sigma(images, scheduler, num_samples=n, steps=10, threshold=0.5, seed=0)
+    # by hand: DDIM (eta = 0) with the plain softmax mean as x0, and the memorization ratio written out
+    abar = scheduler.alphas_cumprod.double()
+    mu = images.flatten(1).double()
+    x = torch.randn((n, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.float64).flatten(1)
+    curve = []
+    for t in range(900, -1, -100):
+        a, prev = abar[t], (abar[t - 100] if t >= 100 else torch.tensor(1.0, dtype=torch.float64))
+        logits = -(torch.cdist(x, a.sqrt() * mu) ** 2) / (2 * (1 - a))
+        x0 = logits.softmax(1) @ mu
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        two = torch.cdist(x0, mu).sort(1).values[:, :2]
+        curve.append((t, float(((1 - a) / a).sqrt()), float((two[:, 0] < two[:, 1] / 3).double().mean())))
+        x = prev.sqrt() * x0 + (1 - prev).sqrt() * eps
+    assert [(t, f) for t, _, f in found["curve"]] == [(t, pytest.approx(f)) for t, _, f in curve]
+    first = next(step for step in curve if step[2] >= 0.5)
+    assert 0 < first[0] < 900  # collapses on the way, not at the first or the last step
+    assert (found["timestep"], found["collapse_sigma"]) == (first[0], pytest.approx(first[1]))
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"tempering": "collapse"}, "collapse_sigma must be a noise level > 0 with tempering collapse"),
+        ({"collapse_sigma": 1.0}, "collapse_sigma must be a noise level > 0 with tempering collapse"),
+        ({"tempering": "warm"}, "tempering must be one of collapse, constant, got 'warm'"),
+        ({"neighbours": 0}, "neighbours must be from 1 to the 3 training images, got 0"),
+        ({"neighbours": 2, "noise_unconditional": True}, "neighbours: the noise-unconditional mixture"),
+    ],
+)
+def test_bad_tempering_or_neighbours_are_refused_naming_the_parameter(config, message):
+    with pytest.raises(FlatError, match=message):
+        EmpiricalDenoiser.from_training_set(digits(3), SCHEDULER, **config)
 
 
 def test_the_noise_unconditional_mixture_weighs_points_and_levels_together():

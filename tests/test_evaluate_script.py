@@ -110,16 +110,17 @@ def test_two_models_get_json_table_and_every_plot(two_models, tmp_path, pooled_i
 
 
 def quantized_by_hand(path, bits: int):
-    """The UNet with every Conv2d/Linear weight on a symmetric per-output-channel grid of 2^(b-1) - 1 levels."""
+    """The UNet with every Conv2d/Linear weight on torchao's symmetric per-output-channel grid (the per-channel
+    convention): scale = absmax / ((qmax - qmin) / 2), codes round(w * (1 / scale)) in [-2^(b-1), 2^(b-1) - 1]."""
     unet = UNet2DModel.from_pretrained(path, subfolder="unet")
-    qmax = 2 ** (bits - 1) - 1
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     with torch.no_grad():
         for module in unet.modules():
             if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
                 w = module.weight
-                scale = w.abs().flatten(1).max(dim=1).values.clamp_min(1e-30) / qmax
+                scale = w.abs().flatten(1).max(dim=1).values / ((qmax - qmin) / 2)
                 scale = scale.view(-1, *[1] * (w.ndim - 1))
-                w.copy_((w / scale).round().clamp(-qmax, qmax) * scale)
+                w.copy_(torch.clamp(torch.round(w * (1.0 / scale)), qmin, qmax) * scale)
     return unet
 
 
@@ -213,6 +214,7 @@ def test_pfd_against_a_teacher_is_the_hand_computed_distance(two_models, tmp_pat
     ends = [ddim_flow_by_hand(p.unet, abar, 6, 5).flatten(1) for p in pipelines]
     outside = [((end - end.clamp(-1, 1)) ** 2).sum(1).mean().sqrt().item() for end in ends]
     a, b = (end.clamp(-1, 1) for end in ends)  # images: the data range
+    a, b = (x / (x**2).sum(1, keepdim=True).sqrt() for x in (a, b))  # the default descriptor: unit-norm pixels
     squared = ((a - b) ** 2).sum(1)
     assert result["pfd"]["pfd"] == pytest.approx(squared.mean().sqrt().item(), rel=1e-4)
     stderr = (squared.std() / 6**0.5 / (2 * squared.mean().sqrt())).item()  # the delta method, by hand

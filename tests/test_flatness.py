@@ -43,6 +43,22 @@ def test_lpf_isotropic_matches_half_sigma_squared_trace():
     assert result["num_draws"] == 4000 and result["stderr"] > 0
 
 
+def test_lpf_leaves_frozen_parameters_alone():
+    # the bias frozen (as the zeroed time embedding of a noise-unconditional UNet): only the weight's curvature counts
+    model, sigma = toy(), 0.3
+    model.h_bias = torch.full((4,), 40.0)  # a steep bias: perturbing it would show far beyond the error
+    model.bias.requires_grad_(False)
+    bias = model.bias.detach().clone()
+    result = lpf_flatness(
+        model, quadratic_loss, sigma=sigma, num_draws=4000, filter_normalized=False, show_progress=False
+    )
+    expected = model.loss() + sigma**2 / 2 * model.h_weight.sum().item()
+    assert result["lpf"] == pytest.approx(expected, abs=4 * result["stderr"])
+    with_bias = expected + sigma**2 / 2 * model.h_bias.sum().item()  # what perturbing the bias too would give
+    assert abs(result["lpf"] - with_bias) > 8 * result["stderr"]
+    assert torch.equal(model.bias, bias)
+
+
 def test_lpf_filter_normalized_matches_its_closed_form():
     # Bisla et al.: filter i (row i of the weight and bias i) is divided by s_i = ||w_i|| + |b_i| and then perturbed by
     # N(0, sigma^2) per element; on the trained scale that is variance sigma^2 s_i^2 on the row and on its bias.

@@ -68,7 +68,7 @@ def test_an_inf_in_either_sam_pass_skips_the_fp16_step_on_cuda():
     unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), norm_num_groups=4)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
     model, optimizer = accelerator.prepare(unet, optimizer)
-    sam = SAMMode(SAM(unet.parameters(), rho=0.1))
+    sam = SAMMode(SAM(unet.named_parameters(), rho=0.1))
     calls = {"n": 0, "poisoned": -1}
 
     def poison(module, inputs, output):

@@ -52,7 +52,7 @@ def test_pfd_of_two_gaussians_is_the_closed_form_and_the_solver_error_shrinks(so
     p, q = GaussianDenoiser(0.3), GaussianDenoiser(-0.2)
     exact = closed_form_pfd(0.3, -0.2, 16)
     assert abs(exact - 2.0) > 0.3  # not the naive ||m1 - m2||: the starting noise level counts
-    errors = [abs(pfd(p, q, SCHEDULER.config, 8, s, solver, clamp=False)["pfd"] - exact) for s in steps]
+    errors = [abs(pfd(p, q, SCHEDULER.config, 8, s, solver, "identity", clamp=False)["pfd"] - exact) for s in steps]
     assert errors[0] > errors[1] > errors[2] and errors[2] < tolerance * exact, errors
 
 
@@ -81,12 +81,21 @@ def test_images_are_clamped_to_the_data_range_and_how_far_the_flows_leave_it_is_
     clamped = pfd(high, higher, SCHEDULER.config, 8, 200)
     assert clamped["pfd"] == 0.0 and clamped["clamped"]
     assert clamped["outside"] == pytest.approx([above["high"], above["higher"]], rel=1e-6)
-    raw = pfd(high, higher, SCHEDULER.config, 8, 200, clamp=False)
+    raw = pfd(high, higher, SCHEDULER.config, 8, 200, descriptor="identity", clamp=False)
     assert raw["pfd"] == pytest.approx(closed_form_pfd(4.0, 5.0, 16, std=0.2), rel=5e-3)
     # against a model inside the range: every pixel of `high` is clamped to 1
     by_hand = ((1 - ends["inside"]) ** 2).sum(1).mean().sqrt().item()
-    result = pfd(high, inside, SCHEDULER.config, 8, 200)
+    result = pfd(high, inside, SCHEDULER.config, 8, 200, descriptor="identity")
     assert result["pfd"] == pytest.approx(by_hand, rel=1e-6) and result["outside"][1] == 0.0
+
+
+def test_the_pixels_descriptor_compares_images_scaled_to_unit_norm():
+    a, c = GaussianDenoiser(0.3), GaussianDenoiser(0.1, std=0.2)
+    ends = [flow_map(m, SCHEDULER.config, 8, 20).flatten(1).double().clamp(-1, 1) for m in (a, c)]
+    unit = [e / torch.sqrt((e**2).sum(1, keepdim=True)) for e in ends]  # each image divided by its L2 norm
+    by_hand = ((unit[0] - unit[1]) ** 2).sum(1).mean().sqrt().item()
+    assert pfd(a, c, SCHEDULER.config, 8, 20)["pfd"] == pytest.approx(by_hand, rel=1e-9)
+    assert pfd(a, c, SCHEDULER.config, 8, 20, descriptor="identity")["pfd"] != pytest.approx(by_hand, rel=1e-3)
 
 
 def test_the_noise_is_shared_whatever_the_batch():

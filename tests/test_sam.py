@@ -1,6 +1,7 @@
 """SAM/ASAM steps against a hand computation, and the two passes seeing one batch."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from helpers import MICRO_UNET, fixed_batch, micro_unet
 from torch.func import functional_call
 
+from diffusers_flat.errors import FlatError
 from diffusers_flat.methods.sam import SAM
 from diffusers_flat.methods.sam_modes import SAMMode
 from diffusers_flat.training.step import MicroBatch, train_step
@@ -26,12 +28,13 @@ def hand_loss(model, params: dict, batch: MicroBatch) -> torch.Tensor:
 
 
 def hand_sam_sgd_step(model, batch, rho, adaptive, max_grad_norm):
-    """g = grad L(w); e = rho g/||g|| (ASAM: rho w^2 g/|| |w| g ||); g' = grad L(w+e), clipped; w - lr g'."""
+    """g = grad L(w); e = rho g/||g|| (ASAM as SamsungLabs/ASAM: rho T^2 g/||T g||, T = |w| + 0.01 on parameters named
+    "weight", 1 on the others); g' = grad L(w+e), clipped; w - lr g'."""
     names = [n for n, _ in model.named_parameters()]
     w = {n: p.detach().clone() for n, p in model.named_parameters()}
     g = torch.autograd.grad(hand_loss(model, {n: w[n].requires_grad_() for n in names}, batch), [w[n] for n in names])
     g = dict(zip(names, g))
-    scale = {n: (w[n].detach().abs() if adaptive else torch.ones_like(w[n])) for n in names}
+    scale = {n: (w[n].detach().abs() + 0.01 if adaptive and "weight" in n else torch.ones_like(w[n])) for n in names}
     norm = torch.sqrt(sum(((scale[n] * g[n]) ** 2).sum() for n in names))
     w_hat = {n: (w[n].detach() + rho * scale[n] ** 2 * g[n] / norm).requires_grad_() for n in names}
     g2 = dict(zip(names, torch.autograd.grad(hand_loss(model, w_hat, batch), [w_hat[n] for n in names])))
@@ -44,7 +47,7 @@ def library_step(model, batch, sam_rho, adaptive=False, max_grad_norm=0.0, use_s
     accelerator = Accelerator(cpu=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     prepared, optimizer = accelerator.prepare(model, optimizer)
-    sam = SAMMode(SAM(model.parameters(), rho=sam_rho, adaptive=adaptive)) if use_sam else None
+    sam = SAMMode(SAM(model.named_parameters(), rho=sam_rho, adaptive=adaptive)) if use_sam else None
     train_step(accelerator, prepared, optimizer, DDPMScheduler(), [batch], sam=sam, max_grad_norm=max_grad_norm)
     return dict(model.named_parameters())
 
@@ -96,11 +99,39 @@ def test_with_dropout_rho_zero_still_equals_plain_step():
     assert any(not torch.equal(other[n], steps[False][n]) for n in other)
 
 
+def test_asam_moves_a_bias_at_zero_as_samsunglabs_asam_does():
+    # A one-layer net, its bias at zero: ASAM's T = |w| + eta scales only the weight, so the bias moves by
+    # rho g_b / ||T g|| (the |w| form of e gave it exactly 0). Hand computation: loss = (w.x + b)^2 / 2 at x = (2, 1).
+    net = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([[0.5, -0.25]]))
+        net.bias.zero_()
+    (0.5 * net(torch.tensor([[2.0, 1.0]])).square().sum()).backward()
+    r = 0.5 * 2.0 - 0.25 * 1.0  # the residual w.x + b = 0.75; d/dw = r x, d/db = r
+    g_w, g_b = [r * 2.0, r * 1.0], r
+    t_w = [0.5 + 0.01, 0.25 + 0.01]
+    norm = math.sqrt((t_w[0] * g_w[0]) ** 2 + (t_w[1] * g_w[1]) ** 2 + g_b**2)
+    rho = 0.5
+    sam = SAM(net.named_parameters(), rho=rho, adaptive=True)
+    returned = sam.ascend()
+    assert returned.item() == pytest.approx(norm)
+    expected_w = [0.5 + rho * t_w[0] ** 2 * g_w[0] / norm, -0.25 + rho * t_w[1] ** 2 * g_w[1] / norm]
+    assert net.weight.detach().flatten().tolist() == pytest.approx(expected_w)
+    assert net.bias.item() == pytest.approx(rho * g_b / norm) and net.bias.item() > 0.1
+    sam.restore()
+    assert net.bias.item() == 0.0
+
+
+def test_asam_eta_must_not_be_negative():
+    with pytest.raises(FlatError, match="eta must be a number >= 0"):
+        SAM(torch.nn.Linear(2, 1).named_parameters(), rho=0.1, adaptive=True, eta=-1.0)
+
+
 def test_restore_gives_back_exact_weights():
     model = micro_unet()
     before = [p.detach().clone() for p in model.parameters()]
     hand_loss(model, dict(model.named_parameters()), fixed_batch()).backward()
-    sam = SAM(model.parameters(), rho=0.3)
+    sam = SAM(model.named_parameters(), rho=0.3)
     sam.ascend()
     assert all(p.grad is None for p in model.parameters())
     assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
@@ -130,7 +161,7 @@ def test_both_passes_see_the_same_inputs(micro_batches):
     batches = [fixed_batch(input_perturbation=0.1) for _ in range(micro_batches)]
     for i, b in enumerate(batches):
         b.clean = b.clean.roll(i, 0)  # distinct micro-batches
-    sam = SAMMode(SAM(recorder.parameters(), rho=0.1))
+    sam = SAMMode(SAM(recorder.named_parameters(), rho=0.1))
     stats = train_step(accelerator, prepared, optimizer, DDPMScheduler(), batches, sam=sam)
     first, second = recorder.calls[:micro_batches], recorder.calls[micro_batches:]
     assert len(second) == micro_batches

@@ -70,7 +70,7 @@ def train_toy(mode: str | None, steps: int, momentum: float = 0.0, accelerator=N
     model = model or QuadraticToy()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=momentum)
     prepared, optimizer = accelerator.prepare(model, optimizer)
-    sam = None if mode is None else SAMMode(SAM(model.parameters(), rho=RHO), mode, **options)
+    sam = None if mode is None else SAMMode(SAM(model.named_parameters(), rho=RHO), mode, **options)
     stats = None
     for step, batch in enumerate(toy_batches(steps)):
         stats = train_step(
@@ -114,7 +114,7 @@ def test_momentum_mode_matches_a_hand_computation():
 def test_momentum_mode_reads_adams_first_moment():
     model = QuadraticToy()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.8, 0.999))
-    sam = SAMMode(SAM(model.parameters(), rho=RHO), "momentum")
+    sam = SAMMode(SAM(model.named_parameters(), rho=RHO), "momentum")
     assert sam.plan(0, optimizer, model) == ("plain", None)  # no moment before the first step
     batch = toy_batches(1)[0]
     g = hand_gradient(flat(model), batch.noise.double())
@@ -126,7 +126,9 @@ def test_momentum_mode_reads_adams_first_moment():
     assert kind == "perturbed"
     torch.testing.assert_close(torch.cat([t.flatten() for t in e]).double(), -RHO * m / m.norm(), rtol=1e-5, atol=1e-7)
     with pytest.raises(FlatError, match="needs an optimizer with a first moment"):
-        SAMMode(SAM(model.parameters(), rho=RHO), "momentum").plan(1, torch.optim.SGD(model.parameters(), lr=1), model)
+        SAMMode(SAM(model.named_parameters(), rho=RHO), "momentum").plan(
+            1, torch.optim.SGD(model.parameters(), lr=1), model
+        )
 
 
 def test_random_mode_matches_a_hand_computation():
@@ -145,7 +147,7 @@ def test_random_mode_matches_a_hand_computation():
 def test_random_mode_scales_its_noise_by_the_filters_and_leaves_frozen_parameters_alone():
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     net[1].bias.requires_grad_(False)
-    sam = SAMMode(SAM(net.parameters(), rho=RHO), "random", seed=5)
+    sam = SAMMode(SAM(net.named_parameters(), rho=RHO), "random", seed=5)
     kind, e = sam.plan(7, None, net)
     assert kind == "perturbed"
     generator = weight_noise_generator(5, 7)
@@ -164,7 +166,7 @@ def unet_run(sam_options: dict | None, steps: int = 3) -> dict[str, torch.Tensor
     accelerator = Accelerator(cpu=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     prepared, optimizer = accelerator.prepare(model, optimizer)
-    sam = None if sam_options is None else SAMMode(SAM(model.parameters(), rho=0.2), **sam_options)
+    sam = None if sam_options is None else SAMMode(SAM(model.named_parameters(), rho=0.2), **sam_options)
     for step in range(steps):
         train_step(accelerator, prepared, optimizer, DDPMScheduler(), [fixed_batch()], sam=sam, step=step)
     return {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -196,7 +198,7 @@ def test_degenerate_modes_equal_full_sam_and_plain_training_bit_for_bit():
 )
 def test_bad_options_name_the_parameter(options, message):
     with pytest.raises(FlatError, match=message):
-        SAMMode(SAM(QuadraticToy().parameters(), rho=RHO), **options)
+        SAMMode(SAM(QuadraticToy().named_parameters(), rho=RHO), **options)
 
 
 def fp16_accelerator() -> Accelerator:
@@ -230,7 +232,7 @@ def test_fp16_skips_a_sam_step_with_an_inf_and_leaves_the_weights_as_they_were(p
     accelerator, model = fp16(), QuadraticToy()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     prepared, optimizer = accelerator.prepare(model, optimizer)
-    sam = SAMMode(SAM(model.parameters(), rho=RHO))
+    sam = SAMMode(SAM(model.named_parameters(), rho=RHO))
     first, second, third = toy_batches(3)
 
     def step(batch):
@@ -254,7 +256,7 @@ def test_plan_follows_each_modes_schedule():
     optimizer = torch.optim.AdamW(model.parameters())
 
     def kinds(**options):
-        sam = SAMMode(SAM(model.parameters(), rho=RHO), **options)
+        sam = SAMMode(SAM(model.named_parameters(), rho=RHO), **options)
         return [sam.plan(step, optimizer, model)[0] for step in range(6)]
 
     assert kinds(mode="full") == ["ascent"] * 6
@@ -262,7 +264,7 @@ def test_plan_follows_each_modes_schedule():
     assert kinds(mode="late", start_step=4) == ["plain"] * 4 + ["ascent"] * 2
     assert kinds(mode="random") == ["perturbed"] * 6
     # LookSAM has nothing to reuse until its first SAM step has kept a component
-    looksam = SAMMode(SAM(model.parameters(), rho=RHO), "looksam", every=3)
+    looksam = SAMMode(SAM(model.named_parameters(), rho=RHO), "looksam", every=3)
     assert [looksam.plan(step, optimizer, model)[0] for step in range(3)] == ["ascent"] * 3
     looksam.remember([torch.ones(SHAPE)] * 2, [torch.ones(SHAPE), -torch.ones(SHAPE)])
     kept = looksam.state_dict()["g_v"]  # g_s - (<g, g_s> / ||g||^2) g with <g, g_s> = 0: g_s itself

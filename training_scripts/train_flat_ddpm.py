@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from diffusers_flat.hub.model_card import write_model_card
 from diffusers_flat.hub.push import push_to_hub
 from diffusers_flat.methods.averaging import make_ema, make_swa, resolve_swa_start, swa_due
-from diffusers_flat.methods.sam import SAM
+from diffusers_flat.methods.sam import ASAM_ETA, SAM
 from diffusers_flat.methods.sam_modes import SAMMode
 from diffusers_flat.methods.timestep_sampler import LossSecondMomentSampler, importance_weights
 from diffusers_flat.metrics.flatness_log import FlatnessLog
@@ -119,7 +119,7 @@ def main(args: argparse.Namespace) -> None:
         sam_start = round(args.sam_start * max_train_steps) if args.sam_mode == "late" else 0
         looksam = {"looksam_alpha": args.looksam_alpha} if args.sam_mode == "looksam" else {}
         sam = SAMMode(
-            SAM(unet.parameters(), rho=args.sam_rho, adaptive=args.sam_adaptive),
+            SAM(unet.named_parameters(), args.sam_rho, args.sam_adaptive, args.asam_eta or ASAM_ETA),
             args.sam_mode,
             every=args.sam_every or 1,
             start_step=sam_start,

@@ -22,6 +22,7 @@ from diffusers_flat.evaluation.settings import EvaluationSettings
 from diffusers_flat.metrics.fid import FID, feature_network
 from diffusers_flat.metrics.pfd import check_steps
 from diffusers_flat.run_directory import RunDirectory
+from diffusers_flat.training.models import make_noise_unconditional
 from diffusers_flat.utils.cli import share_cpu_threads
 
 
@@ -135,6 +136,8 @@ def evaluate_runs(
     for name, run in runs.items():
         pipeline = DDPMPipeline.from_pretrained(run.pipeline_path(variant)).to(device)
         record = run.read_record()
+        if record.noise_unconditional:  # frozen again as in training: LPF perturbs only what training moved
+            make_noise_unconditional(pipeline.unet)
         source = record.data.replace(**(data_overrides or {}))
         shape = (source, pipeline.unet.config.sample_size, pipeline.unet.config.in_channels)
         if shape not in real_images:

@@ -43,7 +43,8 @@ class EvaluationSettings:
         pfd_noises: the shared starting noises of PFD.
         pfd_steps: the PF-ODE solver's steps.
         pfd_solver: "ddim" (eta = 0) or "dpm-solver++".
-        pfd_descriptor: "pixels" or "inception" (with the fid metric, which brings InceptionV3).
+        pfd_descriptor: "pixels" (L2-normalised), "identity" (raw pixels) or "inception" (with the fid metric, which
+            brings InceptionV3).
         ladder: the bits of the quantization-sensitivity curve (the sensitivity metric), e.g. 8, 6, 5, 4, 3.
         ladder_granularities: the scales of each ladder level: per_tensor and/or per_channel.
         ladder_samples: samples of each ladder level's pixel displacements.

@@ -31,12 +31,21 @@ def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, l
     return 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1)
 
 
+def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    """The standard normal CDF as improved-/guided-diffusion compute it, a tanh approximation (Page 1977), so that the
+    recipe's t = 0 term is theirs (the exact CDF changes that term by about 0.3% and its gradient on v by 4-13%):
+
+        Phi(x) ~ (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))) / 2
+    """
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
 def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
-    """log P(the 8-bit pixel bin of x) under N(mean, e^(2 log_scale)), per element, in nats. x in [-1, 1] on the 256
-    levels; bins are 2/255 wide, the outermost ones open to +-infinity."""
+    """log P(the 8-bit pixel bin of x) under N(mean, e^(2 log_scale)), per element, in nats, with the references'
+    approximate CDF. x in [-1, 1] on the 256 levels; bins are 2/255 wide, the outermost ones open to +-infinity."""
     centred, inv_std = x - mean, torch.exp(-log_scale)
-    cdf_plus = torch.special.ndtr(inv_std * (centred + 1 / 255))
-    cdf_minus = torch.special.ndtr(inv_std * (centred - 1 / 255))
+    cdf_plus = approx_standard_normal_cdf(inv_std * (centred + 1 / 255))
+    cdf_minus = approx_standard_normal_cdf(inv_std * (centred - 1 / 255))
     log_below, log_above = torch.log(cdf_plus.clamp(min=1e-12)), torch.log((1 - cdf_minus).clamp(min=1e-12))
     log_bin = torch.log((cdf_plus - cdf_minus).clamp(min=1e-12))
     return torch.where(x < -0.999, log_below, torch.where(x > 0.999, log_above, log_bin))

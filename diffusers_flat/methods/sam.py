@@ -1,4 +1,5 @@
-"""Sharpness-Aware Minimization (Foret et al. 2021) and adaptive SAM (ASAM, Kwon et al. 2021).
+"""Sharpness-Aware Minimization (Foret et al. 2021) and adaptive SAM (ASAM, Kwon et al. 2021, as SamsungLabs/ASAM
+wrote it).
 
 SAM is a *perturbation* around an ordinary optimizer step, not an optimizer of its own:
 
@@ -21,6 +22,8 @@ import torch
 
 from diffusers_flat.errors import FlatError
 
+ASAM_ETA = 0.01  # SamsungLabs/ASAM's default offset of |w|
+
 
 def check_rho(rho: float) -> None:
     """SAM's radius must be a number >= 0 (0 turns SAM off; the paper uses 0.1 for diffusion)."""
@@ -32,14 +35,38 @@ class SAM:
     """The ascent step of SAM: moves parameters to w + e and back.
 
     `e = rho * g / ||g||` (global L2 norm over all parameters with a gradient). With `adaptive=True` (ASAM) the
-    neighbourhood is scaled element-wise by |w|: `e = rho * w^2 g / || |w| g ||`.
+    neighbourhood is scaled element-wise by T_w = |w| + eta on the parameters whose name contains "weight", as
+    SamsungLabs/ASAM does (biases and normalisation shifts keep T_w = 1, so a parameter at zero still moves):
+    `e = rho * T_w^2 g / ||T_w g||`.
+
+    Args:
+        named_params: (name, parameter) pairs, e.g. `model.named_parameters()`; frozen ones are left alone.
+        rho: the neighbourhood's radius, >= 0.
+        adaptive: ASAM instead of SAM.
+        eta: ASAM's offset of |w| (ASAM_ETA, ASAM's default), >= 0; only read with `adaptive`.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 1)
+        >>> sam = SAM(net.named_parameters(), rho=0.05, adaptive=True)
+        >>> net(torch.ones(1, 2)).sum().backward()
+        >>> norm = sam.ascend()  # at w + e now
+        >>> sam.restore()  # back at w, bit for bit
     """
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], rho: float, adaptive: bool = False):
+    def __init__(
+        self,
+        named_params: Iterable[tuple[str, torch.nn.Parameter]],
+        rho: float,
+        adaptive: bool = False,
+        eta: float = ASAM_ETA,
+    ):
         check_rho(rho)
-        self.params = [p for p in params if p.requires_grad]
-        self.rho = rho
-        self.adaptive = adaptive
+        if not eta >= 0:
+            raise FlatError(f"eta must be a number >= 0 (ASAM's offset of |w|), got {eta}", parameter="eta")
+        named = [(name, p) for name, p in named_params if p.requires_grad]
+        self.params = [p for _, p in named]
+        self.rho, self.adaptive, self.eta = rho, adaptive, eta
+        self._scaled = [adaptive and "weight" in name for name, _ in named]  # which parameters ASAM's T_w scales
         self._moved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         # One copy of the parameters, allocated once and reused every step: restoring by copy (not by
         # subtracting e) gives back w bit for bit.
@@ -54,24 +81,24 @@ class SAM:
     def ascend(self) -> torch.Tensor:
         """Move the parameters to w + e using their current gradients, which it consumes (sets to None).
 
-        Returns the norm that e was normalised by (||g||, or || |w| g || for ASAM).
+        Returns the norm that e was normalised by (||g||, or ||T_w g|| for ASAM).
         """
         if self._moved:
             raise RuntimeError("SAM.ascend() called twice without SAM.restore()")
-        pairs = [(p, b) for p, b in zip(self.params, self._backup) if p.grad is not None]
-        if not pairs:
+        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if not live:
             raise RuntimeError("SAM.ascend() needs gradients: run backward() first")
+        pairs = [(self.params[i], self._backup[i]) for i in live]
         params = [p for p, _ in pairs]
         grads = [p.grad for p in params]
-        if self.adaptive:
-            for p, g in zip(params, grads):
-                g.mul_(p.abs())
+        scaled = [(p, g) for i, p, g in zip(live, params, grads) if self._scaled[i]]
+        for p, g in scaled:
+            g.mul_(p.abs().add_(self.eta))  # T_w g, T_w = |w| + eta
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         # e is built in place in the gradient buffers: no memory beyond the backup.
         torch._foreach_mul_(grads, self.rho / (norm + 1e-12))
-        if self.adaptive:
-            for p, g in zip(params, grads):
-                g.mul_(p.abs())
+        for p, g in scaled:
+            g.mul_(p.abs().add_(self.eta))  # e = rho T_w^2 g / ||T_w g||
         self._move(pairs, grads)
         for p in params:
             p.grad = None

@@ -58,7 +58,7 @@ class SAMMode:
         >>> import torch
         >>> net = torch.nn.Linear(3, 1)
         >>> optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
-        >>> sam = SAMMode(SAM(net.parameters(), rho=0.05), mode="looksam", every=5)
+        >>> sam = SAMMode(SAM(net.named_parameters(), rho=0.05), mode="looksam", every=5)
         >>> [sam.plan(step, optimizer, net)[0] for step in range(6)]
         ['ascent', 'reuse', 'reuse', 'reuse', 'reuse', 'ascent']
     """

@@ -37,10 +37,15 @@ def lpf_noise(
     which makes the normalisation itself invisible; a UNet's GroupNorm mixes the channels of a group and its output
     conv has no norm at all, so normalising without mapping back would change the function before any noise is
     added: mapped back, the loss at sigma = 0 is the trained model's. Otherwise plain N(0, 1) on every parameter.
+    Frozen parameters (requires_grad False, e.g. the zeroed time embedding of a noise-unconditional UNet) are left
+    alone: their noise is zero and draws none, so the others' draws do not depend on them.
     """
     scales = _lpf_filter_scales(model) if filter_normalized else {}
     noise = []
     for param in model.parameters():
+        if not param.requires_grad:  # training never moved it: not part of the minimum's neighbourhood
+            noise.append(torch.zeros_like(param))
+            continue
         # Drawn on the CPU generator, then moved: the same draws on every device.
         n = torch.randn(param.shape, generator=generator, dtype=param.dtype).to(param.device)
         # w_f + sigma s_f n == s_f (w_f / s_f + sigma n): the normalised filter perturbed, mapped back

@@ -3,11 +3,13 @@
     PFD(p, q) = sqrt(E_z ||Psi(Phi_p(z)) - Psi(Phi_q(z))||^2)
 
 Phi is a model's deterministic noise-to-data map, its probability-flow ODE integrated from the starting noise z by a
-diffusers solver (DDIM with eta = 0, or DPM-Solver++, the faster); Psi is the identity on pixels or InceptionV3's
-features. Phi's images are clamped to the data range [-1, 1], as a pipeline outputs them (a model's own PF-ODE can
-leave it: `outside` says by how much). PFD is a metric: zero for a model against itself, symmetric, and the
-triangle inequality holds (a Minkowski inequality over the shared z). Teacher-student protocol: E_gen =
-PFD(student, teacher), E_mem = PFD(student, the empirical denoiser of the student's training set).
+diffusers solver (DDIM with eta = 0, or DPM-Solver++, the faster). Psi is the identity on L2-normalised pixels (each
+image scaled to unit norm, as the PFD paper's practice: distances that do not grow with the resolution), the identity
+on the raw pixels (where the closed forms of Gaussian data hold), or InceptionV3's features. Phi's images are clamped
+to the data range [-1, 1], as a pipeline outputs them (a model's own PF-ODE can leave it: `outside` says by how
+much). PFD is a metric: zero for a model against itself, symmetric, and the triangle inequality holds (a Minkowski
+inequality over the shared z). Teacher-student protocol: E_gen = PFD(student, teacher), E_mem = PFD(student, the
+empirical denoiser of the student's training set).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from diffusers_flat.metrics.fid import InceptionFeatures
 from diffusers_flat.utils.seeding import sampling_generator
 
 SOLVERS = ("ddim", "dpm-solver++")
-DESCRIPTORS = ("pixels", "inception")
+DESCRIPTORS = ("pixels", "identity", "inception")
 
 
 class PFDResult(TypedDict):
@@ -108,9 +110,13 @@ def flow_map(
 
 
 def pixels_or_features(images: torch.Tensor, descriptor: str, inception: InceptionFeatures | None) -> torch.Tensor:
-    """Psi: the flattened pixels, or InceptionV3's features of the images as 8-bit pictures."""
+    """Psi: the flattened pixels scaled to unit L2 norm ("pixels"), as they are ("identity"), or InceptionV3's
+    features of the images as 8-bit pictures."""
+    flat = images.flatten(1).double()
     if descriptor == "pixels":
-        return images.flatten(1).double()
+        return flat / flat.norm(dim=1, keepdim=True).clamp(min=1e-12)  # x / ||x||; an all-zero image stays 0
+    if descriptor == "identity":
+        return flat
     as_uint8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     device = next(iter([*inception.parameters(), *inception.buffers()]), as_uint8).device
     return inception(as_uint8.to(device)).double().cpu()
@@ -137,7 +143,8 @@ def pfd(
         num_noises: the noises z.
         steps: solver steps.
         solver: "ddim" (eta = 0) or "dpm-solver++".
-        descriptor: "pixels" (Psi the identity) or "inception" (InceptionV3 features; pass `inception`).
+        descriptor: "pixels" (L2-normalised pixels), "identity" (raw pixels) or "inception" (InceptionV3 features;
+            pass `inception`).
         seed: the noise stream.
         batch_size: images per model call.
         inception: the feature network for descriptor "inception".

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import huggingface_hub
 
-from diffusers_flat.methods.sam import check_rho
+from diffusers_flat.methods.sam import ASAM_ETA, check_rho
 from diffusers_flat.methods.sam_modes import LOOKSAM_ALPHA, SAM_MODES
 from diffusers_flat.methods.timestep_sampler import TIMESTEP_SAMPLERS
 from diffusers_flat.training.models import PRESETS
@@ -137,7 +137,12 @@ def training_parser(description: str | None = None) -> OneLineArgumentParser:
     )
     # Flat-minima methods
     parser.add_argument("--sam_rho", type=float, default=0.0, help="SAM neighbourhood radius rho; 0 turns SAM off.")
-    parser.add_argument("--sam_adaptive", action="store_true", help="Adaptive SAM (ASAM): scale e by |w|.")
+    parser.add_argument(
+        "--sam_adaptive", action="store_true", help="Adaptive SAM (ASAM): scale e by |w| + eta on the weights."
+    )
+    parser.add_argument(
+        "--asam_eta", type=float, default=None, help=f"ASAM's offset eta of |w| (default {ASAM_ETA}, ASAM's)."
+    )
     parser.add_argument(
         "--sam_ascent",
         type=str,
@@ -262,6 +267,8 @@ def check_sam_mode(args: argparse.Namespace) -> None:
         raise UsageError(
             f"--sam_mode momentum reads Adam's first moment: --adam_beta1 must be > 0, got {args.adam_beta1}"
         )
+    if args.asam_eta is not None and not (args.sam_adaptive and args.asam_eta >= 0):
+        raise UsageError(f"--asam_eta must be >= 0 and comes with --sam_adaptive (ASAM), got {args.asam_eta}")
     if args.sam_adaptive and args.sam_mode in ("momentum", "random"):
         raise UsageError(f"--sam_adaptive scales SAM's ascent, which --sam_mode {args.sam_mode} does not take")
     if args.sam_ascent == "local" and args.sam_mode not in ("full", "every", "late"):
