@@ -209,9 +209,10 @@ class Reuse:
         study: the other study's file.
         report: the other study's report.json, which holds every run's evaluation results.
         runs: method -> the seeds read from the report.
+        results: the report's evaluation results, row -> seed -> result (read once, when the study file loads).
 
     Example:
-        >>> reuse = Reuse(Path("other.yaml"), Path("report.json"), {"ADM": (2, 3)})
+        >>> reuse = Reuse(Path("other.yaml"), Path("report.json"), {"ADM": (2, 3)}, {})
         >>> reuse.covers(Run("ADM", 2, ())), reuse.covers(Run("ADM", 1, ()))
         (True, False)
     """
@@ -219,15 +220,11 @@ class Reuse:
     study: Path
     report: Path
     runs: dict[str, tuple[int, ...]]
+    results: dict[str, dict[int, dict]]
 
     def covers(self, run: Run) -> bool:
         """Whether `run` is one of the reused runs (never a tuning or teacher run)."""
         return not run.tag and run.seed in self.runs.get(run.method, ())
-
-    def results(self) -> dict[str, dict[int, dict]]:
-        """The other study's evaluation results: row -> seed -> result."""
-        rows = json.loads(self.report.read_text())["results"]
-        return {row: {int(seed): result for seed, result in seeds.items()} for row, seeds in rows.items()}
 
 
 @dataclass(frozen=True)
@@ -253,6 +250,10 @@ class FractionKept:
     @property
     def level(self) -> str:
         return f"{self.bits}-bit {self.granularity}"
+
+    def others(self, methods) -> list[str]:
+        """The methods measured against `of`: all but ADM and `of`."""
+        return [m for m in methods if m not in ("ADM", self.of)]
 
 
 @dataclass(frozen=True)
@@ -580,7 +581,8 @@ def _load_reuse(study: Study, data) -> Reuse | None:
             missing = [seed for seed in seeds if str(seed) not in results.get(row, {})]
             if missing:
                 raise fail(f"report {report} has no result of row {row} at seed {missing[0]}")
-    return Reuse(other.path, report, {method: tuple(seeds) for method, seeds in runs.items()})
+    results = {row: {int(seed): result for seed, result in seeds.items()} for row, seeds in results.items()}
+    return Reuse(other.path, report, {method: tuple(seeds) for method, seeds in runs.items()}, results)
 
 
 def _load_fraction_kept(path: Path, data, methods: dict) -> FractionKept | None:
@@ -590,19 +592,19 @@ def _load_fraction_kept(path: Path, data, methods: dict) -> FractionKept | None:
         raise StudyError(
             f"study {path}: fraction_kept must be a mapping with keys {', '.join(FRACTION_KEYS)}", "study"
         )
-    others = [m for m in methods if m not in ("ADM", data["of"])]
-    if "ADM" not in methods or data["of"] not in methods or not others:
+    fraction = FractionKept(data["of"], data["granularity"], data["bits"])
+    if "ADM" not in methods or fraction.of not in methods or not fraction.others(methods):
         raise StudyError(
             f"study {path}: fraction_kept.of must be a method of the study other than ADM, with ADM and at least one "
-            f"more method beside it, got {data['of']}",
+            f"more method beside it, got {fraction.of}",
             "study",
         )
-    if data["granularity"] not in ("per_tensor", "per_channel") or type(data["bits"]) is not int:
+    if fraction.granularity not in ("per_tensor", "per_channel") or type(fraction.bits) is not int:
         raise StudyError(
             f"study {path}: fraction_kept.granularity must be per_tensor or per_channel and bits a whole number",
             "study",
         )
-    return FractionKept(data["of"], data["granularity"], data["bits"])
+    return fraction
 
 
 def _check_flags(path: Path, key: str, flags) -> None:

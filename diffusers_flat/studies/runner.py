@@ -245,7 +245,7 @@ class StudyRunner:
         logged under `--flatness_every`, as "flatness_series")."""
         results: Results = {}
         reuse = self.study.reuse
-        reused = reuse.results() if reuse else {}
+        reused = reuse.results if reuse else {}
         for run in self.study.runs():
             for variant in self.study.variants:
                 row = row_name(run.method, variant)
@@ -300,8 +300,8 @@ class StudyRunner:
             settings["generalization"] = {**dataclasses.asdict(study.generalization), "training": list(study.training)}
         if study.fraction_kept:
             f = study.fraction_kept
-            others = [m for m in study.methods if m not in ("ADM", f.of)]
-            settings["fraction_kept"] = {"of": f.of, "methods": others, "granularity": f.granularity, "bits": f.bits}
+            settings["fraction_kept"] = {"of": f.of, "methods": f.others(study.methods), "granularity": f.granularity}
+            settings["fraction_kept"]["bits"] = f.bits
         if study.reuse:
             settings["reuse"] = {"study": str(study.reuse.study), "report": str(study.reuse.report)}
             settings["reuse"].update(runs=study.reuse.runs, reproduction=self.reproduction())
@@ -315,7 +315,7 @@ class StudyRunner:
         """The check that reused runs reproduce: for each reused method and variant, its first seed's results here
         (trained again) and in the other study's report, side by side."""
         study, reuse = self.study, self.study.reuse
-        seed, there = study.seeds[0], reuse.results()
+        seed, there = study.seeds[0], reuse.results
         rows = []
         for method in reuse.runs:
             run = next(r for r in study.runs() if r.method == method and r.seed == seed)
