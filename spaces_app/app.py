@@ -29,7 +29,7 @@ from huggingface_hub import snapshot_download
 from diffusers_flat.metrics.quantization_sensitivity import ddim_images
 from diffusers_flat.quantization import GRANULARITIES, quantize_for_deployment, quantize_weights_
 from diffusers_flat.run_directory import RunDirectory, hub_download_patterns
-from diffusers_flat.utils.sampling import image_grid, sample_images
+from diffusers_flat.utils.sampling import image_grid, sample_images, to_uint8
 
 # The default: the flat and the sharp model shipped beside the app (the Fashion-MNIST study's ADM and SAM, one seed).
 SHIPPED = sorted(str(p) for p in (Path(__file__).parent / "models").glob("*") if (p / "model_index.json").is_file())
@@ -190,7 +190,7 @@ def compare_models(bits, granularity: str, seed, steps, num_images):
         quantized = ddim_images(load_unet(name, level), scheduler, num_images, steps, seed)
         moved = float((quantized - fp32).abs().mean())
         for images, caption in ((fp32, f"{name} · fp32"), (quantized, f"{name} · {level}: moved {moved:.2f} pixels")):
-            grid = image_grid(np.round(images.numpy().transpose(0, 2, 3, 1)).astype(np.uint8))
+            grid = image_grid(to_uint8(images).numpy().transpose(0, 2, 3, 1))
             gallery.append((grid, caption))
         lines.append(f"| {name} | {moved:.2f} |")
     real_int8 = " (the real int8 path)" if level == INT8 else ""

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from diffusers_flat.errors import FlatError
 from diffusers_flat.metrics.fid import InceptionFeatures
+from diffusers_flat.utils.sampling import to_uint8
 from diffusers_flat.utils.seeding import sampling_generator
 
 SOLVERS = ("ddim", "dpm-solver++")
@@ -117,7 +118,7 @@ def pixels_or_features(images: torch.Tensor, descriptor: str, inception: Incepti
         return flat / flat.norm(dim=1, keepdim=True).clamp(min=1e-12)  # x / ||x||; an all-zero image stays 0
     if descriptor == "identity":
         return flat
-    as_uint8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    as_uint8 = to_uint8((images + 1) * 127.5)
     device = next(iter([*inception.parameters(), *inception.buffers()]), as_uint8).device
     return inception(as_uint8.to(device)).double().cpu()
 

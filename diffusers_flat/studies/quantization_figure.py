@@ -15,7 +15,7 @@ from diffusers_flat.evaluation.plots import plot_quantized_samples
 from diffusers_flat.metrics.quantization_sensitivity import ddim_images
 from diffusers_flat.quantization import quantize_weights_
 from diffusers_flat.studies.claims import ladder_point, paired_interval
-from diffusers_flat.utils.sampling import image_grid
+from diffusers_flat.utils.sampling import image_grid, to_uint8
 
 
 def largest_gap(results: dict[str, dict[int, dict]], comparisons: list[tuple[str, str]]) -> tuple[str, str, str, str]:
@@ -71,7 +71,7 @@ def write_quantization_figure(
         fp32 = ddim_images(unet, pipeline.scheduler, num_samples, steps, seed)
         moved = ddim_images(quantized, pipeline.scheduler, num_samples, steps, seed)
         displacement[label] = float((moved - fp32).abs().mean())
-        as_uint8 = [np.round(x.numpy().transpose(0, 2, 3, 1)).astype(np.uint8) for x in (fp32, moved)]
+        as_uint8 = [to_uint8(x).numpy().transpose(0, 2, 3, 1) for x in (fp32, moved)]
         panels[label] = (image_grid(as_uint8[0]), image_grid(as_uint8[1]), displacement[label])
     plot_quantized_samples(panels, f"{bits}-bit {granularity}", steps, path)
     return displacement

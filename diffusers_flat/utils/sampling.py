@@ -23,8 +23,8 @@ def sample_images(
     show_progress: bool = True,
     first_index: int = 0,
 ) -> np.ndarray:
-    """`num_images` DDPM samples as uint8 NHWC, drawn with `num_inference_steps` respaced ancestral steps: the images
-    numbered `first_index`, ..., `first_index + num_images - 1` of the stream that `seed` defines.
+    """`num_images` DDPM samples as uint8 NHWC (`to_uint8`), drawn with `num_inference_steps` respaced ancestral
+    steps: the images numbered `first_index`, ..., `first_index + num_images - 1` of the stream that `seed` defines.
 
     Image i draws all its noise from a CPU generator of its own, seeded from (seed, i), and the noise is moved to the
     UNet's device: the same image whatever the batch size, the device, or the share of the indices a process
@@ -41,11 +41,23 @@ def sample_images(
         # diffusers draws sample k of the batch from generators[k], for x_T and for every step's noise
         generators = [sampling_generator(seed, i) for i in indices]
         output = pipeline(
-            batch_size=len(indices), generator=generators, num_inference_steps=num_inference_steps, output_type="np"
+            batch_size=len(indices), generator=generators, num_inference_steps=num_inference_steps, output_type="pt"
         )
-        batches.append(np.round(output.images * 255).astype(np.uint8))
+        batches.append(to_uint8(output.images * 255).permute(0, 2, 3, 1).cpu().numpy())  # images: x / 2 + 0.5
     unet.train(was_training)
     return np.concatenate(batches)
+
+
+def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """8-bit images from pixel values on the 0-255 scale, truncated as guided-diffusion does it
+    (`((x + 1) * 127.5).clamp(0, 255).to(torch.uint8)`, a floor), not rounded: every sample that becomes an image (FID,
+    KID, memorization, PFD's Inception features, the pictures) follows the convention of the tables we compare with.
+
+    Example:
+        >>> to_uint8(torch.tensor([-3.0, 0.4, 0.6, 254.9, 300.0])).tolist()
+        [0, 0, 0, 254, 255]
+    """
+    return pixels.clamp(0, 255).to(torch.uint8)
 
 
 def image_grid(images: np.ndarray, min_cell: int = 64, padding: int = 2) -> Image.Image:
