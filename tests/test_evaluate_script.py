@@ -17,6 +17,11 @@ from PIL import Image
 from scipy import linalg
 from sklearn.datasets import load_digits
 
+from diffusers_flat.evaluation.real_images import load_real_images
+from diffusers_flat.metrics.empirical_score import EmpiricalDenoiser, find_collapse_sigma
+from diffusers_flat.metrics.pfd import pfd
+from diffusers_flat.run_directory import RunDirectory
+
 
 def pooled(images: np.ndarray) -> np.ndarray:
     """The same features, by hand in numpy, from uint8 NHWC 8x8x1 images."""
@@ -237,6 +242,45 @@ def test_pfd_against_the_empirical_denoiser_of_the_training_set(two_models, tmp_
     assert 0 < result["pfd"]["pfd"] < float("inf") and result["pfd"]["num_noises"] == 4
 
 
+def test_pfd_against_the_paper_s_smoothed_empirical_score_of_the_training_set(two_models, tmp_path):
+    out = tmp_path / "eval"
+    argv = ["--model_path", two_models[0], "--metrics", "pfd", "--pfd_reference", "smoothed", "--pfd_neighbours", 3]
+    argv += ["--pfd_noises", 4, "--pfd_steps", 5, "--output_dir", out]
+    evaluate_flat.main(evaluate_flat.parse_args(list(map(str, argv))))
+    result = json.loads((out / "eval_results.json").read_text())["adm"]
+
+    # The reference built here from its parts: the training images as the model saw them, sigma_c where the plain
+    # denoiser's estimates collapse onto them, T_t = max(sigma_c / sigma_t, 1), the 3 nearest images.
+    pipeline = DDPMPipeline.from_pretrained(two_models[0])
+    record = RunDirectory(two_models[0]).read_record()
+    real = load_real_images(record.data, pipeline.unet.config.sample_size, pipeline.unet.config.in_channels)
+    images = real.training_images().tensors
+    sigma_c = find_collapse_sigma(images, pipeline.scheduler)["collapse_sigma"]
+    assert sigma_c is not None and result["pfd_smoothing"] == {"collapse_sigma": sigma_c, "neighbours": 3}
+    reference = EmpiricalDenoiser.from_training_set(
+        images, pipeline.scheduler, tempering="collapse", collapse_sigma=sigma_c, neighbours=3
+    )
+    expected = pfd(pipeline.unet, reference, pipeline.scheduler.config, num_noises=4, steps=5)
+    assert result["pfd_reference"] == "smoothed"
+    assert result["pfd"]["pfd"] == pytest.approx(expected["pfd"], rel=1e-5)
+    table = (out / "results.md").read_text()
+    assert (
+        f"the smoothed empirical score of its training set (collapse level sigma_c {sigma_c:.3g}, 3 nearest" in table
+    )
+
+
+def test_a_noise_unconditional_model_against_the_smoothed_score_is_one_line(two_models, tmp_path, capsys):
+    blind = shutil.copytree(two_models[0], tmp_path / "blind")
+    record = json.loads((blind / "training_args.json").read_text())
+    (blind / "training_args.json").write_text(json.dumps({**record, "noise_unconditional": True}))
+    argv = ["--model_path", blind, "--metrics", "pfd", "--pfd_reference", "smoothed", "--output_dir", tmp_path / "out"]
+    status, stderr = run_cli(evaluate_flat, argv, capsys)
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert status != 0 and len(errors) == 1, stderr[-2000:]
+    assert "--pfd_reference smoothed: blind is blind to the noise level; compare it with 'empirical'" in errors[0]
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -259,11 +303,11 @@ def test_pfd_against_the_empirical_denoiser_of_the_training_set(two_models, tmp_
         (["--model_path", "{adm}", "--fid_dtype", "float16"], "argument --fid_dtype: invalid choice: 'float16'"),
         (
             ["--model_path", "{adm}", "--metrics", "pfd"],
-            "--pfd_reference: the pfd metric needs a pipeline directory or 'empirical'",
+            "--pfd_reference: the pfd metric needs a pipeline directory, 'empirical' or 'smoothed'",
         ),
         (
             ["--model_path", "{adm}", "--metrics", "pfd", "--pfd_reference", "{tmp}"],
-            "--pfd_reference {tmp}: neither 'empirical' nor a pipeline directory with raw weights",
+            "--pfd_reference {tmp}: neither 'empirical', 'smoothed' nor a pipeline directory with raw weights",
         ),
         (
             ["--model_path", "{adm}", "--metrics", "pfd", "--pfd_reference", "{big}"],

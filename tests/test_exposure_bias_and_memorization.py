@@ -5,6 +5,9 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from helpers import MICRO_UNET
 
+from diffusers_flat.evaluation.real_images import RealImages
+from diffusers_flat.evaluation.registry import METRICS, Evaluation, MetricInputs
+from diffusers_flat.evaluation.settings import EvaluationSettings
 from diffusers_flat.metrics.exposure_bias import exposure_bias
 from diffusers_flat.metrics.memorization import memorization_ratio
 
@@ -45,3 +48,26 @@ def test_near_copies_count_and_nearest_is_right():
     assert result["memorized"] == [True, True, False, False]
     assert result["nearest"][:2] == [3, 7]
     assert result["memorization_ratio"] == 0.5
+
+
+def test_the_data_s_own_memorization_ratio_is_measured_on_held_out_images():
+    rng = np.random.default_rng(2)
+    pixels = rng.integers(0, 256, (20, 8, 8, 1)).astype(np.uint8)
+    training = np.arange(10)  # the model trained on the first 10
+    # 12 held-out images: 3 near-copies of training images (one pixel level off), 9 unrelated
+    held_out = np.concatenate([np.clip(pixels[[1, 4, 8]].astype(int) + 1, 0, 255), pixels[10:19]]).astype(np.uint8)
+    tensors = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+    real = RealImages(pixels, tensors, {}, training=training, held_out=held_out)
+    samples = pixels[:12]  # 12 samples: 10 copies of training images, 2 of unseen ones
+    settings = EvaluationSettings(metrics=("memorization",))
+    inputs = MetricInputs(None, DDPMScheduler(), real, settings, Evaluation({}, samples={20: samples}))
+    METRICS["memorization"](inputs)
+    memo = inputs.evaluation.result["memorization"]
+    assert memo["memorization_ratio"] == 10 / 12 and memo["num_training"] == 10
+    assert memo["held_out_ratio"] == 3 / 12  # all 12 held-out images drawn: the 3 near-copies count
+
+    without = MetricInputs(
+        None, DDPMScheduler(), RealImages(pixels, tensors, {}), settings, Evaluation({}, {20: samples})
+    )
+    METRICS["memorization"](without)
+    assert without.evaluation.result["memorization"]["held_out_ratio"] is None  # no held-out split: not measured

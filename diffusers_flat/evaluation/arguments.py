@@ -90,8 +90,14 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     parser.add_argument(
         "--pfd_reference",
         default=None,
-        help="The pfd metric's reference: a pipeline directory (E_gen against a teacher) or 'empirical' (E_mem: the "
-        "empirical denoiser of the model's training set).",
+        help="The pfd metric's reference: a pipeline directory (E_gen against a teacher), 'empirical' (E_mem: the "
+        "empirical denoiser of the model's training set) or 'smoothed' (the paper's smoothed empirical score of it).",
+    )
+    parser.add_argument(
+        "--pfd_neighbours",
+        type=int,
+        default=DEFAULTS.pfd_neighbours,
+        help="K nearest training images of the 'smoothed' reference (the paper's 30; all of them when fewer).",
     )
     parser.add_argument("--pfd_reference_variant", default="raw", help="Which weights of a --pfd_reference directory.")
     parser.add_argument("--pfd_noises", type=int, default=DEFAULTS.pfd_noises, help="Shared starting noises of PFD.")

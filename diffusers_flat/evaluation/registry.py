@@ -15,7 +15,7 @@ from diffusers import DDPMScheduler
 
 from diffusers_flat.errors import FlatError
 from diffusers_flat.evaluation.real_images import RealImages
-from diffusers_flat.metrics.empirical_score import EmpiricalDenoiser
+from diffusers_flat.metrics.empirical_score import EmpiricalDenoiser, find_collapse_sigma
 from diffusers_flat.metrics.exposure_bias import ExposureBiasResult, exposure_bias
 from diffusers_flat.metrics.fid import FID, KIDResult
 from diffusers_flat.metrics.flatness import (
@@ -66,7 +66,8 @@ class EvaluationResult(TypedDict, total=False):
     exposure_bias: ExposureBiasResult
     memorization: MemorizationResult
     pfd: PFDResult  # against pfd_reference
-    pfd_reference: str  # a pipeline directory or "empirical"
+    pfd_reference: str  # a pipeline directory, "empirical" or "smoothed"
+    pfd_smoothing: dict  # "smoothed": the collapse level sigma_c (None: no collapse) and the neighbours K it used
     sensitivity: SensitivityResult  # the quantization ladder
 
 
@@ -182,10 +183,16 @@ def measure_exposure_bias(m: MetricInputs) -> None:
 
 
 def measure_memorization(m: MetricInputs) -> None:
-    samples = m.evaluation.samples
-    memo = memorization_ratio(samples[max(samples)], m.training.uint8)
+    """The memorization ratio of the samples of the largest T' against the training images, beside the data's own:
+    the ratio of as many held-out real images (a random draw of the held-out split) against the same images."""
+    samples = m.evaluation.samples[max(m.evaluation.samples)]
+    memo = memorization_ratio(samples, m.training.uint8)
+    held_out = m.real.held_out
+    if held_out is not None:
+        drawn = held_out[np.random.default_rng(m.settings.seed).permutation(len(held_out))[: len(samples)]]
+        memo["held_out_ratio"] = memorization_ratio(drawn, m.training.uint8)["memorization_ratio"]
     m.evaluation.nearest = memo["nearest"]
-    m.evaluation.result["memorization"] = {k: memo[k] for k in MemorizationResult.__annotations__}
+    m.evaluation.result["memorization"] = {k: memo.get(k) for k in MemorizationResult.__annotations__}
 
 
 def measure_sensitivity(m: MetricInputs) -> None:
@@ -193,6 +200,10 @@ def measure_sensitivity(m: MetricInputs) -> None:
     s = m.settings
     ladder = (s.ladder, s.ladder_granularities, s.ladder_samples, s.ladder_steps, s.seed, s.batch_size)
     m.evaluation.result["sensitivity"] = quantization_sensitivity(m.model, m.scheduler, m.loss, *ladder)
+
+
+# pfd_reference values that name a closed-form reference built from the model's own training images
+EMPIRICAL_REFERENCES = ("empirical", "smoothed")
 
 
 def empirical_reference(
@@ -211,10 +222,28 @@ def empirical_reference(
     return denoiser.to(device)
 
 
+def smoothed_reference(
+    real: RealImages, scheduler: DDPMScheduler, device: str | torch.device, neighbours: int = 30
+) -> tuple[EmpiricalDenoiser, float | None]:
+    """The paper's smoothed empirical score of the images a model trained on (arXiv 2601.19285): tempered as
+    T_t = max(sigma_c / sigma_t, 1) below the collapse level sigma_c that `find_collapse_sigma` finds for these
+    images, the softmax over the `neighbours` nearest (all of them when fewer), in pixels. Returns it and sigma_c;
+    where the plain denoiser never collapses (sigma_c None) there is nothing to temper and T = 1 throughout."""
+    images = real.training_images().tensors
+    sigma_c = find_collapse_sigma(images, scheduler)["collapse_sigma"]
+    tempering = {"tempering": "collapse", "collapse_sigma": sigma_c} if sigma_c else {}
+    k = min(neighbours, len(images))
+    denoiser = EmpiricalDenoiser.from_training_set(images, scheduler, neighbours=k, **tempering)
+    return denoiser.to(device), sigma_c
+
+
 def measure_pfd(m: MetricInputs) -> None:
-    s, reference = m.settings, m.reference
+    s, reference, smoothing = m.settings, m.reference, {}
     if s.pfd_reference == "empirical" and reference is None:  # E_mem: the training set's own denoiser at T = 1
         reference = empirical_reference(m.real, m.scheduler, m.model.device)
+    elif s.pfd_reference == "smoothed" and reference is None:
+        reference, sigma_c = smoothed_reference(m.real, m.scheduler, m.model.device, s.pfd_neighbours)
+        smoothing = {"collapse_sigma": sigma_c, "neighbours": reference.config.neighbours}
     elif reference is None:
         raise FlatError(f"reference: pass the model of pfd_reference {s.pfd_reference}", "reference")
     inception = m.fid.features if s.pfd_descriptor == "inception" else None
@@ -231,6 +260,8 @@ def measure_pfd(m: MetricInputs) -> None:
         inception,
     )
     m.evaluation.result["pfd_reference"] = s.pfd_reference
+    if smoothing:
+        m.evaluation.result["pfd_smoothing"] = smoothing
 
 
 # name -> what measures it. Adding a metric is one entry here (and its fields in EvaluationSettings/EvaluationResult).

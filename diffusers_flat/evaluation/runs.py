@@ -16,7 +16,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers_flat.errors import FlatError
 from diffusers_flat.evaluation.evaluate import evaluate, resolve_device, set_fid_reference
 from diffusers_flat.evaluation.real_images import RealImages, load_real_images
-from diffusers_flat.evaluation.registry import EvaluationResult, empirical_reference
+from diffusers_flat.evaluation.registry import EMPIRICAL_REFERENCES, EvaluationResult, empirical_reference
 from diffusers_flat.evaluation.report import write_comparison, write_model_report
 from diffusers_flat.evaluation.settings import EvaluationSettings
 from diffusers_flat.metrics.fid import FID, feature_network
@@ -35,13 +35,13 @@ def load_reference(
     if not {"pfd", "sensitivity"} & set(settings.metrics):
         return None
     reference, where = None, settings.pfd_reference
-    if "pfd" in settings.metrics and where != "empirical":
+    if "pfd" in settings.metrics and where not in EMPIRICAL_REFERENCES:
         try:
             path = RunDirectory(where).require_pipeline(reference_variant, "pfd_reference")
         except FlatError as err:
             raise FlatError(
-                f"pfd_reference {where}: neither 'empirical' nor a pipeline directory with {reference_variant} "
-                f"weights ({err})",
+                f"pfd_reference {where}: neither 'empirical', 'smoothed' nor a pipeline directory with "
+                f"{reference_variant} weights ({err})",
                 "pfd_reference",
             ) from None
         reference = DDPMPipeline.from_pretrained(path).to(device)
@@ -53,6 +53,12 @@ def load_reference(
             check_steps(settings.ladder_steps, "ddim", train_steps, "ladder_steps")
         if "pfd" in settings.metrics:
             check_steps(settings.pfd_steps, settings.pfd_solver, train_steps)
+            if where == "smoothed" and run.read_record().noise_unconditional:
+                raise FlatError(
+                    f"pfd_reference smoothed: {name} is blind to the noise level; compare it with 'empirical' (the "
+                    "noise-unconditional mixture)",
+                    "pfd_reference",
+                )
         if reference is None:
             continue
         config = UNet2DModel.load_config(model, subfolder="unet")
@@ -146,7 +152,7 @@ def evaluate_runs(
         if fid is not None and main_process:
             set_fid_reference(fid, real, settings, cache_dir or out / "fid_cache")
         against = reference.unet if reference else None
-        if "pfd" in settings.metrics and settings.pfd_reference == "empirical" and record.noise_unconditional:
+        if "pfd" in settings.metrics and settings.pfd_reference in EMPIRICAL_REFERENCES and record.noise_unconditional:
             # a model trained blind to the noise level is compared with the empirical denoiser blind to it too
             against = empirical_reference(real, pipeline.scheduler, device, noise_unconditional=True)
         evaluation = evaluate(pipeline.unet, pipeline.scheduler, real, settings, fid, processes, against)

@@ -38,8 +38,10 @@ class EvaluationSettings:
         surface_extent: the loss surface spans [-extent, extent] along each direction.
         surface_resolution: points per axis of the loss surface.
         exposure_samples: sampling chains (and real images) of the exposure-bias measurement.
-        pfd_reference: the pfd metric's reference: a pipeline directory, or "empirical" (the training set's
-            empirical denoiser, E_mem).
+        pfd_reference: the pfd metric's reference: a pipeline directory, "empirical" (the training set's
+            empirical denoiser at T = 1, E_mem) or "smoothed" (the paper's smoothed empirical score of the training
+            set: tempered below its collapse noise level, over the `pfd_neighbours` nearest images).
+        pfd_neighbours: K of the "smoothed" reference (the paper's 30), at most the training images.
         pfd_noises: the shared starting noises of PFD.
         pfd_steps: the PF-ODE solver's steps.
         pfd_solver: "ddim" (eta = 0) or "dpm-solver++".
@@ -76,6 +78,7 @@ class EvaluationSettings:
     surface_resolution: int = 9
     exposure_samples: int = 128
     pfd_reference: str | None = None
+    pfd_neighbours: int = 30
     pfd_noises: int = 1000
     pfd_steps: int = 50
     pfd_solver: str = "ddim"
@@ -171,7 +174,11 @@ def evaluation_work(s: EvaluationSettings) -> tuple[int, int]:
 
 def check_pfd_settings(s: EvaluationSettings) -> None:
     if not s.pfd_reference:
-        raise FlatError("pfd_reference: the pfd metric needs a pipeline directory or 'empirical'", "pfd_reference")
+        raise FlatError(
+            "pfd_reference: the pfd metric needs a pipeline directory, 'empirical' or 'smoothed'", "pfd_reference"
+        )
+    if s.pfd_neighbours < 1:
+        raise FlatError(f"pfd_neighbours must be >= 1, got {s.pfd_neighbours}", "pfd_neighbours")
     if s.pfd_solver not in SOLVERS:
         raise FlatError(f"pfd_solver must be one of {', '.join(SOLVERS)}, got {s.pfd_solver!r}", "pfd_solver")
     if s.pfd_descriptor not in DESCRIPTORS:

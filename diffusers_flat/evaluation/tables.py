@@ -34,7 +34,15 @@ def results_table(results: dict[str, dict], steps: list[int]) -> str:
     for name, r in results.items():
         if "pfd" in r:
             p, against = r["pfd"], r["pfd_reference"]
-            against = "the empirical denoiser of its training set (E_mem)" if against == "empirical" else against
+            if against == "smoothed":
+                smoothing, sigma_c = r["pfd_smoothing"], r["pfd_smoothing"]["collapse_sigma"]
+                sigma_c = "no collapse" if sigma_c is None else f"{sigma_c:.3g}"
+                against = (
+                    f"the smoothed empirical score of its training set (collapse level sigma_c {sigma_c}, "
+                    f"{smoothing['neighbours']} nearest images)"
+                )
+            elif against == "empirical":
+                against = "the empirical denoiser of its training set (E_mem)"
             line = f"PFD of {name} against {against}: {p['num_noises']} shared noises, {p['solver']} in {p['steps']} "
             line += f"steps, on {p['descriptor']}"
             if "outside" in p:  # evaluations before flows were clamped do not have it

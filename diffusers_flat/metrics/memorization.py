@@ -32,6 +32,8 @@ class MemorizationResult(TypedDict):
     num_generated: int
     num_training: int
     threshold: float
+    # the data's own ratio: as many held-out real images against the same training images (None: no held-out split)
+    held_out_ratio: float | None
 
 
 def memorization_ratio(generated: np.ndarray, training: np.ndarray, threshold: float = 1 / 3) -> dict:

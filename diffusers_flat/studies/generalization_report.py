@@ -30,6 +30,7 @@ def _measures(steps: str | None) -> dict[str, Callable[[dict], float]]:
         "E_gen": lambda r: r["pfd_teacher"]["pfd"],
         "E_mem": lambda r: r["pfd"]["pfd"],
         "memorization": lambda r: r["memorization"]["memorization_ratio"],
+        "held-out data's memorization": lambda r: r["memorization"]["held_out_ratio"],
     }
     if steps is not None:
         measures[f"KID x10³ (T'={steps})"] = lambda r: 1e3 * r["kid"][steps]["mean"]
@@ -117,14 +118,23 @@ def write_generalization_report(collected: dict, settings: dict, out: str | os.P
         cells += [detectable_cell(c["interval"]), f"**{c['verdict']}**"]
         claim_lines.append("| " + " | ".join(cells) + " |")
     teacher = collected.get("teacher")
+    flags = settings.get("evaluation", [])
+    smoothed = ("--pfd_reference", "smoothed") in zip(flags, flags[1:])
+    e_mem = (
+        "the paper's smoothed empirical score of its subset (tempered below the subset's collapse noise level, over "
+        "its nearest images)"
+        if smoothed
+        else "the empirical denoiser of its subset at T = 1"
+    )
     sections = [
         "# Generalization study report",
         f"Study {settings.get('study')}: students trained on nested random subsets of the data "
         f"({', '.join(map(str, g.get('subsets', [])))} images; training flags `{' '.join(g.get('training', []))}`), "
         f"a teacher ({g.get('teacher_method')}, seed {g.get('teacher_seed')}) trained on all of it. E_gen = "
-        "PFD(student, teacher), E_mem = PFD(student, the empirical denoiser of its subset at T = 1), both on pixels "
-        "in [-1, 1] from shared starting noise (`--pfd_*` flags below); the memorization ratio against the "
-        "student's own subset; KID and FID against the whole dataset. Evaluation flags: "
+        f"PFD(student, teacher), E_mem = PFD(student, {e_mem}), both from shared starting noise (`--pfd_*` flags "
+        "below; the descriptor by default pixels scaled to unit norm); the memorization ratio against the student's "
+        "own subset, beside the held-out data's own ratio against it where the dataset has a held-out split; KID "
+        "and FID against the held-out split (else the whole dataset). Evaluation flags: "
         f"`{' '.join(settings.get('evaluation', []))}`; E_gen: `{' '.join(g.get('teacher_evaluation', []))}`.",
         "## Students (mean ± standard deviation over seeds)",
         "\n".join(lines),
