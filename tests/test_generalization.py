@@ -251,6 +251,25 @@ def test_the_shipped_generalization_study_checks_and_costs_what_a_hand_count_say
     assert g.subsets == (32, 128, 512, 1797) and g.teacher_seed == 0 and g.noise_unconditional
 
 
+def test_the_memorization_sweep_checks_and_costs_what_a_hand_count_says(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    argv = ["--study", "studies/fashion-mnist-memorization-sweep.yaml", "--output_dir", str(tmp_path), "--dry_run"]
+    run_study.main(run_study.parse_args(argv))
+    printed = capsys.readouterr().out
+    # trainings: the teacher (2,000 steps) and 3 subsets x (2,000 + 8,000); evaluations: 7 pipelines and 6 students
+    # against the teacher. Forwards: each pipeline 100 samples x 20 steps + PFD 2 x 200 x 20 = 10,000 (x 7), E_gen
+    # 8,000 (x 6) = 118,000; InceptionV3: 100 x 7.
+    assert "7 trainings and 13 evaluations (shard 1/1)" in printed
+    assert (
+        "work: 32,000 training steps and 0 SAM steps (two passes each); 118,000 UNet image-forwards of evaluation "
+        "(sampling steps and loss terms) and 700 generated images" in printed
+    )
+    study = Study.load(REPO / "studies" / "fashion-mnist-memorization-sweep.yaml")
+    assert study.generalization.subsets == (32, 128, 512) and ("--pfd_reference", "smoothed") in zip(
+        study.evaluation, study.evaluation[1:]
+    )
+
+
 @pytest.mark.slow
 def test_a_shard_whose_students_wait_for_another_shards_teacher_says_so(tmp_path, capsys, pooled_inception):
     # runs: adm-teacher-seed0, adm-nu-n16-seed0, then the 8 students; shard 3/10 holds adm-n16-seed1 only
