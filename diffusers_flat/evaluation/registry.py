@@ -231,7 +231,7 @@ def smoothed_reference(
     where the plain denoiser never collapses (sigma_c None) there is nothing to temper and T = 1 throughout."""
     images = real.training_images().tensors
     sigma_c = find_collapse_sigma(images, scheduler)["collapse_sigma"]
-    tempering = {"tempering": "collapse", "collapse_sigma": sigma_c} if sigma_c else {}
+    tempering = {"tempering": "collapse", "collapse_sigma": sigma_c} if sigma_c is not None else {}
     k = min(neighbours, len(images))
     denoiser = EmpiricalDenoiser.from_training_set(images, scheduler, neighbours=k, **tempering)
     return denoiser.to(device), sigma_c
