@@ -233,41 +233,41 @@ def test_a_micro_generalization_study_end_to_end(tmp_path, pooled_inception):
     assert {p: p.stat().st_mtime_ns for p in finished} == finished and len(finished) == 2 * 8 + 2 + 3 + 1
 
 
-def test_the_shipped_generalization_study_checks_and_costs_what_a_hand_count_says(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    ("study", "counts", "work", "subsets"),
+    [
+        # trainings: the teacher (855 steps), the noise-unconditional student and 3 seeds x 4 subsets x ADM (300
+        # each), 3 x 4 x SAM (300 each). Evaluations: 26 pipelines, 25 students against the teacher, 6 empirical
+        # denoisers. Forwards: each pipeline 100 samples x 20 steps + PFD 2 x 200 noises x 20 steps = 10,000 (x 26);
+        # E_gen 8,000 (x 25); the sweep 100 x 20 (x 6) = 472,000. InceptionV3: 100 x (26 + 6).
+        (
+            "digits-generalization.yaml",
+            "26 trainings and 57 evaluations",
+            "work: 4,755 training steps and 3,600 SAM steps (two passes each); 472,000 UNet image-forwards of "
+            "evaluation (sampling steps and loss terms) and 3,200 generated images",
+            (32, 128, 512, 1797),
+        ),
+        # trainings: the teacher (2,000 steps) and 3 subsets x (2,000 + 8,000); evaluations: 7 pipelines and 6
+        # students against the teacher. Forwards: each pipeline 100 x 20 + PFD 2 x 200 x 20 = 10,000 (x 7), E_gen
+        # 8,000 (x 6) = 118,000; InceptionV3: 100 x 7.
+        (
+            "fashion-mnist-memorization-sweep.yaml",
+            "7 trainings and 13 evaluations",
+            "work: 32,000 training steps and 0 SAM steps (two passes each); 118,000 UNet image-forwards of "
+            "evaluation (sampling steps and loss terms) and 700 generated images",
+            (32, 128, 512),
+        ),
+    ],
+)
+def test_the_shipped_generalization_studies_check_and_cost_what_a_hand_count_says(
+    study, counts, work, subsets, tmp_path, capsys, monkeypatch
+):
     monkeypatch.chdir(REPO)
-    argv = ["--study", "studies/digits-generalization.yaml", "--output_dir", str(tmp_path), "--dry_run"]
-    run_study.main(run_study.parse_args(argv))
+    run_study.main(run_study.parse_args(["--study", f"studies/{study}", "--output_dir", str(tmp_path), "--dry_run"]))
     printed = capsys.readouterr().out
-    # trainings: the teacher (855 steps), the noise-unconditional student and 3 seeds x 4 subsets x ADM (300 each),
-    # 3 x 4 x SAM (300 each). Evaluations: 26 pipelines, 25 students against the teacher, 6 empirical denoisers.
-    # Forwards: each pipeline 100 samples x 20 steps + PFD 2 x 200 noises x 20 steps = 10,000 (x 26); E_gen 8,000
-    # (x 25); the sweep 100 x 20 (x 6) = 472,000. InceptionV3: 100 x (26 + 6).
-    assert "26 trainings and 57 evaluations (shard 1/1)" in printed
-    assert (
-        "work: 4,755 training steps and 3,600 SAM steps (two passes each); 472,000 UNet image-forwards of evaluation "
-        "(sampling steps and loss terms) and 3,200 generated images" in printed
-    )
-    g = Study.load(REPO / "studies" / "digits-generalization.yaml").generalization
-    assert g.subsets == (32, 128, 512, 1797) and g.teacher_seed == 0 and g.noise_unconditional
-
-
-def test_the_memorization_sweep_checks_and_costs_what_a_hand_count_says(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(REPO)
-    argv = ["--study", "studies/fashion-mnist-memorization-sweep.yaml", "--output_dir", str(tmp_path), "--dry_run"]
-    run_study.main(run_study.parse_args(argv))
-    printed = capsys.readouterr().out
-    # trainings: the teacher (2,000 steps) and 3 subsets x (2,000 + 8,000); evaluations: 7 pipelines and 6 students
-    # against the teacher. Forwards: each pipeline 100 samples x 20 steps + PFD 2 x 200 x 20 = 10,000 (x 7), E_gen
-    # 8,000 (x 6) = 118,000; InceptionV3: 100 x 7.
-    assert "7 trainings and 13 evaluations (shard 1/1)" in printed
-    assert (
-        "work: 32,000 training steps and 0 SAM steps (two passes each); 118,000 UNet image-forwards of evaluation "
-        "(sampling steps and loss terms) and 700 generated images" in printed
-    )
-    study = Study.load(REPO / "studies" / "fashion-mnist-memorization-sweep.yaml")
-    assert study.generalization.subsets == (32, 128, 512) and ("--pfd_reference", "smoothed") in zip(
-        study.evaluation, study.evaluation[1:]
-    )
+    assert f"{counts} (shard 1/1)" in printed and work in printed
+    g = Study.load(REPO / "studies" / study).generalization
+    assert g.subsets == subsets and g.teacher_seed == 0
 
 
 @pytest.mark.slow
