@@ -38,11 +38,16 @@ def digits_8x8() -> np.ndarray:
     return np.round(load_digits().images * 255 / 16).astype(np.uint8)[..., None]
 
 
+def to_8bit(images: np.ndarray) -> np.ndarray:
+    """diffusers' [0, 1] images to uint8 by guided-diffusion's truncation."""
+    return np.floor(images * 255).astype(np.uint8)
+
+
 def plain_diffusers_samples(path, steps: int, count: int, seed: int = 0) -> np.ndarray:
     pipeline = DDPMPipeline.from_pretrained(path)
     generator = per_image_generators(count, seed)
     images = pipeline(batch_size=count, generator=generator, num_inference_steps=steps, output_type="np").images
-    return np.floor(images * 255).astype(np.uint8)  # guided-diffusion's 8-bit truncation; diffusers' [0, 1] images
+    return to_8bit(images)
 
 
 def test_two_models_get_json_table_and_every_plot(two_models, tmp_path, pooled_inception, capsys):
@@ -166,8 +171,8 @@ def test_quantized_fid_gives_table_4_plots_and_card(two_models, tmp_path, pooled
         images = pipeline(
             batch_size=100, generator=per_image_generators(100), num_inference_steps=2, output_type="np"
         ).images
-        expected[bits] = frechet(real, pooled(np.floor(images * 255).astype(np.uint8)))
-        displacement[bits] = np.abs(np.floor(images * 255) - fp32_images).mean()
+        expected[bits] = frechet(real, pooled(to_8bit(images)))
+        displacement[bits] = np.abs(to_8bit(images).astype(float) - fp32_images).mean()
     # The same noise for fp32 and quantized weights: the samples move by the mean pixel displacement.
     for bits in (8, 4):
         moved = r["quantization"]["pixel_displacement"][str(bits)]["2"]
