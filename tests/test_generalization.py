@@ -138,19 +138,20 @@ def test_subsets_set_in_the_training_flags_are_refused(tmp_path, capsys):
     assert status != 0 and "generalization.subsets set --train_subset: leave it out of training and methods" in err
 
 
-def fake_result(e_gen: float, e_mem: float, memorized: float) -> dict:
+def fake_result(e_gen: float, e_mem: float, memorized: float, kid: float = 0.01) -> dict:
     return {
         "pfd_teacher": {"pfd": e_gen},
         "pfd": {"pfd": e_mem},
         "memorization": {"memorization_ratio": memorized},
-        "kid": {"20": {"mean": 0.01}},
+        "kid": {"20": {"mean": kid}},
         "fid": {"20": 30.0},
     }
 
 
 def test_claims_are_paired_over_seeds_at_each_size(tmp_path):
-    adm = {16: {1: fake_result(3.0, 1.0, 0.5), 2: fake_result(4.0, 1.5, 0.7), 3: fake_result(3.5, 1.2, 0.6)}}
-    sam = {16: {1: fake_result(2.0, 1.1, 0.4), 2: fake_result(3.1, 1.4, 0.6), 3: fake_result(2.6, 1.3, 0.5)}}
+    adm = {16: {1: fake_result(3.0, 1.0, 0.5, kid=0.02), 2: fake_result(4.0, 1.5, 0.7, kid=0.03)}}
+    adm[16][3] = fake_result(3.5, 1.2, 0.6)
+    sam = {16: {1: fake_result(2.0, 1.1, 0.4, kid=0.03), 2: fake_result(3.1, 1.4, 0.6), 3: fake_result(2.6, 1.3, 0.5)}}
     sam[64] = {1: fake_result(1.0, 2.0, 0.0)}  # no ADM at 64: no claim there
     students = {"ADM": adm, "+SAM": sam}
     settings = {"comparisons": [["ADM", "+SAM"]], "generalization": {"subsets": [16, 64]}}
@@ -164,7 +165,13 @@ def test_claims_are_paired_over_seeds_at_each_size(tmp_path):
     assert e_gen["interval"]["high"] == pytest.approx(-2.8 / 3 + half) and e_gen["verdict"] == "holds"
     memorization = next(c for c in claims if "memorize less" in c["claim"])
     assert memorization["interval"]["mean"] == pytest.approx(-0.1) and memorization["verdict"] == "holds"
-    assert [c["training_images"] for c in claims] == [16, 16, 16]
+    # KID x10³, lower is better: differences +10, -20, 0; mean -10/3, s = 15.275
+    kid = next(c for c in claims if "lower KID" in c["claim"])
+    assert kid["claim"] == "+SAM students' samples are closer to the held-out data (lower KID x10³ (T'=20))"
+    assert kid["interval"]["mean"] == pytest.approx(-10 / 3) and kid["expected_sign"] == -1
+    assert kid["interval"]["high"] == pytest.approx(-10 / 3 + 4.302652729911275 * 15.275252316519467 / np.sqrt(3))
+    assert kid["verdict"] == "inconclusive"
+    assert [c["training_images"] for c in claims] == [16, 16, 16, 16]
     assert "| +SAM | 64 | 1 (n=1) |" in markdown and (tmp_path / "generalization.png").stat().st_size > 0
     # the same intervals as paired_interval of the values by hand
     assert generalization_claims(

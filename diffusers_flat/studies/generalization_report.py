@@ -53,12 +53,22 @@ def _cell(result: dict | None, measure: Callable[[dict], float]) -> str:
     return f"{values[0]:.4g}" if values else "-"
 
 
+def _claims(measures: dict) -> list[tuple[str, str, int]]:
+    """CLAIMS on the measures given, and the quality claim where KID was measured (its name carries the T')."""
+    kid = [
+        ("{treated} students' samples are closer to the held-out data (lower " + name + ")", name, -1)
+        for name in measures
+        if name.startswith("KID")
+    ]
+    return [claim for claim in CLAIMS if claim[1] in measures] + kid
+
+
 def generalization_claims(students: Students, comparisons: list[tuple[str, str]], measures: dict) -> list[dict]:
     """Each claim at each training-set size: the paired difference treated - base over the seeds both rows have."""
     out = []
     for base, treated in comparisons:
         sizes = sorted(set(students.get(base, {})) & set(students.get(treated, {})))
-        for statement, name, sign in CLAIMS:
+        for statement, name, sign in _claims(measures):
             for size in sizes:
                 a = _values(students[base][size], measures[name])
                 b = _values(students[treated][size], measures[name])
