@@ -172,6 +172,7 @@ def test_claims_are_paired_over_seeds_at_each_size(tmp_path):
     assert kid["interval"]["high"] == pytest.approx(-10 / 3 + 4.302652729911275 * 15.275252316519467 / np.sqrt(3))
     assert kid["verdict"] == "inconclusive"
     assert [c["training_images"] for c in claims] == [16, 16, 16, 16]
+    assert "| claim | rows |" in markdown and "None: no two rows" not in markdown
     assert "| +SAM | 64 | 1 (n=1) |" in markdown and (tmp_path / "generalization.png").stat().st_size > 0
     # the same intervals as paired_interval of the values by hand
     assert generalization_claims(
@@ -180,6 +181,19 @@ def test_claims_are_paired_over_seeds_at_each_size(tmp_path):
         {"E_gen": lambda r: r["pfd_teacher"]["pfd"]}
         | {"memorization": lambda r: r["memorization"]["memorization_ratio"], "E_mem": lambda r: r["pfd"]["pfd"]},
     )[2]["interval"] == paired_interval([1.0, 1.5, 1.2], [1.1, 1.4, 1.3])
+
+
+def test_a_sweep_of_one_seed_per_row_states_it_tests_no_claim(tmp_path):
+    students = {"ADM-2k": {32: {1: fake_result(3.0, 1.0, 0.5)}}, "+ADM-8k": {32: {1: fake_result(2.0, 1.1, 0.9)}}}
+    settings = {"comparisons": [["ADM-2k", "+ADM-8k"]], "generalization": {"subsets": [32]}}
+    settings["evaluation"] = ["--metrics", "pfd", "--pfd_reference", "smoothed"]
+    collected = {"students": students, "teacher": fake_result(0.0, 0.7, 0.0), "noise_unconditional": None}
+    markdown = write_generalization_report(collected | {"empirical": []}, settings, tmp_path)
+    assert "The teacher: E_mem 0.7, memorization 0" in markdown
+    assert "(E_mem against the smoothed empirical score of all the data)" in markdown
+    claims_section = markdown.split("## Claims")[1]
+    assert "None: no two rows share two or more seeds" in claims_section and "| claim |" not in claims_section
+    assert "| +ADM-8k | 32 | 2 (n=1) | 1.1 (n=1) | 0.9 (n=1) |" in markdown  # the figures stay in the table
 
 
 @pytest.mark.slow

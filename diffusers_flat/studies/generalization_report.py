@@ -127,6 +127,8 @@ def write_generalization_report(collected: dict, settings: dict, out: str | os.P
         cells = [c["claim"], c["rows"], str(c["training_images"]), _effect(c["interval"])]
         cells += [detectable_cell(c["interval"]), f"**{c['verdict']}**"]
         claim_lines.append("| " + " | ".join(cells) + " |")
+    if all(c["interval"]["n"] < 2 for c in claims):  # a sweep of one seed per row has nothing to pair
+        claim_lines = ["None: no two rows share two or more seeds at a training-set size, so nothing is paired."]
     teacher = collected.get("teacher")
     flags = settings.get("evaluation", [])
     smoothed = ("--pfd_reference", "smoothed") in zip(flags, flags[1:])
@@ -150,7 +152,7 @@ def write_generalization_report(collected: dict, settings: dict, out: str | os.P
         "\n".join(lines),
         "The teacher: "
         + ", ".join(f"{name} {_cell(teacher, m)}" for name, m in measures.items() if name != "E_gen")
-        + " (E_mem against the empirical denoiser of all the data).",
+        + f" (E_mem against the {'smoothed empirical score' if smoothed else 'empirical denoiser'} of all the data).",
         "![E_gen, E_mem and memorization against the training-set size](generalization.png)",
         "## Claims",
         "Paired differences over seeds at each training-set size (same seed: same data order and noise), with a "
