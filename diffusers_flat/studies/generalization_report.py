@@ -118,17 +118,18 @@ def write_generalization_report(collected: dict, settings: dict, out: str | os.P
             cells = [mean_std(list(_values(by_size[size], m).values())) for m in measures.values()]
             lines.append(f"| {row} | {size} | " + " | ".join(cells) + " |")
     claims = generalization_claims(students, [tuple(c) for c in settings.get("comparisons", [])], measures)
-    claim_lines = [
-        "| claim | rows | training images | measured effect (treated - base), 95% interval | detectable (80% power) "
-        "| verdict |",
-        "|---|---|---|---|---|---|",
-    ]
-    for c in claims:
-        cells = [c["claim"], c["rows"], str(c["training_images"]), _effect(c["interval"])]
-        cells += [detectable_cell(c["interval"]), f"**{c['verdict']}**"]
-        claim_lines.append("| " + " | ".join(cells) + " |")
     if all(c["interval"]["n"] < 2 for c in claims):  # a sweep of one seed per row has nothing to pair
         claim_lines = ["None: no two rows share two or more seeds at a training-set size, so nothing is paired."]
+    else:
+        claim_lines = [
+            "| claim | rows | training images | measured effect (treated - base), 95% interval "
+            "| detectable (80% power) | verdict |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c in claims:
+            cells = [c["claim"], c["rows"], str(c["training_images"]), _effect(c["interval"])]
+            cells += [detectable_cell(c["interval"]), f"**{c['verdict']}**"]
+            claim_lines.append("| " + " | ".join(cells) + " |")
     teacher = collected.get("teacher")
     flags = settings.get("evaluation", [])
     smoothed = ("--pfd_reference", "smoothed") in zip(flags, flags[1:])
