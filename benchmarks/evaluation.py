@@ -35,7 +35,7 @@ from diffusers_flat.metrics.fid import (
     nvidia_bilinear_resize,
 )
 from diffusers_flat.training.models import build_unet
-from diffusers_flat.utils.sampling import sample_images
+from diffusers_flat.sampling import sample_images
 
 PROTOCOL_SAMPLES = 50_000
 

@@ -36,7 +36,7 @@ from diffusers_flat.studies.runner import StudyRunner
 from diffusers_flat.training.arguments import parse_training_flags
 from diffusers_flat.training.models import build_unet
 from diffusers_flat.training.step import MicroBatch, train_step
-from diffusers_flat.utils.sampling import sample_images
+from diffusers_flat.sampling import sample_images
 
 SAM_RHO = 0.05  # any rho > 0 costs the same two passes
 

@@ -42,7 +42,7 @@ _EXPORTS = {
     "run_directory": ["DataSource", "RunDirectory", "TrainingRecord", "write_atomically", "write_json"],
     "methods.sam": ["SAM"],
     "methods.sam_modes": ["SAMMode", "SAM_MODES"],
-    "utils.sampling": ["image_grid", "sample_images", "to_uint8"],
+    "sampling": ["image_grid", "pipeline_samples", "sample_images", "to_uint8"],
     "methods.timestep_sampler": ["LossSecondMomentSampler", "importance_weights"],
     "training.step": ["MicroBatch", "StepStats", "diffusion_loss", "draw_step_noise", "seed_dropout", "train_step"],
 }

@@ -29,7 +29,7 @@ from huggingface_hub import snapshot_download
 from diffusers_flat.metrics.quantization_sensitivity import ddim_images
 from diffusers_flat.quantization import GRANULARITIES, quantize_for_deployment, quantize_weights_
 from diffusers_flat.run_directory import RunDirectory, hub_download_patterns
-from diffusers_flat.utils.sampling import image_grid, sample_images, to_uint8
+from diffusers_flat.sampling import image_grid, sample_images, to_uint8
 
 # The default: the flat and the sharp model shipped beside the app (the Fashion-MNIST study's ADM and SAM, one seed).
 SHIPPED = sorted(str(p) for p in (Path(__file__).parent / "models").glob("*") if (p / "model_index.json").is_file())

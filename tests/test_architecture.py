@@ -12,6 +12,7 @@ LAYERS = [
     "errors",
     "utils",
     "run_directory",
+    "sampling",
     "methods",
     "training",
     "quantization",

@@ -152,7 +152,7 @@ def test_quantized_fid_gives_table_4_plots_and_card(two_models, tmp_path, pooled
                 "2",
                 "--quantize",
                 "8",
-                "4",
+                "4:per_channel",
                 "--quantize_granularity",
                 "per_channel",
                 "--output_dir",
@@ -161,7 +161,9 @@ def test_quantized_fid_gives_table_4_plots_and_card(two_models, tmp_path, pooled
         )
     )
     r = json.loads((out / "eval_results.json").read_text())["sam"]
-    assert r["quantization"]["granularity"] == "per_channel"
+    levels = r["quantization"]["levels"]
+    assert r["quantization"]["sampler"] == "ddpm" and set(levels) == {"8:per_channel", "4:per_channel"}
+    assert levels["4:per_channel"]["bits"] == 4 and levels["4:per_channel"]["granularity"] == "per_channel"
     real = pooled(digits_8x8()[np.sort(np.random.default_rng(0).permutation(1797)[:100])])
     scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
     expected, displacement = {}, {}
@@ -175,24 +177,23 @@ def test_quantized_fid_gives_table_4_plots_and_card(two_models, tmp_path, pooled
         displacement[bits] = np.abs(to_8bit(images).astype(float) - fp32_images).mean()
     # The same noise for fp32 and quantized weights: the samples move by the mean pixel displacement.
     for bits in (8, 4):
-        moved = r["quantization"]["pixel_displacement"][str(bits)]["2"]
+        moved = levels[f"{bits}:per_channel"]["pixel_displacement"]["2"]
         assert moved == pytest.approx(displacement[bits], rel=1e-6)
     assert 0 < displacement[8] < displacement[4]
-    assert set(r["quantization"]["loss_increase"]) == {"8", "4"}
-    fp32, q8, q4 = r["fid"]["2"], r["quantization"]["fid"]["8"]["2"], r["quantization"]["fid"]["4"]["2"]
+    fp32, q8, q4 = r["fid"]["2"], levels["8:per_channel"]["fid"]["2"], levels["4:per_channel"]["fid"]["2"]
     assert (q8, q4) == (pytest.approx(expected[8], rel=1e-6), pytest.approx(expected[4], rel=1e-6))
     assert q4 != fp32  # 4-bit weights change the samples
     cells = [f"{fp32:.2f} → {q:.2f} ({q - fp32:+.2f})" for q in (q8, q4)]
     row = f"| sam | 2 | {fp32:.2f} | {cells[0]} | {cells[1]} |"
     assert row in (out / "results.md").read_text()
-    for png in (out / "fid_vs_bits.png", out / "sam" / "fid_vs_bits.png", out / "sam" / "samples_2_steps_4bit.png"):
+    for png in (out / "fid_vs_bits.png", out / "sam" / "fid_vs_bits.png", out / "sam" / "samples_2_steps_4bit_per_channel.png"):
         Image.open(png).verify()
     # The pipeline dir keeps the evaluation, and its card now reports it.
     assert json.loads((model / "evaluation" / "eval_results.json").read_text()) == r
     Image.open(model / "evaluation" / "fid_vs_bits.png").verify()
     card = ModelCard.load(model / "README.md")
     metrics = {m.metric_name: m.metric_value for m in card.data.eval_results}
-    assert metrics["FID (2 steps, 8-bit weights)"] == pytest.approx(q8, abs=1e-4)
+    assert metrics["FID (2 steps, 8-bit per-channel weights)"] == pytest.approx(q8, abs=1e-4)
     assert metrics["FID (2 steps, 100 samples)"] == pytest.approx(fp32, abs=1e-4)
     assert row in card.text and "![FID against weight bits](evaluation/fid_vs_bits.png)" in card.text
 
@@ -296,7 +297,10 @@ def test_a_noise_unconditional_model_against_the_smoothed_score_is_one_line(two_
             ["--model_path", "{adm}", "--num_samples", "10"],
             "--num_samples 10 is too few for a meaningful FID: use at least 100",
         ),
-        (["--model_path", "{adm}", "--quantize", "9"], "--quantize must be an integer from 2 to 8, got 9"),
+        (["--model_path", "{adm}", "--quantize", "9"], "--quantize level '9': B or B:granularity, B from 2 to 8"),
+        (["--model_path", "{adm}", "--quantize", "4:per_row"], "--quantize level '4:per_row': B or B:granularity"),
+        (["--model_path", "{adm}", "--quantize", "4", "4:per_tensor"], "--quantize names a level twice: 4, 4:per"),
+        (["--model_path", "{adm}", "--sampler", "euler"], "--sampler must be one of ddim, ddpm, got 'euler'"),
         (
             ["--model_path", "{adm}", "--metrics", "lpf", "--quantize", "8"],
             "--quantize reports FID before -> after quantization: add fid to metrics",

@@ -11,7 +11,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from diffusers_flat.errors import FlatError
-from diffusers_flat.metrics.pfd import flow_map, pfd
+from diffusers_flat.metrics.pfd import pfd
+from diffusers_flat.sampling import flow_map
 
 # A schedule that stops short of pure noise (abar_999 = 0.35), so the starting noise level matters to the closed form.
 SCHEDULER = DDPMScheduler(beta_end=0.002, timestep_spacing="linspace")

@@ -1,14 +1,18 @@
 """Weight quantization: the direct (fake) quantizer against hand-written references (our symmetric per-tensor grid,
-torchao's per-channel mapping), its error bound and coverage, the int8 deployment path (sizes, torchao int8 tensors
-on every Conv2d and Linear) and its save/load round trip."""
+torchao's per-channel mapping), its error bound and coverage, the int8 and int4 deployment paths (sizes, torchao
+tensors on every Conv2d and Linear, int4 codes packed two per byte) and their save/load round trips, also by Hub id."""
 
 import copy
 import json
+import os
+import shutil
+import sys
 
 import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DModel
+from conftest import REPO, run_command
 from helpers import MICRO_UNET
 from torch import nn
 from torchao.quantization import IntxUnpackedToInt8Tensor
@@ -17,6 +21,7 @@ from diffusers_flat.quantization import (
     QuantizationError,
     load_quantized,
     model_size_bytes,
+    pack_int4,
     quantize_for_deployment,
     quantize_tensor,
     quantize_weights_,
@@ -177,7 +182,9 @@ def tensor_bytes(path) -> int:
     [
         (lambda: quantize_tensor(torch.ones(2), 9), "bits must be an integer from 2 to 8, got 9"),
         (lambda: quantize_tensor(torch.ones(2), 8, "per_row"), "granularity 'per_row': choose per_tensor or"),
-        (lambda: load_quantized("/nonexistent"), "no diffusion_pytorch_model.int8.safetensors"),
+        (lambda: load_quantized("/nonexistent"), "no quantization_config.json"),
+        (lambda: quantize_for_deployment(nn.Linear(2, 2), bits=6), "bits must be 8 or 4 for deployment, got 6"),
+        (lambda: save_quantized(nn.Linear(2, 2), "/tmp/never"), "model: no quantized weights"),
     ],
 )
 def test_bad_input(call, message):
@@ -188,3 +195,104 @@ def test_bad_input(call, message):
 def test_zero_weights_quantize_to_zero():
     codes, scale = quantize_tensor(torch.zeros(3, 4), 8, "per_channel")
     assert codes.abs().sum() == 0 and np.isfinite(scale.numpy()).all()
+
+
+def test_int4_codes_pack_two_per_byte_low_nibble_first():
+    codes = torch.tensor([-8, 7, 0, -1, 3], dtype=torch.int8)
+    # offset by 8: 0, 15, 8, 7, 11 (and a zero pad); bytes low | high << 4: 0 | 240, 8 | 112, 11 | 0
+    assert pack_int4(codes).tolist() == [240, 120, 11]
+
+
+def test_int4_deployment_is_the_direct_4_bit_per_channel_model(unet, inputs):
+    model = quantize_for_deployment(copy.deepcopy(unet), bits=4)
+    for name, module in unet.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            weight = model.get_submodule(name).weight
+            assert isinstance(weight, IntxUnpackedToInt8Tensor) and weight.target_dtype == torch.int4, name
+            assert weight.qdata.min() >= -8 and weight.qdata.max() <= 7 and weight.scale.numel() == weight.shape[0]
+            torch.testing.assert_close(weight.dequantize(), torchao_reference(module.weight, 4))
+    fake = copy.deepcopy(unet)
+    quantize_weights_(fake, 4, "per_channel")
+    with torch.no_grad():
+        assert torch.equal(model(*inputs).sample, fake(*inputs).sample)
+
+
+SHIPPED = REPO / "spaces_app" / "models" / "fashion-mnist-sam-rho0.01-seed1"
+
+
+@pytest.fixture(scope="module")
+def saved_int4(tmp_path_factory):
+    """The shipped flat model (1.1M parameters) at int4, saved."""
+    unet = UNet2DModel.from_pretrained(SHIPPED, subfolder="unet").eval()
+    model = quantize_for_deployment(copy.deepcopy(unet), bits=4)
+    path = tmp_path_factory.mktemp("int4")
+    save_quantized(model, path)
+    return unet, model, path
+
+
+def test_int4_save_and_load_are_bit_identical_at_under_a_sixth_of_fp32(saved_int4):
+    unet, model, path = saved_int4
+    inputs = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 50, 500, 999])
+    loaded = load_quantized(path)
+    with torch.no_grad():
+        assert torch.equal(loaded(*inputs).sample, model(*inputs).sample)
+    config = json.loads((path / "quantization_config.json").read_text())
+    assert config["bits"] == 4 and not (path / "diffusion_pytorch_model.int8.safetensors").exists()
+    # by hand: half a byte per code (rounded up per tensor), a float32 scale and an int8 zero point per output
+    # channel, and every other tensor at float32
+    layers = {f"{n}.weight": m.weight for n, m in unet.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    expected = sum(-(-w.numel() // 2) + 4 * w.shape[0] + w.shape[0] for w in layers.values())
+    expected += sum(4 * t.numel() for n, t in unet.state_dict().items() if n not in layers)
+    on_disk = tensor_bytes(path / "diffusion_pytorch_model.int4.safetensors")
+    assert on_disk == expected == model_size_bytes(model)
+    ratio = on_disk / tensor_bytes(SHIPPED / "unet" / "diffusion_pytorch_model.safetensors")
+    print(f"int4 weights on disk: {ratio:.3f} of fp32")
+    assert ratio <= 0.16
+
+
+UPLOAD = """
+import sys
+from pathlib import Path
+from huggingface_hub import CommitOperationAdd, HfApi
+files = [CommitOperationAdd(p.name, str(p)) for p in Path(sys.argv[1]).iterdir()]
+HfApi(token="hf_test").create_commit("someone/flat-int4", files, commit_message="int4")
+"""
+LOAD = """
+import sys, torch
+from diffusers_flat.quantization import load_quantized
+model = load_quantized("someone/flat-int4")
+x, t = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 700])
+with torch.no_grad():
+    torch.save(model(x, t).sample, sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+def test_an_int4_model_pushed_to_the_hub_loads_by_repo_id(saved_int4, tmp_path):
+    """Pushed through the intercepted Hub (the upload recorded, not sent), laid out as huggingface_hub's cache holds a
+    downloaded repo, and loaded by id offline in a fresh process: the same outputs."""
+    _, model, path = saved_int4
+    log = tmp_path / "calls.jsonl"
+    env = dict(os.environ, PYTHONPATH=str(REPO / "tests" / "hub_intercept"), HUB_INTERCEPT_LOG=str(log))
+    env.update(HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9")  # nothing real answers there
+    result = run_command([sys.executable, "-c", UPLOAD, str(path)], tmp_path, 300, env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    [commit] = [call for call in map(json.loads, log.read_text().splitlines()) if call["call"] == "create_commit"]
+    assert set(commit["files"]) == {
+        "config.json",
+        "quantization_config.json",
+        "diffusion_pytorch_model.int4.safetensors",
+    }
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf_home" / "hub" / "models--someone--flat-int4"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    for name, entry in commit["files"].items():
+        (repo / "snapshots" / revision).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(entry["source"], repo / "snapshots" / revision / name)
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
+    result = run_command([sys.executable, "-c", LOAD, str(tmp_path / "out.pt")], tmp_path, 300, env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    x, t = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 700])
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "out.pt"), model(x, t).sample)

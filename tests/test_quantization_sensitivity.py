@@ -14,7 +14,7 @@ from diffusers_flat.evaluation.evaluate import evaluate
 from diffusers_flat.evaluation.real_images import load_real_images
 from diffusers_flat.evaluation.settings import EvaluationSettings, evaluation_work
 from diffusers_flat.metrics.flatness import DiffusionLoss
-from diffusers_flat.metrics.quantization_sensitivity import deterministic_displacement, quantization_sensitivity
+from diffusers_flat.metrics.quantization_sensitivity import displacement, quantization_sensitivity
 from diffusers_flat.quantization import quantize_weights_
 from diffusers_flat.run_directory import DataSource
 
@@ -78,9 +78,9 @@ def test_a_model_on_a_4_bit_grid_is_unchanged_where_the_grids_nest(unet):
             assert (w - grid[name]).abs().max() <= step / 2 + 1e-7, (name, bits)
 
 
-def test_the_deterministic_displacement_is_zero_for_the_same_weights_and_grows_continuously(unet):
+def test_the_ddim_pipeline_displacement_is_zero_for_the_same_weights_and_grows_continuously(unet):
     scheduler = DDPMScheduler()
-    assert deterministic_displacement(unet, copy.deepcopy(unet), scheduler, num_samples=4, steps=10) == 0.0
+    assert displacement(unet, copy.deepcopy(unet), scheduler, num_samples=4, steps=10) == 0.0
     torch.manual_seed(1)
     direction = [torch.randn_like(p) for p in unet.parameters()]
     moved = []
@@ -89,7 +89,7 @@ def test_the_deterministic_displacement_is_zero_for_the_same_weights_and_grows_c
         with torch.no_grad():
             for p, d in zip(perturbed.parameters(), direction):
                 p.add_(epsilon * d)
-        moved.append(deterministic_displacement(unet, perturbed, scheduler, num_samples=4, steps=10))
+        moved.append(displacement(unet, perturbed, scheduler, num_samples=4, steps=10))
     assert 0 < moved[0] < moved[1] < moved[2] < moved[3]
     assert moved[0] < 0.05 * moved[2]  # continuous: a hundred times smaller a change moves the samples far less
 
@@ -100,13 +100,17 @@ def test_the_sensitivity_metric_through_evaluate(unet):
         metrics=("sensitivity",), ladder=(8, 3), ladder_samples=4, ladder_steps=10, loss_samples=16, batch_size=16
     )
     # its cost, counted by hand: the fp32 model and 2 x 2 quantized copies, each the 16 loss terms and 4 samples
-    # x 10 steps x (DDIM, ancestral)
-    assert evaluation_work(settings) == (5 * (16 + 4 * 10 * 2), 0)
+    # x 10 steps x (the DDIM pipeline, the PF-ODE, the DDPM pipeline)
+    assert evaluation_work(settings) == (5 * (16 + 4 * 10 * 3), 0)
+    with_ddpm = EvaluationSettings(**{**settings.__dict__, "ladder_sampler": "ddpm"})
+    assert evaluation_work(with_ddpm) == (5 * (16 + 4 * 10 * 2), 0)  # its samples are the ancestral ones
     result = evaluate(unet, DDPMScheduler(), real, settings).result["sensitivity"]
     assert set(result["curves"]) == {"per_tensor", "per_channel"} and result["num_samples"] == 4
+    assert result["sampler"] == "ddim"
     for curve in result["curves"].values():
         assert set(curve) == {"8", "3"}
-        assert 0 < curve["8"]["ddim_displacement"] < curve["3"]["ddim_displacement"]  # fewer bits move more
+        for measure in ("displacement", "ddim_displacement"):
+            assert 0 < curve["8"][measure] < curve["3"][measure]  # fewer bits move more
     with pytest.raises(FlatError, match="ladder: the sensitivity metric needs bits"):
         EvaluationSettings(metrics=("sensitivity",), ladder=())
     with pytest.raises(FlatError, match="ladder_granularities granularity 'per_row'"):

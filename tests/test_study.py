@@ -228,21 +228,22 @@ def test_dry_run_lists_every_run_and_evaluation(tmp_path, capsys):
         # No tuning; 6 seeds x (ADM, SAM rho 0.01, SAM rho 0.001), 1,500 steps, raw and EMA evaluated. Each
         # pipeline: sampling 500 x 20 at fp32 and at 5 bits = 20,000 forwards and 1,000 images; loss terms 128 x
         # (fixed + 5-bit + 50 LPF draws) = 6,656; exposure 2 x 64 x 20 = 2,560; the ladder (10 levels and fp32) x
-        # (128 + 2 x 64 x 20) = 29,568: 58,784 each, x 36 = 2,116,224.
+        # (128 + 3 x 64 x 20: the DDIM pipeline, the PF-ODE and the DDPM pipeline) = 43,648: 72,864 each, x 36 =
+        # 2,623,104.
         (
             "fashion-mnist.yaml",
             "18 trainings and 36 evaluations",
-            "work: 9,000 training steps and 18,000 SAM steps (two passes each); 2,116,224 UNet image-forwards of "
+            "work: 9,000 training steps and 18,000 SAM steps (two passes each); 2,623,104 UNet image-forwards of "
             "evaluation (sampling steps and loss terms) and 36,000 generated images",
         ),
         # Tuning: the random mode at sigma 0.01, 0.003, 0.001 on seed 0 (200 images at T'=20 each); the grid: 5 seeds
         # x 7 rows less ADM and full SAM at seeds 2-5 (read from the Fashion-MNIST study's report) = 27 runs (ADM
         # plain; full SAM and the five modes counted as SAM steps, an upper bound for the cheap ones), 1,500 steps, raw
-        # and EMA: 54 pipelines x 58,784 + 3 x 200 x 20 = 3,186,336 forwards, 54,000 + 600 images.
+        # and EMA: 54 pipelines x 72,864 + 3 x 200 x 20 = 3,946,656 forwards, 54,000 + 600 images.
         (
             "fashion-mnist-cheap-sam.yaml",
             "30 trainings and 57 evaluations",
-            "work: 1,500 training steps and 43,500 SAM steps (two passes each); 3,186,336 UNet image-forwards of "
+            "work: 1,500 training steps and 43,500 SAM steps (two passes each); 3,946,656 UNet image-forwards of "
             "evaluation (sampling steps and loss terms) and 54,600 generated images",
         ),
     ],

@@ -36,7 +36,8 @@ def result(kid: float, loss_increase: float, moved: float, lpf_value: float = 0.
         "loss": 0.04,
         "lpf": {"lpf": lpf_value},
         "exposure_bias": {"squared_norm_gap": 1.0, "gap": [0.1, 0.2], "timesteps": [999, 0]},
-        "quantization": {
+        "quantization": {  # as results were written before each level had its granularity
+            "granularity": "per_tensor",
             "fid": {"5": {"20": 1000 * kid + 5}},
             "kid": {"5": {"20": {"mean": kid + 0.005}}},
             "loss_increase": {"5": loss_increase},

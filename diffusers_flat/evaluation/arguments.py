@@ -32,14 +32,22 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     parser.add_argument("--num_samples", type=int, default=DEFAULTS.num_samples, help="Generated images per column.")
     parser.add_argument("--num_real", type=int, default=DEFAULTS.num_real, help="At most this many real images.")
     parser.add_argument(
-        "--quantize",
-        nargs="+",
-        type=int,
-        default=[],
-        help="Also FID with weights quantized to these bits (2-8; the paper: 8), as in Table 4.",
+        "--sampler",
+        default=DEFAULTS.sampler,
+        help="The pipeline sampler of the FID columns, fp32 and quantized: ddpm (DDPMPipeline, the paper's respaced "
+        "ancestral sampling) or ddim (DDIMPipeline, eta 0); the model's own scheduler config either way.",
     )
     parser.add_argument(
-        "--quantize_granularity", default=DEFAULTS.quantize_granularity, help="per_tensor or per_channel scales."
+        "--quantize",
+        nargs="+",
+        default=[],
+        help="Also FID and KID with quantized weights, from the same noises as fp32, at these levels: B:granularity "
+        "(e.g. 5:per_channel 4:per_channel) or a bare B (2-8) at --quantize_granularity; the paper's Table 4: 8.",
+    )
+    parser.add_argument(
+        "--quantize_granularity",
+        default=DEFAULTS.quantize_granularity,
+        help="per_tensor or per_channel scales of a bare --quantize B.",
     )
     parser.add_argument(
         "--quantize_inference_steps",
@@ -120,7 +128,15 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     )
     parser.add_argument("--ladder_samples", type=int, default=DEFAULTS.ladder_samples, help="Samples per level.")
     parser.add_argument(
-        "--ladder_steps", type=int, default=DEFAULTS.ladder_steps, help="DDIM and ancestral steps of those samples."
+        "--ladder_steps",
+        type=int,
+        default=DEFAULTS.ladder_steps,
+        help="Steps of those samples (pipeline samplers and the PF-ODE); a divisor of the training timesteps.",
+    )
+    parser.add_argument(
+        "--ladder_sampler",
+        default=DEFAULTS.ladder_sampler,
+        help="The pipeline sampler of the ladder's displacement: ddim (DDIMPipeline, eta 0) or ddpm.",
     )
     parser.add_argument("--dataset_name", default=None)
     parser.add_argument("--dataset_config_name", default=None)

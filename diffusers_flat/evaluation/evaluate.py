@@ -25,7 +25,7 @@ from diffusers_flat.evaluation.registry import METRICS, Evaluation, MetricInputs
 from diffusers_flat.evaluation.settings import EvaluationSettings
 from diffusers_flat.metrics.fid import FID, real_statistics_cached
 from diffusers_flat.quantization import quantize_weights_
-from diffusers_flat.utils.sampling import sample_images
+from diffusers_flat.sampling import sample_images
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -95,17 +95,18 @@ def evaluate(
     model = model.eval()
     evaluation = Evaluation(result={})
     result = evaluation.result
-    features: dict[tuple[int, int], torch.Tensor] = {}  # (bits, T') -> features of the samples; bits 32: unquantized
+    features: dict[tuple[str, int], torch.Tensor] = {}  # (level, T') -> features of the samples; "fp32": unquantized
 
-    def generate(network: torch.nn.Module, bits: int, steps: int) -> np.ndarray:
+    def generate(network: torch.nn.Module, level: str, steps: int) -> np.ndarray:
         """Samples (and their features) of `network` at T' = `steps`, split across the processes and gathered."""
         # accelerate's contiguous shares, in rank order: gathering them restores the order
         indices = list(range(s.num_samples))
         with processes.split_between_processes(indices) if processes else nullcontext(indices) as share:
             start = time.perf_counter()
             first = share[0] if share else 0
+            # every level draws image i from the same generator as fp32: the same noises
             images = sample_images(
-                network, scheduler, len(share), steps, s.seed, s.batch_size, show_progress=is_main, first_index=first
+                network, scheduler, len(share), steps, s.seed, s.batch_size, is_main, first, sampler=s.sampler
             )
         seconds = time.perf_counter() - start
         feats = fid.features_of(images).cpu() if "fid" in metrics else None
@@ -113,20 +114,20 @@ def evaluate(
             images = np.concatenate(gather_object([images]))
             feats = None if feats is None else torch.cat(gather_object([feats]))
         if feats is not None:
-            features[bits, steps] = feats
-        if bits == 32:
+            features[level, steps] = feats
+        if level == "fp32":
             result.setdefault("sampling_seconds", {})[str(steps)] = round(seconds, 2)
         return images
 
     if metrics & {"fid", "memorization"}:
         for steps in s.inference_steps if "fid" in metrics else [max(s.inference_steps)]:
-            evaluation.samples[steps] = generate(model, 32, steps)
+            evaluation.samples[steps] = generate(model, "fp32", steps)
     quantized_models = {}
-    for bits in s.quantize:
-        quantized = quantized_models[bits] = copy.deepcopy(model)
-        quantize_weights_(quantized, bits, s.quantize_granularity)
+    for level, (bits, granularity) in s.quantization_levels.items():
+        quantized = quantized_models[level] = copy.deepcopy(model)
+        quantize_weights_(quantized, bits, granularity)
         for steps in s.quantize_inference_steps or s.inference_steps:
-            evaluation.quantized_samples[bits, steps] = generate(quantized, bits, steps)
+            evaluation.quantized_samples[level, steps] = generate(quantized, level, steps)
     if not is_main:
         return Evaluation(result={})
     inputs = MetricInputs(model, scheduler, real, settings, evaluation, fid, features, quantized_models, reference)

@@ -10,6 +10,7 @@ import numpy as np
 from matplotlib.figure import Figure  # figures without pyplot: no backend switch, no global state
 from PIL import Image
 
+from diffusers_flat.evaluation.levels import quantization_levels
 from diffusers_flat.quantization import GRANULARITIES
 
 
@@ -80,22 +81,26 @@ def plot_nearest_neighbours(generated: np.ndarray, training: np.ndarray, nearest
 
 
 def plot_fid_vs_bits(results: dict[str, dict], path: str | os.PathLike) -> None:
-    """FID against weight bits (fp32 at the right), one line per model and step count: the paper's Table 4 as a
-    curve, extended to fewer bits."""
-    bits = sorted({int(b) for r in results.values() for b in r["quantization"]["fid"]})
+    """FID against weight bits (fp32 at the right), one line per model, step count and granularity: the paper's
+    Table 4 as a curve, extended to fewer bits."""
+    levels = {name: quantization_levels(r) for name, r in results.items()}
+    bits = sorted({level["bits"] for q in levels.values() for level in q.values()})
     labels = [f"{b}-bit" for b in bits] + ["fp32"]
     fig, ((ax,),) = _figure((5.5, 4))
+    line = 0
     for i, (name, r) in enumerate(results.items()):
-        for j, steps in enumerate(r["fid"]):
-            fids = [r["quantization"]["fid"].get(str(b), {}).get(steps, np.nan) for b in bits] + [r["fid"][steps]]
-            ax.plot(
-                range(len(labels)),
-                fids,
-                marker="o",
-                color=f"C{i}",
-                linestyle=["-", "--", ":", "-."][j % 4],
-                label=f"{name}, {steps} steps",
-            )
+        for granularity in sorted({level["granularity"] for level in levels[name].values()}, key=GRANULARITIES.index):
+            for steps in r["fid"]:
+                at = [levels[name].get(f"{b}:{granularity}", {}).get("fid", {}).get(steps, np.nan) for b in bits]
+                ax.plot(
+                    range(len(labels)),
+                    [*at, r["fid"][steps]],
+                    marker="os"[GRANULARITIES.index(granularity)],
+                    color=f"C{i}",
+                    linestyle=["-", "--", ":", "-."][line % 4],
+                    label=f"{name}, {steps} steps, {granularity.replace('_', '-')}",
+                )
+                line += 1
     ax.set_xticks(range(len(labels)), labels)
     ax.set_xlabel("weights")
     ax.set_ylabel("FID (lower is better)")
@@ -264,11 +269,11 @@ def plot_loss_curves(curves: dict[str, tuple[list[int], list[float]]], path: str
 
 
 def plot_quantized_samples(
-    panels: dict[str, tuple[Image.Image, Image.Image, float]], level: str, steps: int, path: str | os.PathLike
+    panels: dict[str, tuple[Image.Image, Image.Image, float]], level: str, sampling: str, path: str | os.PathLike
 ) -> None:
     """The paper's Figure 2 kind: one row per model, its samples at fp32 beside the same noises' samples with
     quantized weights, the pixel displacement under the quantized panel. `panels`: label -> (fp32 grid, quantized
-    grid, displacement)."""
+    grid, displacement); `sampling` says how they were drawn, e.g. "DDIM, 50 steps"."""
     fig, axes = _figure((6.4, 2.6 * len(panels) + 0.4), len(panels), 2)
     for (label, (fp32, quantized, moved)), (fp32_ax, quantized_ax) in zip(panels.items(), axes):
         for ax, grid, title in ((fp32_ax, fp32, f"{label}, fp32"), (quantized_ax, quantized, f"{label}, {level}")):
@@ -277,5 +282,5 @@ def plot_quantized_samples(
             ax.set_xticks([])
             ax.set_yticks([])
         quantized_ax.set_xlabel(f"moved {moved:.1f} pixels (mean |change|, 0-255)", fontsize=9)
-    fig.suptitle(f"The same noises, DDIM (eta = 0), {steps} steps", fontsize=10)
+    fig.suptitle(f"The same noises, {sampling}", fontsize=10)
     _save(fig, path)

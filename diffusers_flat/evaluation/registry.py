@@ -35,15 +35,22 @@ if TYPE_CHECKING:  # the settings check their metrics against this table
     from diffusers_flat.evaluation.settings import EvaluationSettings
 
 
-class QuantizationResult(TypedDict):
-    """Robustness to b-bit weights, measured three ways, all paired with the fp32 model (same sampling noise, same
-    (x0, t, eps) triples)."""
+class QuantizedLevel(TypedDict):
+    """One quantization level, paired with the fp32 model (the same sampling noises, the same (x0, t, eps) triples)."""
 
+    bits: int
     granularity: str
-    fid: dict[str, dict[str, float]]  # bits -> T' -> FID
-    kid: dict[str, dict[str, KIDResult]]  # bits -> T' -> KID
-    loss_increase: dict[str, float]  # bits -> L(quantized w) - L(w), the fixed diffusion loss
-    pixel_displacement: dict[str, dict[str, float]]  # bits -> T' -> mean |quantized - fp32 sample| (0-255)
+    fid: dict[str, float]  # T' -> FID
+    kid: dict[str, KIDResult]  # T' -> KID, on the same features
+    loss_increase: float  # L(quantized w) - L(w), the fixed diffusion loss
+    pixel_displacement: dict[str, float]  # T' -> mean |quantized - fp32 sample| (0-255)
+
+
+class QuantizationResult(TypedDict):
+    """Robustness to quantized weights at each level ("B:granularity"), with the sampler of both columns."""
+
+    sampler: str
+    levels: dict[str, QuantizedLevel]
 
 
 class EvaluationResult(TypedDict, total=False):
@@ -57,6 +64,7 @@ class EvaluationResult(TypedDict, total=False):
     kid: dict[str, KIDResult]  # T' -> KID, on the same features
     fid_num_generated: int
     fid_num_real: int
+    sampler: str  # the pipeline sampler of the FID columns: ddpm or ddim
     sampling_seconds: dict[str, float]  # T' -> wall time of sampling
     quantization: QuantizationResult
     loss: float  # the fixed diffusion loss L(w)
@@ -77,7 +85,7 @@ class Evaluation:
 
     result: EvaluationResult
     samples: dict[int, np.ndarray] = field(default_factory=dict)  # T' -> generated uint8 NHWC
-    quantized_samples: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)  # (bits, T') -> images
+    quantized_samples: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)  # (level, T') -> images
     nearest: list[int] = field(default_factory=list)  # memorization: each sample's nearest real image
 
 
@@ -93,8 +101,8 @@ class MetricInputs:
         settings: what to measure (`EvaluationSettings`).
         evaluation: the samples (T' -> uint8 NHWC) and the result being filled.
         fid: the FID with its real statistics set, for the fid metric.
-        features: (bits, T') -> InceptionV3 features of the samples; bits 32: unquantized.
-        quantized: bits -> the model with quantized weights.
+        features: (level, T') -> InceptionV3 features of the samples; level "fp32": unquantized.
+        quantized: level ("B:granularity") -> the model with quantized weights.
         reference: the pfd metric's reference model, when the caller gives one.
     """
 
@@ -104,8 +112,8 @@ class MetricInputs:
     settings: EvaluationSettings
     evaluation: Evaluation
     fid: FID | None = None
-    features: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
-    quantized: dict[int, torch.nn.Module] = field(default_factory=dict)
+    features: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    quantized: dict[str, torch.nn.Module] = field(default_factory=dict)
     reference: torch.nn.Module | None = None
 
     @cached_property
@@ -128,7 +136,7 @@ class MetricInputs:
 def measure_fid(m: MetricInputs) -> None:
     """FID, KID and improved precision/recall of each T' column, on the same features (InceptionV3's, or DINOv2's
     with `settings.features`)."""
-    scores = {str(t): m.fid.scores_of_features(m.features[32, t], m.settings.seed) for t in m.evaluation.samples}
+    scores = {str(t): m.fid.scores_of_features(m.features["fp32", t], m.settings.seed) for t in m.evaluation.samples}
     m.evaluation.result["fid"] = {t: score["fid"] for t, score in scores.items()}
     m.evaluation.result["kid"] = {t: score["kid"] for t, score in scores.items()}
     m.evaluation.result["precision_recall"] = {t: score["precision_recall"] for t, score in scores.items()}
@@ -136,22 +144,24 @@ def measure_fid(m: MetricInputs) -> None:
     m.evaluation.result["features"] = s.features if s.features == "inception" else f"dinov2 ({s.dinov2_model})"
     m.evaluation.result["fid_num_generated"] = m.settings.num_samples
     m.evaluation.result["fid_num_real"] = m.fid.num_real
+    m.evaluation.result["sampler"] = s.sampler
 
 
 def measure_quantization(m: MetricInputs) -> None:
-    """Each bit width against fp32, paired: FID/KID, the fixed loss's increase, the samples' pixel displacement."""
+    """Each level against fp32, paired: FID/KID, the fixed loss's increase, the samples' pixel displacement."""
     s, samples = m.settings, m.evaluation.samples
-    q = m.evaluation.result["quantization"] = {"granularity": s.quantize_granularity, "fid": {}, "kid": {}}
-    q.update(loss_increase={}, pixel_displacement={})
-    for bits in s.quantize:
+    levels = {}
+    for level, (bits, granularity) in s.quantization_levels.items():
         fids, kids, moved = {}, {}, {}
-        q["fid"][str(bits)], q["kid"][str(bits)], q["pixel_displacement"][str(bits)] = fids, kids, moved
-        q["loss_increase"][str(bits)] = m.loss(m.quantized[bits]) - m.fp32_loss
         for steps in s.quantize_inference_steps or s.inference_steps:
-            score = m.fid.scores_of_features(m.features[bits, steps], s.seed)
+            score = m.fid.scores_of_features(m.features[level, steps], s.seed)
             fids[str(steps)], kids[str(steps)] = score["fid"], score["kid"]
-            a, b = samples[steps], m.evaluation.quantized_samples[bits, steps]
+            a, b = samples[steps], m.evaluation.quantized_samples[level, steps]
             moved[str(steps)] = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).mean())
+        loss_increase = m.loss(m.quantized[level]) - m.fp32_loss
+        levels[level] = {"bits": bits, "granularity": granularity, "fid": fids, "kid": kids}
+        levels[level] |= {"loss_increase": loss_increase, "pixel_displacement": moved}
+    m.evaluation.result["quantization"] = {"sampler": s.sampler, "levels": levels}
 
 
 def measure_lpf(m: MetricInputs) -> None:
@@ -199,7 +209,9 @@ def measure_sensitivity(m: MetricInputs) -> None:
     """The quantization-sensitivity curve: loss increase and pixel displacements at each ladder level."""
     s = m.settings
     ladder = (s.ladder, s.ladder_granularities, s.ladder_samples, s.ladder_steps, s.seed, s.batch_size)
-    m.evaluation.result["sensitivity"] = quantization_sensitivity(m.model, m.scheduler, m.loss, *ladder)
+    m.evaluation.result["sensitivity"] = quantization_sensitivity(
+        m.model, m.scheduler, m.loss, *ladder, sampler=s.ladder_sampler
+    )
 
 
 # pfd_reference values that name a closed-form reference built from the model's own training images

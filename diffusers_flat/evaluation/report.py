@@ -18,7 +18,7 @@ from diffusers_flat.evaluation.registry import Evaluation, EvaluationResult
 from diffusers_flat.evaluation.settings import EvaluationSettings
 from diffusers_flat.evaluation.tables import quantization_table, results_table
 from diffusers_flat.run_directory import write_atomically, write_json
-from diffusers_flat.utils.sampling import image_grid
+from diffusers_flat.sampling import image_grid
 
 
 def markdown_report(results: dict[str, EvaluationResult], steps: list[int]) -> str:
@@ -36,8 +36,10 @@ def write_model_report(
     result = evaluation.result
     for steps, images in evaluation.samples.items():
         image_grid(images[:64]).save(out / f"samples_{steps}_steps.png")
-    for (bits, steps), images in evaluation.quantized_samples.items():
-        image_grid(images[:64]).save(out / f"samples_{steps}_steps_{bits}bit.png")
+    for (level, steps), images in evaluation.quantized_samples.items():
+        bits, granularity = level.split(":")
+        suffix = "" if granularity == "per_tensor" else f"_{granularity}"
+        image_grid(images[:64]).save(out / f"samples_{steps}_steps_{bits}bit{suffix}.png")
     if "quantization" in result:
         plot_fid_vs_bits({name: result}, out / "fid_vs_bits.png")
     if "perturbation" in result:

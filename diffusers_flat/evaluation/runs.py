@@ -20,7 +20,7 @@ from diffusers_flat.evaluation.registry import EMPIRICAL_REFERENCES, EvaluationR
 from diffusers_flat.evaluation.report import write_comparison, write_model_report
 from diffusers_flat.evaluation.settings import EvaluationSettings
 from diffusers_flat.metrics.fid import FID, feature_network
-from diffusers_flat.metrics.pfd import check_steps
+from diffusers_flat.sampling import check_sampler, check_steps
 from diffusers_flat.run_directory import RunDirectory
 from diffusers_flat.training.models import make_noise_unconditional
 from diffusers_flat.utils.cli import share_cpu_threads
@@ -31,7 +31,12 @@ def load_reference(
 ) -> DDPMPipeline | None:
     """The pfd metric's reference pipeline (None for 'empirical', built per model), and every model to evaluate
     checked against it (image shape, noise schedule) and against the solvers' steps (PFD's and the quantization
-    ladder's), before anything is written."""
+    ladder's) and the pipeline samplers (DDIM cannot sample a learned-variance UNet), before anything is written."""
+    for name, run in runs.items():  # DDIMPipeline cannot sample a learned-variance UNet
+        config = UNet2DModel.load_config(run.pipeline_path(variant), subfolder="unet")
+        check_sampler(settings.sampler, config)
+        if "sensitivity" in settings.metrics:
+            check_sampler(settings.ladder_sampler, config, "ladder_sampler")
     if not {"pfd", "sensitivity"} & set(settings.metrics):
         return None
     reference, where = None, settings.pfd_reference

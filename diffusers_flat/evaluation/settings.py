@@ -8,8 +8,9 @@ from diffusers_flat.errors import FlatError
 from diffusers_flat.evaluation.registry import METRICS
 from diffusers_flat.metrics.dinov2 import DEFAULT_DINOV2
 from diffusers_flat.metrics.fid import FEATURE_SPACES, check_count
-from diffusers_flat.metrics.pfd import DESCRIPTORS, SOLVERS
-from diffusers_flat.quantization import check_bits, check_granularity
+from diffusers_flat.metrics.pfd import DESCRIPTORS
+from diffusers_flat.sampling import SOLVERS, check_sampler
+from diffusers_flat.quantization import GRANULARITIES, check_bits, check_granularity
 
 # asked for by name: PFD needs a reference model, the quantization ladder is a study's instrument
 ON_REQUEST = ("pfd", "sensitivity")
@@ -25,8 +26,12 @@ class EvaluationSettings:
         inference_steps: the respaced sampling steps T' of the FID columns (the paper: 20 and 100).
         num_samples: generated images per FID column (the paper: 50,000).
         num_real: at most this many real images for FID.
-        quantize: also FID with weights quantized to these bits (2-8; the paper's Table 4: 8).
-        quantize_granularity: per_tensor (the paper) or per_channel scales.
+        sampler: the pipeline sampler of the FID columns, fp32 and quantized: "ddpm" (DDPMPipeline, respaced
+            ancestral sampling: the paper's) or "ddim" (DDIMPipeline, eta = 0), each with the model's scheduler config.
+        quantize: also FID and KID with quantized weights, from the same noises as fp32, at these levels: "B" (B bits
+            at `quantize_granularity`) or "B:granularity", e.g. ("5:per_channel", "4:per_channel"); B from 2 to 8
+            (the paper's Table 4: 8 per tensor).
+        quantize_granularity: the granularity of a bare "B": per_tensor (the paper) or per_channel scales.
         quantize_inference_steps: the FID columns T' also sampled with quantized weights (empty: every column).
         seed: seeds the sampling noise, the real subsets, the (x0, t, eps) triples and the weight noise.
         batch_size: images per UNet batch.
@@ -50,7 +55,10 @@ class EvaluationSettings:
         ladder: the bits of the quantization-sensitivity curve (the sensitivity metric), e.g. 8, 6, 5, 4, 3.
         ladder_granularities: the scales of each ladder level: per_tensor and/or per_channel.
         ladder_samples: samples of each ladder level's pixel displacements.
-        ladder_steps: DDIM (and respaced ancestral) steps of those samples; a divisor of the training timesteps.
+        ladder_steps: the steps of those samples (the pipeline samplers' and the PF-ODE's); a divisor of the
+            training timesteps.
+        ladder_sampler: the pipeline sampler of the ladder's primary displacement: "ddim" (DDIMPipeline, eta = 0,
+            what a user samples with) or "ddpm".
         features: the feature space of FID, KID and precision/recall: "inception" (the TF-ported InceptionV3) or
             "dinov2" (FD_DINOv2 and the rest in DINOv2's space).
         dinov2_model: with features "dinov2", the DINOv2 model's Hub id or local directory.
@@ -64,7 +72,8 @@ class EvaluationSettings:
     inference_steps: tuple[int, ...] = (20, 100)
     num_samples: int = 1000
     num_real: int = 1000
-    quantize: tuple[int, ...] = ()
+    sampler: str = "ddpm"
+    quantize: tuple[str, ...] = ()
     quantize_granularity: str = "per_tensor"
     quantize_inference_steps: tuple[int, ...] = ()
     seed: int = 0
@@ -86,9 +95,16 @@ class EvaluationSettings:
     ladder: tuple[int, ...] = (8, 6, 5, 4, 3)
     ladder_granularities: tuple[str, ...] = ("per_tensor", "per_channel")
     ladder_samples: int = 64
-    ladder_steps: int = 20
+    ladder_steps: int = 50
+    ladder_sampler: str = "ddim"
     features: str = "inception"
     dinov2_model: str = DEFAULT_DINOV2
+
+    @property
+    def quantization_levels(self) -> dict[str, tuple[int, str]]:
+        """The `quantize` levels by their key in the results ("B:granularity"): (bits, granularity)."""
+        levels = [quantization_level(level, self.quantize_granularity) for level in self.quantize]
+        return {f"{bits}:{granularity}": (bits, granularity) for bits, granularity in levels}
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.metrics if m not in METRICS]
@@ -98,11 +114,14 @@ class EvaluationSettings:
             check_count(self.num_samples, "num_samples")
         if not self.inference_steps or any(s < 1 for s in self.inference_steps):
             raise FlatError(f"inference_steps must be >= 1, got {list(self.inference_steps)}", "inference_steps")
-        for bits in self.quantize:
-            check_bits(bits)
+        check_sampler(self.sampler)
+        check_sampler(self.ladder_sampler, parameter="ladder_sampler")
+        check_granularity(self.quantize_granularity)
+        levels = [quantization_level(level, self.quantize_granularity) for level in self.quantize]
+        if len(set(levels)) < len(levels):
+            raise FlatError(f"quantize names a level twice: {', '.join(map(str, self.quantize))}", "quantize")
         if self.quantize and "fid" not in self.metrics:
             raise FlatError("quantize reports FID before -> after quantization: add fid to metrics", "quantize")
-        check_granularity(self.quantize_granularity)
         if self.features not in FEATURE_SPACES:
             raise FlatError(f"features {self.features!r}: choose {' or '.join(FEATURE_SPACES)}", "features")
         if "pfd" in self.metrics:
@@ -141,6 +160,26 @@ class EvaluationSettings:
                 raise FlatError(f"{name} must be >= 1, got {getattr(self, name)}", name)
 
 
+def quantization_level(level: str | int, granularity: str = "per_tensor") -> tuple[int, str]:
+    """A `quantize` level as (bits, granularity): "B:granularity", or a bare B at `granularity`.
+
+    Example:
+        >>> quantization_level("4:per_channel"), quantization_level("8")
+        ((4, 'per_channel'), (8, 'per_tensor'))
+    """
+    bits, _, named = str(level).partition(":")
+    try:
+        bits = int(bits)
+    except ValueError:
+        bits = None
+    if bits is None or not 2 <= bits <= 8 or (named and named not in GRANULARITIES):
+        raise FlatError(
+            f"quantize level {level!r}: B or B:granularity, B from 2 to 8, granularity {' or '.join(GRANULARITIES)}",
+            "quantize",
+        )
+    return bits, named or granularity
+
+
 def evaluation_work(s: EvaluationSettings) -> tuple[int, int]:
     """What `evaluate` costs for one model: (UNet image-forwards, InceptionV3 images). A sampling step of one image
     is one forward, and so is one (x0, t, eps) term of the fixed loss; the real images' features are extra, once.
@@ -163,9 +202,10 @@ def evaluation_work(s: EvaluationSettings) -> tuple[int, int]:
     forwards += losses * s.loss_samples
     if "exposure_bias" in metrics:  # each step: the chain's image and the freshly noised real one
         forwards += 2 * s.exposure_samples * max(s.inference_steps)
-    if "sensitivity" in metrics:  # fp32 once and each level: the fixed loss, DDIM and ancestral samples
+    if "sensitivity" in metrics:  # fp32 once and each level: the fixed loss, the PF-ODE's, ancestral and DDIM samples
         levels = len(s.ladder) * len(s.ladder_granularities)
-        forwards += (levels + 1) * (s.loss_samples + 2 * s.ladder_samples * s.ladder_steps)
+        draws = 2 if s.ladder_sampler == "ddpm" else 3  # ddpm's samples are the ancestral ones
+        forwards += (levels + 1) * (s.loss_samples + draws * s.ladder_samples * s.ladder_steps)
     if "pfd" in metrics:  # the model's and the reference's flow maps; an empirical reference costs more than a UNet
         forwards += 2 * s.pfd_noises * s.pfd_steps
         images += 2 * s.pfd_noises * (s.pfd_descriptor == "inception")

@@ -3,6 +3,8 @@ columns beside) and Table 4 (FID before -> after weight quantization). Shared by
 
 from __future__ import annotations
 
+from diffusers_flat.evaluation.levels import quantization_levels
+
 
 def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
@@ -54,25 +56,28 @@ def results_table(results: dict[str, dict], steps: list[int]) -> str:
 
 
 def quantization_table(results: dict[str, dict]) -> str:
-    """One row per model and step count: FID with fp32 weights -> FID with b-bit weights (change), for every b
-    evaluated. Empty when no model was evaluated quantized."""
-    quantized = {name: r for name, r in results.items() if "quantization" in r}
+    """One row per model and step count: FID with fp32 weights -> FID at each quantized level (change), from the same
+    noises. Empty when no model was evaluated quantized."""
+    quantized = {name: quantization_levels(r) for name, r in results.items() if "quantization" in r}
     if not quantized:
         return ""
-    bits = sorted({int(b) for r in quantized.values() for b in r["quantization"]["fid"]}, reverse=True)
-    header = ["model", "steps", "FID fp32"] + [f"{b}-bit weights" for b in bits]
+    levels = sorted(
+        {(level["bits"], level["granularity"]) for q in quantized.values() for level in q.values()},
+        key=lambda level: (-level[0], level[1]),
+    )
+    header = ["model", "steps", "FID fp32"] + [f"{b}-bit {g.replace('_', '-')}" for b, g in levels]
     lines = [_row(header), "|" + "---|" * len(header)]
-    for name, r in quantized.items():
-        for steps, before in r["fid"].items():
+    for name, q in quantized.items():
+        for steps, before in results[name]["fid"].items():
             row = [name, steps, f"{before:.2f}"]
-            for b in bits:
-                after = r["quantization"]["fid"].get(str(b), {}).get(steps)
+            for b, g in levels:
+                after = q.get(f"{b}:{g}", {}).get("fid", {}).get(steps)
                 row.append("-" if after is None else f"{before:.2f} → {after:.2f} ({after - before:+.2f})")
             lines.append(_row(row))
-    granularity = next(iter(quantized.values()))["quantization"]["granularity"].replace("_", "-")
+    sampler = next(iter(results.values())).get("quantization", {}).get("sampler", "ddpm")
     lines += [
         "",
-        f"Direct post-training quantization of every Conv2d and Linear weight ({granularity} scales), "
-        "no fine-tuning, as in the paper's Table 4.",
+        "Direct post-training quantization of every Conv2d and Linear weight, no fine-tuning, as in the paper's "
+        f"Table 4; fp32 and quantized samples from the same noises ({sampler} pipeline).",
     ]
     return "\n".join(lines) + "\n"

@@ -12,6 +12,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from diffusers_flat.errors import FlatError
+from diffusers_flat.evaluation.levels import quantization_levels
 from diffusers_flat.evaluation.tables import quantization_table, results_table
 from diffusers_flat.run_directory import RunDirectory, TrainingRecord, write_atomically
 
@@ -67,9 +68,10 @@ def _eval_results(evaluations: dict[str, dict], dataset_type: str, dataset_name:
             add("fid", fid, f"FID ({steps} steps, {r['fid_num_generated']} samples{weights})")
         for steps, kid in r.get("kid", {}).items():
             add("kid", kid["mean"], f"KID ({steps} steps, {r['fid_num_generated']} samples{weights})")
-        for bits, fids in r.get("quantization", {}).get("fid", {}).items():
-            for steps, fid in fids.items():
-                add("fid", fid, f"FID ({steps} steps, {bits}-bit weights{weights})")
+        for level in quantization_levels(r).values():
+            precision = f"{level['bits']}-bit" + ("" if level["granularity"] == "per_tensor" else " per-channel")
+            for steps, fid in level["fid"].items():
+                add("fid", fid, f"FID ({steps} steps, {precision} weights{weights})")
         if "lpf" in r:
             add("lpf", r["lpf"]["lpf"], f"LPF flatness (sigma {r['lpf']['sigma']}{weights})")
         if "exposure_bias" in r:

@@ -18,15 +18,11 @@ import math
 from typing import TypedDict
 
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-from tqdm.auto import tqdm
 
 from diffusers_flat.errors import FlatError
 from diffusers_flat.metrics.fid import InceptionFeatures
-from diffusers_flat.utils.sampling import to_uint8
-from diffusers_flat.utils.seeding import sampling_generator
+from diffusers_flat.sampling import SOLVERS, flow_map, to_uint8
 
-SOLVERS = ("ddim", "dpm-solver++")
 DESCRIPTORS = ("pixels", "identity", "inception")
 
 
@@ -40,74 +36,6 @@ class PFDResult(TypedDict):
     # for p and q: sqrt(E_z ||Phi(z) - clamp(Phi(z))||^2), how far the flows end outside [-1, 1], in PFD's units
     outside: list[float]
     clamped: bool
-
-
-def ode_solver(scheduler_config: dict, solver: str = "ddim"):
-    """A deterministic solver of the PF-ODE on the noise schedule of `scheduler_config` (a DDPMScheduler's config):
-    no clipping or thresholding of the x0 prediction, which would leave the ODE."""
-    if solver not in SOLVERS:
-        raise FlatError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}", "solver")
-    if solver == "ddim":  # eta = 0 in step(): deterministic
-        # DDIM steps from t to t - T // steps whatever the spacing; "trailing" (999, 979, ..., 19 for 50 of 1000
-        # steps) is the spacing whose next timestep is that one, starting from the noisiest
-        return DDIMScheduler.from_config(
-            scheduler_config, clip_sample=False, thresholding=False, timestep_spacing="trailing"
-        )
-    # the model's variance output, if any, is cut off before the solver sees it (flow_map)
-    return DPMSolverMultistepScheduler.from_config(
-        scheduler_config, algorithm_type="dpmsolver++", solver_order=2, thresholding=False, variance_type=None
-    )
-
-
-def check_steps(steps: int, solver: str, train_steps: int, parameter: str = "steps") -> None:
-    """The solver's steps: at least one, and for DDIM a divisor of the training timesteps (its fixed stride);
-    `parameter` names the argument that gave them."""
-    if steps < 1 or (solver == "ddim" and train_steps % steps):
-        raise FlatError(
-            f"{parameter} must divide the {train_steps} training timesteps for ddim (its stride is {train_steps} // "
-            f"steps), got {steps}; or use dpm-solver++",
-            parameter,
-        )
-
-
-def starting_noise(shape: tuple[int, ...], first: int, count: int, seed: int) -> torch.Tensor:
-    """The noises z of indices first, ..., first + count - 1: each from a generator of its own seeded from (seed, i),
-    as `sample_images` draws x_T, so every model and batch size sees the same z."""
-    return torch.cat(
-        [torch.randn((1, *shape), generator=sampling_generator(seed, i)) for i in range(first, first + count)]
-    )
-
-
-@torch.no_grad()
-def flow_map(
-    model: torch.nn.Module,
-    scheduler_config: dict,
-    num_noises: int,
-    steps: int = 50,
-    solver: str = "ddim",
-    seed: int = 0,
-    batch_size: int = 250,
-    show_progress: bool = True,
-) -> torch.Tensor:
-    """Phi(z) for the first `num_noises` noises of the stream `seed` defines: (N, C, H, W) float32 on the CPU, in the
-    model's units ([-1, 1] for images), neither clamped nor rounded."""
-    check_steps(steps, solver, scheduler_config["num_train_timesteps"])
-    channels, size = model.config.in_channels, model.config.sample_size
-    device = next(iter([*model.parameters(), *model.buffers()])).device
-    was_training = model.training
-    model.eval()
-    outputs = []
-    for first in tqdm(range(0, num_noises, batch_size), desc="PF-ODE", disable=not show_progress, leave=False):
-        scheduler = ode_solver(scheduler_config, solver)  # multistep solvers keep state: a fresh one per batch
-        scheduler.set_timesteps(steps)
-        x = starting_noise((channels, size, size), first, min(batch_size, num_noises - first), seed).to(device)
-        x = x * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
-            eps = model(x, t).sample[:, :channels]  # a learned-variance model's v is not part of the ODE
-            x = scheduler.step(eps, t, x).prev_sample
-        outputs.append(x.float().cpu())
-    model.train(was_training)
-    return torch.cat(outputs)
 
 
 def pixels_or_features(images: torch.Tensor, descriptor: str, inception: InceptionFeatures | None) -> torch.Tensor:

@@ -15,6 +15,7 @@ import numpy as np
 from scipy import stats
 
 from diffusers_flat.errors import FlatError
+from diffusers_flat.evaluation.levels import quantization_by_bits
 
 HOLDS, DOES_NOT_HOLD, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
 
@@ -174,10 +175,10 @@ def _quantization_increase(measure: str, bits: str) -> Callable[[dict], float]:
     """What b-bit weights add to FID or KID at T'=20 (same sampling noise), or to the fixed diffusion loss."""
 
     def increase(result: dict) -> float:
-        quantization = result["quantization"]
+        level = quantization_by_bits(result)[bits]
         if measure == "loss":
-            return quantization["loss_increase"][bits]
-        quantized, fp32 = quantization[measure][bits]["20"], result[measure]["20"]
+            return level["loss_increase"]
+        quantized, fp32 = level[measure]["20"], result[measure]["20"]
         return quantized - fp32 if measure == "fid" else quantized["mean"] - fp32["mean"]
 
     return increase

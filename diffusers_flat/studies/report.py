@@ -16,6 +16,7 @@ from diffusers_flat.evaluation.plots import (
     plot_loss_curves,
     plot_study_sensitivity,
 )
+from diffusers_flat.evaluation.levels import quantization_by_bits
 from diffusers_flat.quantization import GRANULARITIES
 from diffusers_flat.run_directory import write_atomically, write_json
 from diffusers_flat.studies.claims import (
@@ -165,7 +166,7 @@ def study_claims(results: Results, settings: dict) -> list[Claim]:
         return list(CLAIMS)
     any_result = next((r for seeds in results.values() for r in seeds.values()), {})
     steps = sorted(any_result.get("fid", {}), key=int)
-    quantized = sorted(any_result.get("quantization", {}).get("kid", {}), key=int, reverse=True)
+    quantized = sorted(quantization_by_bits(any_result), key=int, reverse=True)
     curves = any_result.get("sensitivity", {}).get("curves", {})
     ladder = {g: sorted(curves[g], key=int, reverse=True) for g in sorted(curves, key=GRANULARITIES.index)}
     return [
@@ -176,7 +177,14 @@ def study_claims(results: Results, settings: dict) -> list[Claim]:
 
 
 def _moved(result: dict, bits: str, steps: str) -> float:
-    return result["quantization"]["pixel_displacement"][bits][steps]
+    return quantization_by_bits(result)[bits]["pixel_displacement"][steps]
+
+
+def _figure_sampler(figure: dict) -> str:
+    """How the figure's samples were drawn: a pipeline sampler, or (figures made before there were any) the PF-ODE."""
+    if "sampler" not in figure:
+        return "the probability-flow ODE, DDIM without clipping, 20 steps"
+    return f"{'DDIMPipeline, eta = 0' if figure['sampler'] == 'ddim' else 'DDPMPipeline'}, {figure['steps']} steps"
 
 
 def _tuning_section(tuning: dict, rows: list[dict]) -> list[str]:
@@ -412,16 +420,18 @@ def write_report(
         "exposure gap (sq. norm)": exposure_gap,
         "memorization": lambda r: r["memorization"]["memorization_ratio"],
     }
-    quantized_fid = any_result.get("quantization", {}).get("fid", {})
+    quantized = quantization_by_bits(any_result)
     quantization = {}
-    for b in sorted(quantized_fid, key=int, reverse=True):
-        for s in sorted(quantized_fid[b], key=int):
-            quantization[f"{b}-bit ΔFID (T'={s})"] = lambda r, b=b, s=s: r["quantization"]["fid"][b][s] - r["fid"][s]
+    for b in sorted(quantized, key=int, reverse=True):
+        for s in sorted(quantized[b]["fid"], key=int):
+            quantization[f"{b}-bit ΔFID (T'={s})"] = lambda r, b=b, s=s: (
+                quantization_by_bits(r)[b]["fid"][s] - r["fid"][s]
+            )
             quantization[f"{b}-bit ΔKID x10³ (T'={s})"] = lambda r, b=b, s=s: (
-                1e3 * (r["quantization"]["kid"][b][s]["mean"] - r["kid"][s]["mean"])
+                1e3 * (quantization_by_bits(r)[b]["kid"][s]["mean"] - r["kid"][s]["mean"])
             )
             quantization[f"{b}-bit pixels moved (T'={s})"] = lambda r, b=b, s=s: _moved(r, b, s)
-        quantization[f"{b}-bit Δloss"] = lambda r, b=b: r["quantization"]["loss_increase"][b]
+        quantization[f"{b}-bit Δloss"] = lambda r, b=b: quantization_by_bits(r)[b]["loss_increase"]
     claims = claim_results(results, study_claims(results, settings))
     main_claims = [c for c in claims if " has a smaller " not in c["claim"]]
     sections = [
@@ -465,8 +475,9 @@ def write_report(
         sections += [
             "## The answer in one picture",
             f"Seed {figure['seed']}, raw pipelines: samples from the same noises at fp32 and with "
-            f"{figure['bits']}-bit {figure['granularity']} weights, the ladder level where the mean paired DDIM "
-            f"displacement of ADM exceeds the flat row's the most. Pixels moved by these samples: {moved}.",
+            f"{figure['bits']}-bit {figure['granularity']} weights ({_figure_sampler(figure)}), the ladder level "
+            f"where the mean paired displacement of ADM exceeds the flat row's the most. Pixels moved by these "
+            f"samples: {moved}.",
             f"![the same noises at fp32 and {figure['bits']} bits]({figure['path']})",
         ]
     sections += [

@@ -341,8 +341,8 @@ class StudyRunner:
             if run.seed == seed and label in (base, treated):
                 pipelines[label] = RunDirectory(self.directory.run(run)).pipeline_path("raw")
         path = self.directory.path / "quantization_figure.png"
-        displacement = write_quantization_figure(pipelines, granularity, int(bits), path)
-        level = {"granularity": granularity, "bits": bits}
+        displacement = write_quantization_figure(pipelines, granularity, int(bits), path)  # DDIMPipeline, 50 steps
+        level = {"granularity": granularity, "bits": bits, "sampler": "ddim", "steps": 50}
         return {"path": path.name, "seed": seed, **level, "displacement": displacement}
 
     def loss_curves(self) -> dict[str, tuple[list[int], list[float]]]:

@@ -24,7 +24,7 @@ from diffusers_flat import __version__
 from diffusers_flat.errors import FlatError
 from diffusers_flat.methods.averaging import averaged_unet
 from diffusers_flat.run_directory import CHECKPOINT_STATE, RunDirectory, remove_entry, write_atomically, write_json
-from diffusers_flat.utils.sampling import image_grid, sample_images
+from diffusers_flat.sampling import image_grid, sample_images
 
 logger = logging.getLogger(__name__)
 
