@@ -34,8 +34,8 @@ from diffusers_flat.metrics.fid import (
     nhwc_to_nchw,
     nvidia_bilinear_resize,
 )
-from diffusers_flat.training.models import build_unet
 from diffusers_flat.sampling import sample_images
+from diffusers_flat.training.models import build_unet
 
 PROTOCOL_SAMPLES = 50_000
 

@@ -30,13 +30,13 @@ from diffusers_flat.evaluation.evaluate import resolve_device
 from diffusers_flat.methods.sam import SAM
 from diffusers_flat.methods.sam_modes import SAMMode
 from diffusers_flat.metrics.fid import InceptionFeatures, default_fid_batch_size
+from diffusers_flat.sampling import sample_images
 from diffusers_flat.studies.config import Study
 from diffusers_flat.studies.directory import StudyDirectory
 from diffusers_flat.studies.runner import StudyRunner
 from diffusers_flat.training.arguments import parse_training_flags
 from diffusers_flat.training.models import build_unet
 from diffusers_flat.training.step import MicroBatch, train_step
-from diffusers_flat.sampling import sample_images
 
 SAM_RHO = 0.05  # any rho > 0 costs the same two passes
 

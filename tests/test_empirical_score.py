@@ -10,8 +10,7 @@ from sklearn.datasets import load_digits
 from diffusers_flat.errors import FlatError
 from diffusers_flat.metrics.empirical_score import EmpiricalDenoiser, find_collapse_sigma
 from diffusers_flat.metrics.memorization import memorization_ratio
-from diffusers_flat.sampling import flow_map
-from diffusers_flat.sampling import sample_images
+from diffusers_flat.sampling import flow_map, sample_images
 
 SCHEDULER = DDPMScheduler(timestep_spacing="linspace")
 

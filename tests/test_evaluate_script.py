@@ -134,9 +134,31 @@ def quantized_by_hand(path, bits: int):
     return unet
 
 
+def small_classifier(path):
+    """A randomly initialised 4-class ResNet for 1-channel 8x8 images, saved: a yardstick as good as any for
+    counting which labels survive."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(3)
+    config = ResNetConfig(
+        num_channels=1, embedding_size=8, hidden_sizes=[8], depths=[1], layer_type="basic", num_labels=4, image_size=8
+    )
+    classifier = ResNetForImageClassification(config).eval()
+    classifier.save_pretrained(path)
+    return classifier
+
+
+def labels_by_hand(classifier, images: np.ndarray) -> np.ndarray:
+    """uint8 NHWC images scaled to [-1, 1], the classifier's argmax."""
+    with torch.no_grad():
+        pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32)) / 127.5 - 1
+        return classifier(pixel_values=pixels).logits.argmax(1).numpy()
+
+
 def test_quantized_fid_gives_table_4_plots_and_card(two_models, tmp_path, pooled_inception):
     model = shutil.copytree(two_models[1], tmp_path / "sam")
     out = tmp_path / "eval"
+    classifier = small_classifier(tmp_path / "classifier")
     evaluate_flat.main(
         evaluate_flat.parse_args(
             [
@@ -155,6 +177,8 @@ def test_quantized_fid_gives_table_4_plots_and_card(two_models, tmp_path, pooled
                 "4:per_channel",
                 "--quantize_granularity",
                 "per_channel",
+                "--classifier",
+                str(tmp_path / "classifier"),
                 "--output_dir",
                 str(out),
             ]
@@ -168,6 +192,9 @@ def test_quantized_fid_gives_table_4_plots_and_card(two_models, tmp_path, pooled
     scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
     expected, displacement = {}, {}
     fp32_images = plain_diffusers_samples(model, 2, 100).astype(float)
+    fp32_labels = labels_by_hand(classifier, fp32_images.astype(np.uint8))
+    assert len(np.unique(fp32_labels)) > 1  # a classifier that tells samples apart
+    reference = np.bincount(labels_by_hand(classifier, digits_8x8()), minlength=4) / 1797  # no held-out split
     for bits in (8, 4):
         pipeline = DDPMPipeline(unet=quantized_by_hand(model, bits), scheduler=scheduler)
         images = pipeline(
@@ -175,6 +202,13 @@ def test_quantized_fid_gives_table_4_plots_and_card(two_models, tmp_path, pooled
         ).images
         expected[bits] = frechet(real, pooled(to_8bit(images)))
         displacement[bits] = np.abs(to_8bit(images).astype(float) - fp32_images).mean()
+        # class fidelity, counted by hand: labels kept, and total variation to the reference's class frequencies
+        labels = labels_by_hand(classifier, to_8bit(images))
+        fidelity = levels[f"{bits}:per_channel"]["class_fidelity"]["2"]
+        assert fidelity["kept"] == np.mean(labels == fp32_labels) and fidelity["num_samples"] == 100
+        for which, counted in (("histogram_distance", labels), ("fp32_histogram_distance", fp32_labels)):
+            frequencies = np.bincount(counted, minlength=4) / 100
+            assert fidelity[which] == pytest.approx(np.abs(frequencies - reference).sum() / 2), which
     # The same noise for fp32 and quantized weights: the samples move by the mean pixel displacement.
     for bits in (8, 4):
         moved = levels[f"{bits}:per_channel"]["pixel_displacement"]["2"]
@@ -186,7 +220,10 @@ def test_quantized_fid_gives_table_4_plots_and_card(two_models, tmp_path, pooled
     cells = [f"{fp32:.2f} → {q:.2f} ({q - fp32:+.2f})" for q in (q8, q4)]
     row = f"| sam | 2 | {fp32:.2f} | {cells[0]} | {cells[1]} |"
     assert row in (out / "results.md").read_text()
-    for png in (out / "fid_vs_bits.png", out / "sam" / "fid_vs_bits.png", out / "sam" / "samples_2_steps_4bit_per_channel.png"):
+    kept = levels["4:per_channel"]["class_fidelity"]["2"]["kept"]
+    assert f"| sam | 4:per_channel | 2 | {kept:.1%} |" in (out / "results.md").read_text()
+    grid = out / "sam" / "samples_2_steps_4bit_per_channel.png"
+    for png in (out / "fid_vs_bits.png", out / "sam" / "fid_vs_bits.png", grid):
         Image.open(png).verify()
     # The pipeline dir keeps the evaluation, and its card now reports it.
     assert json.loads((model / "evaluation" / "eval_results.json").read_text()) == r

@@ -1,8 +1,8 @@
 """On CUDA (skipped without it): training with every method in bf16, resuming with EMA, every SAM mode in fp16 and
 its skipped steps, the paper's ADM recipe (learned variance, timestep sampler) with SAM, evaluation of every metric
-on the GPU agreeing with the CPU, the int8 deployment path, the Space's generate function, PFD against a teacher and
-against the empirical denoiser, and a noise-unconditional training on a subset. On a GPU machine:
-`python -m pytest tests/test_gpu.py`.
+on the GPU agreeing with the CPU, the pipeline samplers against the diffusers pipelines, the int8 and int4 deployment
+paths and their reload, the Space's generate and compare functions, PFD against a teacher and against the empirical
+denoiser, and a noise-unconditional training on a subset. On a GPU machine: `python -m pytest tests/test_gpu.py`.
 """
 
 import importlib
@@ -10,15 +10,17 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import REPO, micro_args, run_script, run_training
-from diffusers import DDPMScheduler, UNet2DModel
+from conftest import REPO, micro_args, per_image_generators, run_script, run_training
+from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from diffusers_flat.methods.sam import SAM
 from diffusers_flat.methods.sam_modes import SAMMode
-from diffusers_flat.quantization import quantize_for_deployment
+from diffusers_flat.quantization import load_quantized, quantize_for_deployment, save_quantized
+from diffusers_flat.sampling import pipeline_samples
 from diffusers_flat.training.step import MicroBatch, draw_step_noise, train_step
 
 pytestmark = [
@@ -118,14 +120,28 @@ def test_every_metric_on_cuda_agrees_with_the_cpu(two_models, tmp_path):
         assert gpu["fid"][steps] == pytest.approx(cpu["fid"][steps], rel=0.05)
 
 
-def test_int8_deployment_runs_on_cuda(two_models):
+@pytest.mark.parametrize("bits", [8, 4])
+def test_low_bit_deployment_runs_on_cuda_and_reloads(two_models, bits, tmp_path):
     fp32 = UNet2DModel.from_pretrained(two_models[0], subfolder="unet").to("cuda").eval()
-    int8 = quantize_for_deployment(UNet2DModel.from_pretrained(two_models[0], subfolder="unet")).to("cuda")
+    quantized = quantize_for_deployment(UNet2DModel.from_pretrained(two_models[0], subfolder="unet"), bits)
+    save_quantized(quantized, tmp_path / f"int{bits}")
+    quantized, reloaded = quantized.to("cuda"), load_quantized(tmp_path / f"int{bits}").to("cuda")
     x, t = torch.randn(4, 1, 8, 8, device="cuda"), torch.tensor([10, 200, 500, 900], device="cuda")
     with torch.no_grad():
-        a, b = fp32(x, t).sample, int8(x, t).sample
+        a, b = fp32(x, t).sample, quantized(x, t).sample
+        assert torch.equal(reloaded(x, t).sample, b)
     assert b.device.type == "cuda"
-    assert ((a - b).norm() / a.norm()).item() < 0.05
+    assert ((a - b).norm() / a.norm()).item() < (0.05 if bits == 8 else 0.5)
+
+
+@pytest.mark.parametrize(("sampler", "pipeline_class"), [("ddim", DDIMPipeline), ("ddpm", DDPMPipeline)])
+def test_the_pipeline_samplers_on_cuda_are_the_diffusers_pipelines(two_models, sampler, pipeline_class):
+    pipeline = pipeline_class.from_pretrained(two_models[0]).to("cuda")
+    pipeline.set_progress_bar_config(disable=True)
+    theirs = pipeline(batch_size=4, generator=per_image_generators(4), num_inference_steps=10, output_type="np").images
+    unet = pipeline.unet
+    ours = pipeline_samples(unet, DDPMScheduler.from_pretrained(two_models[0], subfolder="scheduler"), 4, 10, sampler)
+    np.testing.assert_array_equal(ours, theirs)
 
 
 def test_the_adm_recipe_with_sam_trains_and_resumes_on_cuda(tmp_path, micro_unet_config):
@@ -149,13 +165,15 @@ def test_the_space_generates_on_cuda(two_models, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "spaces_app"))
     app = importlib.import_module("app")
     assert app.DEVICE.type == "cuda" and os.environ["FLAT_MODELS"] in app.MODELS
-    for level in ("fp32", "4-bit per_tensor", "8-bit per_channel"):
+    for level in ("fp32", "4-bit per_tensor", "8-bit per_channel", "4-bit per_channel"):
         assert next(app.load_unet(app.MODELS[0], level).parameters()).device.type == "cuda"
-    fp32_grid, int8_grid, difference, summary, _ = app.generate(app.MODELS[0], 0, 20, "8-bit", 4)
-    assert fp32_grid.size == int8_grid.size and "**8-bit**" in summary
-    for bits, granularity in ((8, "per_channel"), (4, "per_tensor")):  # the real int8 path, and direct quantization
-        gallery, comparison, _ = app.compare_models(bits, granularity, 0, 20, 2)
-        assert len(gallery) == 2 and "pixels moved" in comparison
+    name = next(iter(app.SERVED))
+    for precision in app.PRECISIONS:
+        fp32_grid, quantized_grid, difference, summary, _ = app.generate(name, 0, "ddim", 20, precision, 4)
+        assert fp32_grid.size == quantized_grid.size and f"**{precision}**" in summary
+    for bits, granularity in ((4, "per_channel"), (4, "per_tensor")):  # the real int4 path, and direct quantization
+        figure, comparison, _ = app.compare_models(bits, granularity, 0, "ddim", 20, 2)
+        assert figure.size[0] > 0 and "pixels moved" in comparison
 
 
 def test_pfd_on_cuda_agrees_with_the_cpu(two_models, tmp_path):

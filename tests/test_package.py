@@ -29,8 +29,7 @@ def test_quantization_and_sampling_import_nothing_beyond_diffusers_and_torchao()
     """What the Space imports pulls in no more heavy packages than diffusers and torchao do by themselves."""
     baseline = top_level_modules("from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel\nimport torchao")
     ours = top_level_modules(
-        "import diffusers_flat.quantization, diffusers_flat.sampling, diffusers_flat.run_directory, "
-        "diffusers_flat"
+        "import diffusers_flat.quantization, diffusers_flat.sampling, diffusers_flat.run_directory, diffusers_flat"
     )
     assert (ours - baseline) & HEAVY == set(), sorted((ours - baseline) & HEAVY)
     assert "matplotlib" not in top_level_modules("import diffusers_flat.hub.model_card, diffusers_flat.hub.push")

@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from diffusers import UNet2DModel
 from conftest import REPO, run_command
+from diffusers import UNet2DModel
 from helpers import MICRO_UNET
 from torch import nn
 from torchao.quantization import IntxUnpackedToInt8Tensor

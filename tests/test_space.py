@@ -1,6 +1,7 @@
 """The Gradio Space: the real app served on 127.0.0.1, driven with gradio_client (both tabs, also under concurrent
-requests), and its page rendered in Debian's headless Chromium (through Playwright, which is given /usr/bin/chromium
-and downloads nothing)."""
+requests; every sample checked against plain diffusers pipelines), and its page rendered in Debian's headless Chromium
+(through Playwright, which is given /usr/bin/chromium and downloads nothing), on test models and on the shipped flat
+and sharp pair."""
 
 import importlib
 import json
@@ -17,10 +18,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, free_port, per_image_generators, run_script
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler, UNet2DModel
 from helpers import MICRO_UNET
 from PIL import Image
 
+from diffusers_flat.metrics.class_fidelity import load_classifier
 from diffusers_flat.quantization import quantize_weights_
 
 pytestmark = pytest.mark.slow  # a real server, gradio_client and Chromium
@@ -60,17 +62,16 @@ def toy_models(tmp_path_factory) -> dict[str, str]:
     return models
 
 
-@pytest.fixture(scope="module")
-def server(model, toy_models, tmp_path_factory):
+def serve(models: list[str] | None, directory) -> tuple[str, subprocess.Popen, object]:
+    """Start the app on a free port serving `models` (None: its default, the shipped pair) and wait, bounded, for
+    its page."""
     port = free_port()
-    env = dict(
-        os.environ,
-        FLAT_MODELS=",".join([str(model), *toy_models.values()]),
-        GRADIO_SERVER_NAME="127.0.0.1",
-        GRADIO_SERVER_PORT=str(port),
-        GRADIO_TEMP_DIR=str(tmp_path_factory.mktemp("gradio")),
-    )
-    log = open(tmp_path_factory.mktemp("log") / "app.log", "w+")
+    env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port))
+    env.update(GRADIO_TEMP_DIR=str(directory / "gradio"))
+    env.pop("FLAT_MODELS", None)
+    if models is not None:
+        env["FLAT_MODELS"] = ",".join(models)
+    log = open(directory / "app.log", "w+")
     process = subprocess.Popen(
         [sys.executable, str(REPO / "spaces_app" / "app.py")],
         cwd=REPO,
@@ -84,16 +85,34 @@ def server(model, toy_models, tmp_path_factory):
     while True:
         try:
             urllib.request.urlopen(url, timeout=5)
-            break
+            return url, process, log
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
+                os.killpg(process.pid, signal.SIGKILL)
                 log.seek(0)
                 pytest.fail(f"the app did not start:\n{log.read()[-3000:]}")
             time.sleep(1)
-    yield url
+
+
+def stop(process: subprocess.Popen, log) -> None:
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     log.close()
+
+
+@pytest.fixture(scope="module")
+def server(model, toy_models, tmp_path_factory):
+    url, process, log = serve([str(model), *toy_models.values()], tmp_path_factory.mktemp("server"))
+    yield url
+    stop(process, log)
+
+
+@pytest.fixture(scope="module")
+def shipped_server(tmp_path_factory):
+    """The app as a Space runs it: no FLAT_MODELS, the shipped flat and sharp pair."""
+    url, process, log = serve(None, tmp_path_factory.mktemp("shipped"))
+    yield url
+    stop(process, log)
 
 
 @pytest.fixture(scope="module")
@@ -112,61 +131,66 @@ def grid_cells(path, count: int, size: int) -> np.ndarray:
     return np.stack(cells)
 
 
-def reference_samples(model, seed: int, steps: int, count: int) -> np.ndarray:
-    """Plain diffusers, nothing of ours: the fp32 images the app should show."""
-    pipeline = DDPMPipeline.from_pretrained(model)
+def reference_samples(model, seed: int, steps: int, count: int, sampler: str = "ddpm", unet=None) -> np.ndarray:
+    """Plain diffusers, nothing of ours: the images the app should show (its UNet replaced by `unet` if given)."""
+    pipeline = (DDIMPipeline if sampler == "ddim" else DDPMPipeline).from_pretrained(model)
+    if unet is not None:
+        pipeline.unet = unet
     images = pipeline(
         batch_size=count, generator=per_image_generators(count, seed), num_inference_steps=steps, output_type="np"
     ).images
     return np.floor(images[..., 0] * 255).astype(np.uint8)  # guided-diffusion's 8-bit truncation
 
 
+def quantized_unet(model, bits: int, granularity: str) -> UNet2DModel:
+    unet = UNet2DModel.from_pretrained(model, subfolder="unet").eval()
+    quantize_weights_(unet, bits, granularity)
+    return unet
+
+
+PRECISIONS = ["8-bit (torchao)", "4-bit (torchao)", "4-bit per-tensor"]
+
+
 def test_concurrent_mixed_requests_at_both_tabs_leave_nothing_broken(client, model):
-    """8 requests at once, 8-bit and 4-bit, both tabs, each level's models loaded for the first time; then one
+    """8 requests at once, every precision, both tabs, each level's models loaded for the first time; then one
     request of each still succeeds alone."""
-    jobs = [client.submit(str(model), i, 20, ("8-bit", "4-bit")[i % 2], 2, api_name="/generate") for i in range(4)]
+    jobs = [client.submit("micro", i, "ddim", 20, PRECISIONS[i % 3], 2, api_name="/generate") for i in range(4)]
     jobs += [
-        client.submit(bits, granularity, i, 20, 2, api_name="/compare_models")
+        client.submit(bits, granularity, i, "ddim", 20, 2, api_name="/compare_models")
         for i, (bits, granularity) in enumerate([(8, "per_channel"), (4, "per_tensor")] * 2)
     ]
     for job in jobs:
         job.result(timeout=300)
-    for precision in ("8-bit", "4-bit"):
-        assert "overall" in client.predict(str(model), 0, 20, precision, 1, api_name="/generate")[3]
+    for precision in PRECISIONS:
+        assert "overall" in client.predict("micro", 0, "ddim", 20, precision, 1, api_name="/generate")[3]
     for bits, granularity in ((8, "per_channel"), (4, "per_tensor")):
-        assert "pixels moved" in client.predict(bits, granularity, 0, 20, 1, api_name="/compare_models")[1]
+        summary = client.predict(bits, granularity, 0, "ddim", 20, 1, api_name="/compare_models")[1]
+        assert "pixels moved" in summary
 
 
 def moved(summary: str) -> dict[str, float]:
-    """The first table of the comparison: model -> pixels moved."""
-    return {name: float(value) for name, value in re.findall(r"^\| (\S+) \| (\d+\.\d+) \|$", summary, re.MULTILINE)}
+    """The comparison table: model -> pixels moved."""
+    return {name: float(value) for name, value in re.findall(r"^\| (\S+) \| (\d+\.\d+) \|", summary, re.MULTILINE)}
 
 
-def test_model_against_model_shows_the_model_on_the_grid_unmoved(client, model, toy_models):
-    gallery, summary, curves = client.predict(4, "per_tensor", 5, 20, 4, api_name="/compare_models")
-    served = [str(model), *toy_models.values()]
-    # two panels per model, fp32 then quantized, 2x2 grids of 64-pixel cells
-    assert [item["caption"].split(" · ")[0] for item in gallery] == [name for name in served for _ in range(2)]
-    assert Image.open(gallery[0]["image"]).size == (134, 134)
+def test_model_against_model_moves_each_model_as_plain_diffusers_does(client, model, toy_models):
+    figure, summary, curves = client.predict(4, "per_tensor", 5, "ddim", 20, 4, api_name="/compare_models")
+    served = {os.path.basename(str(model)): str(model)} | {os.path.basename(p): p for p in toy_models.values()}
     displacement = moved(summary)
-    assert set(displacement) == set(served)
-    assert displacement[toy_models["on-a-4-bit-grid"]] == 0.0  # the same weights: the same DDIM samples
-    assert displacement[toy_models["off-the-grid"]] > 1.0
-    # the shown displacement is that of the shown images (0-255; the grids round to whole values)
-    for name in served:
-        i = 2 * served.index(name)
-        fp32, quantized = (grid_cells(gallery[j]["image"], 4, 64).astype(float) for j in (i, i + 1))
-        assert abs(np.abs(fp32 - quantized).mean() - displacement[name]) < 0.6
-    assert (
-        "| model | KID x10³ | FID | LPF |" in summary
-        and f"| {toy_models['off-the-grid']} | (not evaluated) |" in summary
-    )
-    # the evaluated model's own results, read here from its evaluation's JSON
-    evaluated = json.loads((model / "evaluation" / "eval_results.json").read_text())
-    increase = evaluated["sensitivity"]["curves"]["per_tensor"]["4"]["loss_increase"]
-    assert f"| {model} | - | - | {evaluated['lpf']['lpf']:.4g} | {increase:+.3g} |" in summary
-    assert "**4-bit per_tensor**: the same 4 noises" in summary
-    assert [item["caption"] for item in curves] == [f"{model}: quantization sensitivity"]
+    assert set(displacement) == set(served)  # models named by their directory's name, not its path
+    assert displacement["on-a-4-bit-grid"] == 0.0  # the same weights: the same DDIM samples
+    # each model's displacement is that of DDIMPipeline's samples, fp32 against 4-bit per-tensor weights
+    for name, path in served.items():
+        fp32 = reference_samples(path, 5, 20, 4, "ddim").astype(float)
+        quantized = reference_samples(path, 5, 20, 4, "ddim", quantized_unet(path, 4, "per_tensor")).astype(float)
+        assert displacement[name] == pytest.approx(np.abs(fp32 - quantized).mean(), abs=0.006), name
+    assert displacement["off-the-grid"] > 1.0
+    # one figure, a row per model, fp32 and quantized side by side; the curves of the evaluated model
+    width, height = Image.open(figure).size
+    assert height > width  # three rows of two panels
+    assert Image.open(curves).size[0] > 0
+    assert "**4-bit per_tensor**: the same 4 noises, DDIMPipeline, eta 0, 20 steps, seed 5" in summary
+    assert "| micro | " in summary and "(not evaluated at this level)" in summary and "| - | - |" in summary
 
 
 @pytest.mark.parametrize(
@@ -174,23 +198,32 @@ def test_model_against_model_shows_the_model_on_the_grid_unmoved(client, model, 
     [({"bits": 2}, "Value 2 is less than minimum value 3."), ({"granularity": "per_row"}, "is not in the list")],
 )
 def test_bad_comparison_inputs_are_rejected_with_a_message(client, inputs, message):
-    values = {"bits": 4, "granularity": "per_tensor", "seed": 0, "steps": 20, "num_images": 2, **inputs}
+    values = {"bits": 4, "granularity": "per_tensor", "seed": 0, "sampler": "ddim", "steps": 20, "num_images": 2}
     with pytest.raises(gradio_client.exceptions.AppError, match=re.escape(message)):
-        client.predict(*values.values(), api_name="/compare_models")
+        client.predict(*(values | inputs).values(), api_name="/compare_models")
 
 
-@pytest.mark.parametrize("precision", ["8-bit", "4-bit"])
-def test_generation_for_each_precision(client, model, precision):
-    fp32, quantized, difference, summary, plots = client.predict(str(model), 7, 20, precision, 4, api_name="/generate")
+@pytest.mark.parametrize(
+    ("precision", "sampler"), [(PRECISIONS[0], "ddpm"), (PRECISIONS[1], "ddim"), (PRECISIONS[2], "ddim")]
+)
+def test_generation_for_each_precision_is_what_plain_diffusers_draws(client, model, precision, sampler):
+    fp32, quantized, difference, summary, plots = client.predict(
+        "micro", 7, sampler, 20, precision, 4, api_name="/generate"
+    )
     # The micro model makes 8x8 images, shown enlarged 8x (64-pixel cells) in 2x2 grids.
-    expected = reference_samples(model, 7, 20, 4).repeat(8, axis=1).repeat(8, axis=2)
+    expected = reference_samples(model, 7, 20, 4, sampler).repeat(8, axis=1).repeat(8, axis=2)
     np.testing.assert_array_equal(grid_cells(fp32, 4, 64), expected)
+    bits, granularity = {PRECISIONS[0]: (8, "per_channel"), PRECISIONS[1]: (4, "per_channel")}.get(
+        precision, (4, "per_tensor")
+    )
+    by_hand = reference_samples(model, 7, 20, 4, sampler, quantized_unet(model, bits, granularity))
     ours, theirs = grid_cells(quantized, 4, 64).astype(int), expected.astype(int)
+    np.testing.assert_array_equal(ours, by_hand.repeat(8, axis=1).repeat(8, axis=2))  # torchao's int8/int4 too
     measured = np.abs(ours - theirs).reshape(4, -1).mean(axis=1)
     assert 0 < measured.mean() < 60  # changed by quantization, still the same pictures
     shown = [float(v) for v in re.search(r"per image \(0-255\): ([\d., ]+);", summary).group(1).split(", ")]
     np.testing.assert_allclose(shown, measured, atol=0.051)
-    assert re.search(rf"\*\*fp32\*\*: \d+\.\d\d s · \*\*{precision}\*\*: \d+\.\d\d s", summary)
+    assert re.search(rf"\*\*fp32\*\*: \d+\.\d\d s · \*\*{re.escape(precision)}\*\*: \d+\.\d\d s", summary)
     np.testing.assert_array_equal(grid_cells(difference, 4, 64), np.clip(np.abs(ours - theirs) * 4, 0, 255))
     assert [caption for _, caption in [(p["image"], p["caption"]) for p in plots]] == [
         "Loss under random weight perturbation"
@@ -199,10 +232,10 @@ def test_generation_for_each_precision(client, model, precision):
 
 def test_8_bit_stays_closer_to_fp32_than_4_bit(client, model):
     differences = {}
-    for precision in ("8-bit", "4-bit"):
-        summary = client.predict(str(model), 3, 20, precision, 4, api_name="/generate")[3]
+    for precision in (PRECISIONS[0], PRECISIONS[2]):
+        summary = client.predict("micro", 3, "ddim", 20, precision, 4, api_name="/generate")[3]
         differences[precision] = float(re.search(r"overall (\d+\.\d+)", summary).group(1))
-    assert differences["8-bit"] < differences["4-bit"]
+    assert differences[PRECISIONS[0]] < differences[PRECISIONS[2]]
 
 
 @pytest.mark.parametrize(
@@ -211,60 +244,82 @@ def test_8_bit_stays_closer_to_fp32_than_4_bit(client, model):
         ({"seed": -1}, "less than minimum value 0"),
         ({"seed": 2**32}, "greater than maximum value"),
         # gradio checks each component's choices and range first, naming the value and what is allowed.
-        ({"steps": 50}, "Value: 50 (type: <class 'int'>) is not in the list of choices: [20, 100]"),
-        (
-            {"precision": "2-bit"},
-            "Value: '2-bit' (type: <class 'str'>) is not in the list of choices: ['8-bit', '4-bit']",
-        ),
+        ({"steps": 30}, "Value: 30 (type: <class 'int'>) is not in the list of choices: [20, 50, 100]"),
+        ({"sampler": "euler"}, "Value: 'euler' (type: <class 'str'>) is not in the list of choices: ['ddim', 'ddpm']"),
+        ({"precision": "2-bit"}, f"Value: '2-bit' (type: <class 'str'>) is not in the list of choices: {PRECISIONS}"),
         ({"num_images": 17}, "Value 17 is greater than maximum value 16."),
-        ({"model": "someone/else"}, "Value: someone/else is not in the list of choices: ['"),
+        ({"model": "someone/else"}, "Value: someone/else is not in the list of choices:"),
     ],
 )
 def test_bad_inputs_are_rejected_with_a_message(client, model, inputs, message):
-    values = {"model": str(model), "seed": 0, "steps": 20, "precision": "8-bit", "num_images": 4, **inputs}
+    values = {"model": "micro", "seed": 0, "sampler": "ddim", "steps": 20, "precision": PRECISIONS[0]}
+    values |= {"num_images": 4}
     with pytest.raises(gradio_client.exceptions.AppError, match=re.escape(message)):
-        client.predict(*values.values(), api_name="/generate")
+        client.predict(*(values | inputs).values(), api_name="/generate")
 
 
 def test_a_slow_request_does_not_block_a_quick_one(client, model):
-    slow = client.submit(str(model), 1, 100, "4-bit", 16, api_name="/generate")
+    slow = client.submit("micro", 1, "ddpm", 100, PRECISIONS[2], 16, api_name="/generate")
     time.sleep(0.2)
-    quick = client.submit(str(model), 2, 20, "8-bit", 1, api_name="/generate")
+    quick = client.submit("micro", 2, "ddim", 20, PRECISIONS[0], 1, api_name="/generate")
     quick.result(timeout=120)
     assert not slow.done(), "the quick request waited for the slow one"
     slow.result(timeout=300)
 
 
-@pytest.mark.browser
-def test_page_renders_controls_and_images_in_chromium(server):
-    playwright = pytest.importorskip("playwright.sync_api")
+def open_page(playwright, url: str):
     if not os.path.exists(CHROMIUM):
         pytest.fail("Chromium is missing: apt-get install chromium (.ci/run does)")
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=flags)
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.goto(url)
+    return browser, page
+
+
+# images the server made, fully loaded
+LOADED = (
+    "[...document.querySelectorAll(\"img[src*='gradio_api/file']\")].filter(i => i.complete && i.naturalWidth > 0)"
+)
+
+
+@pytest.mark.browser
+def test_page_renders_controls_and_images_in_chromium(server):
+    sync_api = pytest.importorskip("playwright.sync_api")
     os.makedirs(ARTIFACTS, exist_ok=True)
-    with playwright.sync_playwright() as p:
-        flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=flags)
-        page = browser.new_page(viewport={"width": 1400, "height": 1100})
-        page.goto(server)
-        expect = playwright.expect
-        for label in ("Model", "Seed", "Sampling steps", "Precision", "Images", "fp32", "quantized"):
+    with sync_api.sync_playwright() as p:
+        browser, page = open_page(p, server)
+        expect = sync_api.expect
+        for label in ("Model", "Seed", "Sampler", "Sampling steps", "Precision", "Images", "fp32", "quantized"):
             expect(page.get_by_text(label, exact=True).first).to_be_visible(timeout=60_000)
         expect(page.get_by_role("button", name="Generate")).to_be_visible()
         # The page generates once on load: fp32 and quantized grids (and the difference) appear as images.
-        generated = "img[src*='gradio_api/file']"
-        loaded = f'[...document.querySelectorAll("{generated}")].filter(i => i.complete && i.naturalWidth > 0)'
-        page.wait_for_function(f"{loaded}.length >= 3", timeout=120_000)
-        widths = page.eval_on_selector_all(generated, "images => images.map(i => i.naturalWidth)")
+        page.wait_for_function(f"{LOADED}.length >= 3", timeout=120_000)
+        widths = page.eval_on_selector_all("img[src*='gradio_api/file']", "images => images.map(i => i.naturalWidth)")
         assert widths.count(266) == 3  # fp32, quantized, difference: 4x4 grids (16 images) of 64-pixel cells
         page.screenshot(path=os.path.join(ARTIFACTS, "space.png"), full_page=True)
-        # The second tab: every model at one precision, side by side.
-        page.get_by_role("tab", name="Model against model").click()
-        page.get_by_role("button", name="Compare").click()
-        page.wait_for_function(f"{loaded}.length >= 9", timeout=120_000)  # 3 models x 2 grids, and the first tab's 3
-        expect(page.get_by_text("pixels moved (mean, 0-255)").first).to_be_visible(timeout=60_000)
-        page.screenshot(path=os.path.join(ARTIFACTS, "space-compare.png"), full_page=True)
         browser.close()
     assert Image.open(os.path.join(ARTIFACTS, "space.png")).size[0] == 1400
+
+
+@pytest.mark.browser
+def test_the_comparison_tab_opens_on_the_shipped_pair_at_4_bits_in_chromium(shipped_server):
+    """The default view of the second tab, as a visitor of the Space sees it: both shipped models in one figure at
+    4-bit per-channel weights, named by their names, with their displacement, class fidelity and curves."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser, page = open_page(p, shipped_server)
+        page.get_by_role("tab", name="Model against model").click()
+        expect = sync_api.expect
+        # filled on load: the first tab's three grids, the comparison figure and the sensitivity curves
+        page.wait_for_function(f"{LOADED}.length >= 5", timeout=180_000)
+        expect(page.get_by_text("4-bit per_channel").first).to_be_visible(timeout=60_000)
+        for name in ("fashion-mnist-adm-seed1", "fashion-mnist-sam-rho0.01-seed1"):
+            expect(page.get_by_role("cell", name=name, exact=True)).to_be_visible()
+        assert "/spaces_app/models/" not in page.content()  # no absolute paths
+        page.screenshot(path=os.path.join(ARTIFACTS, "space-compare.png"), full_page=True)
+        browser.close()
 
 
 def test_app_refuses_a_model_that_is_neither_dir_nor_repo_id(tmp_path):
@@ -297,4 +352,21 @@ def test_the_default_models_are_the_shipped_flat_and_sharp_pair(monkeypatch):
     args = [json.loads((path / "training_args.json").read_text()) for path in shipped]
     assert sorted(a["sam_rho"] > 0 for a in args) == [False, True]
     assert len({(a["seed"], a["dataset_name"], a["max_train_steps"]) for a in args}) == 1
+    # The comparison's defaults: 4-bit per-channel weights, DDIMPipeline in 50 steps, 8 images; each number checked
+    # against plain diffusers and the classifier applied by hand.
+    figure, summary, curves = app.compare_models(4, "per_channel", 0, "ddim", 50, 8)
+    classifier = load_classifier()
+    for path in shipped:
+        fp32 = reference_samples(path, 0, 50, 8, "ddim")
+        quantized = reference_samples(path, 0, 50, 8, "ddim", quantized_unet(path, 4, "per_channel"))
+        with torch.no_grad():
+            fp32_labels, labels = (
+                classifier(pixel_values=torch.from_numpy(x[:, None].astype(np.float32)) / 127.5 - 1).logits.argmax(1)
+                for x in (fp32, quantized)
+            )
+        kept = (fp32_labels == labels).float().mean().item()
+        moved = np.abs(fp32.astype(float) - quantized).mean()
+        assert f"| {path.name} | {moved:.2f} | {kept:.0%} | " in summary, summary
+    assert summary.count("(not evaluated at this level)") == 2  # their evaluation was at 5 bits per tensor
+    assert figure.size[1] > 0.8 * figure.size[0] and curves is not None
     sys.modules.pop("app", None)

@@ -57,6 +57,12 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
         help="Sample the quantized weights at these of --inference_steps only (default: all of them).",
     )
     parser.add_argument(
+        "--classifier",
+        default=None,
+        help="With --quantize, class fidelity too: fashion-mnist (the shipped 16x16 classifier) or a "
+        "ResNetForImageClassification directory labels the fp32 and quantized samples.",
+    )
+    parser.add_argument(
         "--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N: the UNet and InceptionV3."
     )
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed)

@@ -63,6 +63,7 @@ def evaluate(
     fid: FID | None = None,
     processes: PartialState | None = None,
     reference: torch.nn.Module | None = None,
+    classifier: torch.nn.Module | None = None,
 ) -> Evaluation:
     """Measure `settings.metrics` of `model`.
 
@@ -80,6 +81,7 @@ def evaluate(
         reference: the pfd metric's reference model when `settings.pfd_reference` is a directory (the caller loads
             it); for "empirical", the empirical denoiser of the training images is built here unless given (e.g. its
             noise-unconditional variant, for a model trained without the noise level).
+        classifier: labels the fp32 and quantized samples for class fidelity (`load_classifier`); None: not measured.
 
     Example:
         >>> from diffusers import DDPMPipeline  # doctest: +SKIP
@@ -130,7 +132,9 @@ def evaluate(
             evaluation.quantized_samples[level, steps] = generate(quantized, level, steps)
     if not is_main:
         return Evaluation(result={})
-    inputs = MetricInputs(model, scheduler, real, settings, evaluation, fid, features, quantized_models, reference)
+    inputs = MetricInputs(
+        model, scheduler, real, settings, evaluation, fid, features, quantized_models, reference, classifier
+    )
     for name, measure in METRICS.items():
         if name in metrics:
             measure(inputs)

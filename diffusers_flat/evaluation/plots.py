@@ -110,17 +110,21 @@ def plot_fid_vs_bits(results: dict[str, dict], path: str | os.PathLike) -> None:
 
 
 def plot_sensitivity(results: dict[str, dict], path: str | os.PathLike) -> None:
-    """The quantization-sensitivity curves: the fixed loss's increase, and the pixel displacement of DDIM (solid) and
-    ancestral (dotted) samples, against bits (fewer to the right); one colour per model, one marker per
-    granularity."""
+    """The quantization-sensitivity curves: the fixed loss's increase, and the pixel displacement of the pipeline
+    sampler's samples (solid; in results made before it, the PF-ODE's) and of ancestral ones (dotted), against bits
+    (fewer to the right); one colour per model, one marker per granularity."""
     fig, ((loss_ax, moved_ax),) = _figure((10, 4), cols=2)
+    samplers = set()
     for i, (name, r) in enumerate(results.items()):
+        sampler = r["sensitivity"].get("sampler")
+        samplers.add(f"{sampler.upper()} pipeline" if sampler else "PF-ODE")
         for granularity, curve in r["sensitivity"]["curves"].items():
             bits = sorted(curve, key=int, reverse=True)
             marker, label = ("o" if granularity == "per_tensor" else "s"), f"{name}, {granularity}"
             x = range(len(bits))
             loss_ax.plot(x, [curve[b]["loss_increase"] for b in bits], marker=marker, color=f"C{i}", label=label)
-            moved_ax.plot(x, [curve[b]["ddim_displacement"] for b in bits], marker=marker, color=f"C{i}", label=label)
+            measure = "displacement" if sampler else "ddim_displacement"
+            moved_ax.plot(x, [curve[b][measure] for b in bits], marker=marker, color=f"C{i}", label=label)
             ancestral = [curve[b]["ancestral_displacement"] for b in bits]
             moved_ax.plot(x, ancestral, marker=marker, color=f"C{i}", linestyle=":", alpha=0.6)
             for ax in (loss_ax, moved_ax):
@@ -128,7 +132,7 @@ def plot_sensitivity(results: dict[str, dict], path: str | os.PathLike) -> None:
     loss_ax.set_ylabel("L(quantized) - L(fp32)")
     loss_ax.set_title("fixed diffusion loss")
     moved_ax.set_ylabel("mean |pixel change| (0-255)")
-    moved_ax.set_title("samples from the same noise: DDIM (solid), ancestral (dotted)")
+    moved_ax.set_title(f"samples from the same noise: {' / '.join(sorted(samplers))} (solid), ancestral (dotted)")
     loss_ax.legend(fontsize=7)
     _save(fig, path)
 

@@ -15,6 +15,7 @@ from diffusers import DDPMScheduler
 
 from diffusers_flat.errors import FlatError
 from diffusers_flat.evaluation.real_images import RealImages
+from diffusers_flat.metrics.class_fidelity import ClassFidelity, class_fidelity, classify
 from diffusers_flat.metrics.empirical_score import EmpiricalDenoiser, find_collapse_sigma
 from diffusers_flat.metrics.exposure_bias import ExposureBiasResult, exposure_bias
 from diffusers_flat.metrics.fid import FID, KIDResult
@@ -44,6 +45,7 @@ class QuantizedLevel(TypedDict):
     kid: dict[str, KIDResult]  # T' -> KID, on the same features
     loss_increase: float  # L(quantized w) - L(w), the fixed diffusion loss
     pixel_displacement: dict[str, float]  # T' -> mean |quantized - fp32 sample| (0-255)
+    class_fidelity: dict[str, ClassFidelity]  # T' -> class fidelity, with a classifier
 
 
 class QuantizationResult(TypedDict):
@@ -104,6 +106,7 @@ class MetricInputs:
         features: (level, T') -> InceptionV3 features of the samples; level "fp32": unquantized.
         quantized: level ("B:granularity") -> the model with quantized weights.
         reference: the pfd metric's reference model, when the caller gives one.
+        classifier: labels the samples for class fidelity (`settings.classifier`), when the caller gives one.
     """
 
     model: torch.nn.Module
@@ -115,6 +118,7 @@ class MetricInputs:
     features: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     quantized: dict[str, torch.nn.Module] = field(default_factory=dict)
     reference: torch.nn.Module | None = None
+    classifier: torch.nn.Module | None = None
 
     @cached_property
     def training(self) -> RealImages:
@@ -126,6 +130,17 @@ class MetricInputs:
         s = self.settings
         triples = self.training.tensor_subset(min(s.loss_samples, len(self.training.tensors)), s.seed)
         return DiffusionLoss(self.scheduler, triples, seed=s.seed, batch_size=s.batch_size)
+
+    @cached_property
+    def labels(self) -> dict[int, np.ndarray]:
+        """The classifier's labels of the fp32 samples of each T'."""
+        return {steps: classify(self.classifier, images) for steps, images in self.evaluation.samples.items()}
+
+    @cached_property
+    def reference_counts(self) -> np.ndarray:
+        """The classifier's class histogram of the held-out images (else the training images)."""
+        reference = self.real.held_out if self.real.held_out is not None else self.training.uint8
+        return np.bincount(classify(self.classifier, reference), minlength=self.classifier.config.num_labels)
 
     @cached_property
     def fp32_loss(self) -> float:
@@ -161,6 +176,12 @@ def measure_quantization(m: MetricInputs) -> None:
         loss_increase = m.loss(m.quantized[level]) - m.fp32_loss
         levels[level] = {"bits": bits, "granularity": granularity, "fid": fids, "kid": kids}
         levels[level] |= {"loss_increase": loss_increase, "pixel_displacement": moved}
+        if m.classifier is not None:  # the same noises at fp32 and quantized: does each sample keep its class?
+            levels[level]["class_fidelity"] = {
+                str(steps): class_fidelity(m.labels[steps], classify(m.classifier, quantized), m.reference_counts)
+                for (at, steps), quantized in m.evaluation.quantized_samples.items()
+                if at == level
+            }
     m.evaluation.result["quantization"] = {"sampler": s.sampler, "levels": levels}
 
 

@@ -19,9 +19,10 @@ from diffusers_flat.evaluation.real_images import RealImages, load_real_images
 from diffusers_flat.evaluation.registry import EMPIRICAL_REFERENCES, EvaluationResult, empirical_reference
 from diffusers_flat.evaluation.report import write_comparison, write_model_report
 from diffusers_flat.evaluation.settings import EvaluationSettings
+from diffusers_flat.metrics.class_fidelity import load_classifier
 from diffusers_flat.metrics.fid import FID, feature_network
-from diffusers_flat.sampling import check_sampler, check_steps
 from diffusers_flat.run_directory import RunDirectory
+from diffusers_flat.sampling import check_sampler, check_steps
 from diffusers_flat.training.models import make_noise_unconditional
 from diffusers_flat.utils.cli import share_cpu_threads
 
@@ -32,7 +33,7 @@ def load_reference(
     """The pfd metric's reference pipeline (None for 'empirical', built per model), and every model to evaluate
     checked against it (image shape, noise schedule) and against the solvers' steps (PFD's and the quantization
     ladder's) and the pipeline samplers (DDIM cannot sample a learned-variance UNet), before anything is written."""
-    for name, run in runs.items():  # DDIMPipeline cannot sample a learned-variance UNet
+    for run in runs.values():  # DDIMPipeline cannot sample a learned-variance UNet
         config = UNet2DModel.load_config(run.pipeline_path(variant), subfolder="unet")
         check_sampler(settings.sampler, config)
         if "sensitivity" in settings.metrics:
@@ -142,6 +143,19 @@ def evaluate_runs(
         features = feature_network(settings.features, fid_dtype, settings.dinov2_model)
         fid = FID(features, batch_size=fid_batch_size, device=device, show_progress=main_process)
 
+    classifier = load_classifier(settings.classifier, device) if settings.classifier and main_process else None
+    for name, run in runs.items() if classifier is not None else ():
+        config = UNet2DModel.load_config(run.pipeline_path(variant), subfolder="unet")
+        shape, reads = (
+            (config["in_channels"], config["sample_size"]),
+            (classifier.config.num_channels, classifier.config.image_size),
+        )
+        if shape != reads:
+            raise FlatError(
+                f"classifier {settings.classifier}: it reads {reads[0]}-channel {reads[1]}x{reads[1]} images, {name} "
+                f"makes {shape[0]}-channel {shape[1]}x{shape[1]} ones",
+                "classifier",
+            )
     real_images: dict[tuple, RealImages] = {}  # models trained on the same data share one read of it
     results: dict[str, EvaluationResult] = {}
     for name, run in runs.items():
@@ -160,7 +174,7 @@ def evaluate_runs(
         if "pfd" in settings.metrics and settings.pfd_reference in EMPIRICAL_REFERENCES and record.noise_unconditional:
             # a model trained blind to the noise level is compared with the empirical denoiser blind to it too
             against = empirical_reference(real, pipeline.scheduler, device, noise_unconditional=True)
-        evaluation = evaluate(pipeline.unet, pipeline.scheduler, real, settings, fid, processes, against)
+        evaluation = evaluate(pipeline.unet, pipeline.scheduler, real, settings, fid, processes, against, classifier)
         if not main_process:
             continue
         evaluation.result.update(model=name, path=str(run.pipeline_path(variant)), variant=variant)

@@ -9,8 +9,8 @@ from diffusers_flat.evaluation.registry import METRICS
 from diffusers_flat.metrics.dinov2 import DEFAULT_DINOV2
 from diffusers_flat.metrics.fid import FEATURE_SPACES, check_count
 from diffusers_flat.metrics.pfd import DESCRIPTORS
-from diffusers_flat.sampling import SOLVERS, check_sampler
 from diffusers_flat.quantization import GRANULARITIES, check_bits, check_granularity
+from diffusers_flat.sampling import SOLVERS, check_sampler
 
 # asked for by name: PFD needs a reference model, the quantization ladder is a study's instrument
 ON_REQUEST = ("pfd", "sensitivity")
@@ -33,6 +33,8 @@ class EvaluationSettings:
             (the paper's Table 4: 8 per tensor).
         quantize_granularity: the granularity of a bare "B": per_tensor (the paper) or per_channel scales.
         quantize_inference_steps: the FID columns T' also sampled with quantized weights (empty: every column).
+        classifier: with `quantize`, also class fidelity: the classifier ("fashion-mnist", the one shipped, or a
+            `ResNetForImageClassification` directory) labels the fp32 and quantized samples (None: not measured).
         seed: seeds the sampling noise, the real subsets, the (x0, t, eps) triples and the weight noise.
         batch_size: images per UNet batch.
         loss_samples: (x0, t, eps) triples of the fixed diffusion loss.
@@ -76,6 +78,7 @@ class EvaluationSettings:
     quantize: tuple[str, ...] = ()
     quantize_granularity: str = "per_tensor"
     quantize_inference_steps: tuple[int, ...] = ()
+    classifier: str | None = None
     seed: int = 0
     batch_size: int = 250
     loss_samples: int = 256
@@ -117,6 +120,8 @@ class EvaluationSettings:
         check_sampler(self.sampler)
         check_sampler(self.ladder_sampler, parameter="ladder_sampler")
         check_granularity(self.quantize_granularity)
+        if self.classifier and not self.quantize:
+            raise FlatError("classifier labels quantized samples: name the levels with quantize", "classifier")
         levels = [quantization_level(level, self.quantize_granularity) for level in self.quantize]
         if len(set(levels)) < len(levels):
             raise FlatError(f"quantize names a level twice: {', '.join(map(str, self.quantize))}", "quantize")

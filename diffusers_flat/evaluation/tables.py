@@ -74,6 +74,20 @@ def quantization_table(results: dict[str, dict]) -> str:
                 after = q.get(f"{b}:{g}", {}).get("fid", {}).get(steps)
                 row.append("-" if after is None else f"{before:.2f} → {after:.2f} ({after - before:+.2f})")
             lines.append(_row(row))
+    fidelity = [
+        f"| {name} | {key} | {steps} | {f['kept']:.1%} | {f['fp32_histogram_distance']:.3f} → "
+        f"{f['histogram_distance']:.3f} |"
+        for name, q in quantized.items()
+        for key, level in q.items()
+        for steps, f in level.get("class_fidelity", {}).items()
+    ]
+    if fidelity:
+        lines += [
+            "",
+            "| model | level | steps | class kept | class histogram vs the held-out set's (fp32 → quantized) |",
+            "|---|---|---|---|---|",
+            *fidelity,
+        ]
     sampler = next(iter(results.values())).get("quantization", {}).get("sampler", "ddpm")
     lines += [
         "",

@@ -21,7 +21,7 @@ import torch
 
 from diffusers_flat.errors import FlatError
 from diffusers_flat.metrics.fid import InceptionFeatures
-from diffusers_flat.sampling import SOLVERS, flow_map, to_uint8
+from diffusers_flat.sampling import flow_map, to_uint8
 
 DESCRIPTORS = ("pixels", "identity", "inception")
 

@@ -45,7 +45,12 @@ class SensitivityResult(TypedDict):
 
 
 def user_pixels(
-    model: torch.nn.Module, scheduler: DDPMScheduler, num_samples: int, steps: int, sampler: str, seed: int = 0,
+    model: torch.nn.Module,
+    scheduler: DDPMScheduler,
+    num_samples: int,
+    steps: int,
+    sampler: str,
+    seed: int = 0,
     batch_size: int = 250,
 ) -> np.ndarray:
     """The `sampler` pipeline's samples from the first `num_samples` noises of the stream `seed`, 0-255, unrounded."""
@@ -54,7 +59,11 @@ def user_pixels(
 
 
 def ode_pixels(
-    model: torch.nn.Module, scheduler: DDPMScheduler, num_samples: int, steps: int, seed: int = 0,
+    model: torch.nn.Module,
+    scheduler: DDPMScheduler,
+    num_samples: int,
+    steps: int,
+    seed: int = 0,
     batch_size: int = 250,
 ) -> np.ndarray:
     """The PF-ODE's ends from the same noises, clamped to [-1, 1] and scaled to 0-255, unrounded (NHWC)."""
@@ -125,8 +134,10 @@ def quantization_sensitivity(
             "ancestral_displacement": user_pixels(network, scheduler, num_samples, steps, "ddpm", seed, batch_size),
         }
         # with sampler ddpm the user's samples are the ancestral ones: drawn once
-        drawn["displacement"] = drawn["ancestral_displacement"] if sampler == "ddpm" else user_pixels(
-            network, scheduler, num_samples, steps, sampler, seed, batch_size
+        drawn["displacement"] = (
+            drawn["ancestral_displacement"]
+            if sampler == "ddpm"
+            else user_pixels(network, scheduler, num_samples, steps, sampler, seed, batch_size)
         )
         return drawn
 

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
+from diffusers_flat.evaluation.levels import quantization_by_bits
 from diffusers_flat.evaluation.plots import (
     plot_bands,
     plot_flatness_during_training,
     plot_loss_curves,
     plot_study_sensitivity,
 )
-from diffusers_flat.evaluation.levels import quantization_by_bits
 from diffusers_flat.quantization import GRANULARITIES
 from diffusers_flat.run_directory import write_atomically, write_json
 from diffusers_flat.studies.claims import (
