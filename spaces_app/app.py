@@ -31,7 +31,7 @@ from PIL import Image
 
 from diffusers_flat.evaluation.levels import quantization_levels
 from diffusers_flat.evaluation.plots import plot_quantized_samples, plot_sensitivity
-from diffusers_flat.metrics.class_fidelity import class_fidelity, classify, load_classifier, test_set_counts
+from diffusers_flat.metrics.class_fidelity import class_fidelity, classify, load_classifier, stored_test_counts
 from diffusers_flat.quantization import GRANULARITIES, quantize_for_deployment, quantize_weights_
 from diffusers_flat.run_directory import RunDirectory, hub_download_patterns
 from diffusers_flat.sampling import SAMPLERS, image_grid, sample_images
@@ -110,14 +110,16 @@ def scheduler_config(name: str) -> dict:
 def classifier():
     """The shipped Fashion-MNIST classifier and its test set's class histogram (class fidelity)."""
     network = load_classifier("fashion-mnist")
-    return network, test_set_counts(network)
+    return network, stored_test_counts(network)
 
 
 def classified(name: str) -> bool:
-    """Class fidelity applies to models of the classifier's data: Fashion-MNIST at its size."""
-    data = model_dir(name).read_record().data
-    config = UNet2DModel.load_config(model_dir(name).pipeline_path(), subfolder="unet")
-    return data.dataset_name == "fashion_mnist" and (config["in_channels"], config["sample_size"]) == (1, 16)
+    """Class fidelity applies to models of the classifier's data: Fashion-MNIST (`--dataset_name fashion_mnist`) at
+    the classifier's image size."""
+    if model_dir(name).read_record().data.dataset_name != "fashion_mnist":
+        return False
+    config, reads = UNet2DModel.load_config(model_dir(name).pipeline_path(), subfolder="unet"), classifier()[0].config
+    return (config["in_channels"], config["sample_size"]) == (reads.num_channels, reads.image_size)
 
 
 def check_inputs(model: str, seed, sampler: str, steps, precision: str, num_images) -> tuple[int, int, int]:

@@ -16,7 +16,7 @@ from diffusers_flat.metrics.class_fidelity import (
     classify,
     histogram_distance,
     load_classifier,
-    test_set_counts,
+    stored_test_counts,
 )
 from diffusers_flat.run_directory import DataSource
 from diffusers_flat.training import fashion_mnist
@@ -71,4 +71,4 @@ def test_the_shipped_classifier_labels_the_real_test_set_as_its_card_says():
     accuracy = (predicted == labels).mean()
     card = (SHIPPED["fashion-mnist"] / "README.md").read_text()
     assert f"**Test accuracy: {accuracy:.2%}**" in card and accuracy > 0.85
-    np.testing.assert_array_equal(np.bincount(predicted, minlength=10), test_set_counts(classifier))
+    np.testing.assert_array_equal(np.bincount(predicted, minlength=10), stored_test_counts(classifier))

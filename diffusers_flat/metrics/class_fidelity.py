@@ -103,7 +103,7 @@ def class_fidelity(fp32: np.ndarray, quantized: np.ndarray, reference_counts: np
     }
 
 
-def test_set_counts(classifier: torch.nn.Module) -> np.ndarray:
+def stored_test_counts(classifier: torch.nn.Module) -> np.ndarray:
     """The class histogram of the test set as a shipped classifier labels it, stored beside its weights by
     `training_scripts/train_classifier.py` (a Space has no test set to label)."""
     path = Path(classifier.name_or_path) / TEST_COUNTS
