@@ -86,7 +86,7 @@ def delta_kid(k_qq, k_ff, k_qr, k_fr, index: np.ndarray) -> float:
         block = k[np.ix_(index, index)]
         return (block.sum() - np.trace(block)) / (n * (n - 1))
 
-    return 1e3 * (within(k_qq) - within(k_ff) - 2 * (k_qr[index].mean() - k_fr[index].mean()))
+    return float(1e3 * (within(k_qq) - within(k_ff) - 2 * (k_qr[index].mean() - k_fr[index].mean())))
 
 
 def main() -> None:
