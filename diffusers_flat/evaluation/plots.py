@@ -132,7 +132,7 @@ def plot_sensitivity(results: dict[str, dict], path: str | os.PathLike) -> None:
     loss_ax.set_ylabel("L(quantized) - L(fp32)")
     loss_ax.set_title("fixed diffusion loss")
     moved_ax.set_ylabel("mean |pixel change| (0-255)")
-    moved_ax.set_title(f"samples from the same noise: {' / '.join(sorted(samplers))} (solid), ancestral (dotted)")
+    moved_ax.set_title(f"same noises: {' / '.join(sorted(samplers))} (solid), ancestral (dotted)", fontsize=9)
     loss_ax.legend(fontsize=7)
     _save(fig, path)
 
