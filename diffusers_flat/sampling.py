@@ -59,11 +59,11 @@ def pipeline_samples(
     scheduler,
     num_images: int,
     num_inference_steps: int,
-    sampler: str = "ddpm",
     seed: int = 0,
     batch_size: int = 64,
-    first_index: int = 0,
     show_progress: bool = True,
+    first_index: int = 0,
+    sampler: str = "ddpm",
 ) -> np.ndarray:
     """Images `first_index`, ..., `first_index + num_images - 1` of the stream `seed`, as the `sampler` pipeline
     returns them with `output_type="np"`: float32 NHWC in [0, 1], neither rounded nor truncated.
@@ -73,18 +73,18 @@ def pipeline_samples(
         scheduler: its scheduler; only the config is read.
         num_images: images to draw.
         num_inference_steps: the pipeline's steps.
-        sampler: "ddpm" (DDPMPipeline) or "ddim" (DDIMPipeline, eta = 0).
         seed: the noise stream.
         batch_size: images per pipeline call.
-        first_index: the first image's index in the stream.
         show_progress: the pipeline's progress bar.
+        first_index: the first image's index in the stream.
+        sampler: "ddpm" (DDPMPipeline) or "ddim" (DDIMPipeline, eta = 0).
 
     Example:
         >>> from diffusers import DDPMScheduler, UNet2DModel
         >>> blocks = dict(down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
         >>> unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
         ...                    norm_num_groups=4, **blocks)
-        >>> pipeline_samples(unet, DDPMScheduler(), 2, 5, "ddim", show_progress=False).shape
+        >>> pipeline_samples(unet, DDPMScheduler(), 2, 5, show_progress=False, sampler="ddim").shape
         (2, 8, 8, 1)
     """
     pipeline = sampling_pipeline(unet, scheduler, sampler)
@@ -123,7 +123,7 @@ def sample_images(
 ) -> np.ndarray:
     """`pipeline_samples` as uint8 NHWC images (`to_uint8`): what FID, KID, memorization and the pictures read."""
     pixels = pipeline_samples(
-        unet, scheduler, num_images, num_inference_steps, sampler, seed, batch_size, first_index, show_progress
+        unet, scheduler, num_images, num_inference_steps, seed, batch_size, show_progress, first_index, sampler
     )
     return to_uint8(torch.from_numpy(pixels) * 255).numpy()
 

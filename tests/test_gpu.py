@@ -140,7 +140,8 @@ def test_the_pipeline_samplers_on_cuda_are_the_diffusers_pipelines(two_models, s
     pipeline.set_progress_bar_config(disable=True)
     theirs = pipeline(batch_size=4, generator=per_image_generators(4), num_inference_steps=10, output_type="np").images
     unet = pipeline.unet
-    ours = pipeline_samples(unet, DDPMScheduler.from_pretrained(two_models[0], subfolder="scheduler"), 4, 10, sampler)
+    scheduler = DDPMScheduler.from_pretrained(two_models[0], subfolder="scheduler")
+    ours = pipeline_samples(unet, scheduler, 4, 10, show_progress=False, sampler=sampler)
     np.testing.assert_array_equal(ours, theirs)
 
 

@@ -103,7 +103,9 @@ def user_images(pipeline_class, path, count: int, steps: int, seed: int, **optio
 )
 def test_pipeline_samplers_are_bit_equal_to_the_diffusers_pipelines(saved_pipeline, sampler, pipeline_class, options):
     loaded = DDPMPipeline.from_pretrained(saved_pipeline)
-    ours = pipeline_samples(loaded.unet, loaded.scheduler, 5, 10, sampler, seed=3, batch_size=5, show_progress=False)
+    ours = pipeline_samples(
+        loaded.unet, loaded.scheduler, 5, 10, seed=3, batch_size=5, show_progress=False, sampler=sampler
+    )
     theirs = user_images(pipeline_class, saved_pipeline, 5, 10, 3, **options)
     assert ours.dtype == np.float32 and np.array_equal(ours, theirs.images)
     # the 8-bit images: ours truncate (guided-diffusion's convention), the user's PIL images round; both from the
@@ -117,7 +119,7 @@ def test_pipeline_samplers_are_bit_equal_to_the_diffusers_pipelines(saved_pipeli
     assert np.array_equal(rounded, np.round(ours * 255).astype(np.uint8))
     # another batch split and a later first index draw the same images, to float rounding
     split = pipeline_samples(
-        loaded.unet, loaded.scheduler, 3, 10, sampler, seed=3, batch_size=2, first_index=2, show_progress=False
+        loaded.unet, loaded.scheduler, 3, 10, seed=3, batch_size=2, show_progress=False, first_index=2, sampler=sampler
     )
     np.testing.assert_allclose(split, ours[2:], atol=1e-4)  # a tenth of a gray level
 
@@ -142,7 +144,7 @@ def ddim_with_clipping_by_hand(unet, abar: torch.Tensor, count: int, steps: int,
 
 def test_the_ddim_sampler_clips_as_the_shipped_config_asks_unlike_the_pf_ode(saved_pipeline):
     loaded = DDPMPipeline.from_pretrained(saved_pipeline)
-    ours = pipeline_samples(loaded.unet, loaded.scheduler, 4, 20, "ddim", seed=1, show_progress=False)
+    ours = pipeline_samples(loaded.unet, loaded.scheduler, 4, 20, seed=1, show_progress=False, sampler="ddim")
     by_hand = ddim_with_clipping_by_hand(loaded.unet, loaded.scheduler.alphas_cumprod.double(), 4, 20, 1)
     np.testing.assert_allclose(ours, by_hand, atol=3e-3)  # float32 against float64 over 20 steps; no clip: 1.0
     ode = flow_map(loaded.unet, loaded.scheduler.config, 4, 20, seed=1, show_progress=False)

@@ -54,7 +54,7 @@ def user_pixels(
     batch_size: int = 250,
 ) -> np.ndarray:
     """The `sampler` pipeline's samples from the first `num_samples` noises of the stream `seed`, 0-255, unrounded."""
-    pixels = pipeline_samples(model, scheduler, num_samples, steps, sampler, seed, batch_size, show_progress=False)
+    pixels = pipeline_samples(model, scheduler, num_samples, steps, seed, batch_size, False, sampler=sampler)
     return pixels.astype(np.float64) * 255
 
 
