@@ -220,3 +220,30 @@ def test_a_temperature_at_or_below_zero_is_refused(temperature):
         FlatError, match=f"temperature must be > 0 \\(1: the exact empirical score\\), got {temperature}"
     ):
         EmpiricalDenoiser.from_training_set(digits(2), SCHEDULER, temperature=temperature)
+
+
+def test_under_the_collapse_tempering_the_neighbours_restrict_the_softmax_below_sigma_c_only():
+    # the paper's code: above sigma_c the full empirical score over every image, below it the tempered softmax over
+    # the K nearest. sigma_c = 0.5; t = 20 is below it (sigma_t ~ 0.16), t = 150 and 700 above (0.70, 3.9)
+    images = digits(12)
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(7))
+    config = {"tempering": "collapse", "collapse_sigma": 0.5, "chunk_size": 5}
+    near = EmpiricalDenoiser.from_training_set(images, SCHEDULER, neighbours=4, **config)
+    full = EmpiricalDenoiser.from_training_set(images, SCHEDULER, **config)
+    for t in (150, 700):
+        assert torch.equal(near(x, t).sample, full(x, t).sample), t
+    t = 20
+    abar = SCHEDULER.alphas_cumprod[t].double()
+    temperature = 0.5 / ((1 - abar) / abar).sqrt()  # max(sigma_c / sigma_t, 1) > 1 here
+    flat, mu = x.flatten(1).double(), images.flatten(1).double()
+    nearest = torch.cdist(flat / abar.sqrt(), mu).argsort(1)[:, :4]
+    expected = []
+    for i in range(3):
+        chosen = mu[nearest[i]]
+        logits = -((flat[i] - abar.sqrt() * chosen) ** 2).sum(1) / (2 * (1 - abar) * temperature)
+        expected.append((logits.softmax(0)[:, None] * chosen).sum(0))
+    assert torch.allclose(x0_of(near, x, t).flatten(1), torch.stack(expected), atol=1e-5)
+    # one batch across the boundary: each sample takes its own level's rule
+    mixed = near(x, torch.tensor([20, 150, 700])).sample
+    for i, t in enumerate((20, 150, 700)):
+        assert torch.allclose(mixed[i], near(x[i : i + 1], t).sample[0], atol=1e-6)

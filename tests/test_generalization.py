@@ -10,6 +10,7 @@ import torch
 from conftest import REPO, run_cli
 from diffusers import DDPMPipeline, UNet2DModel
 from helpers import tuning, write_study
+from scipy import stats
 
 from diffusers_flat.studies.claims import paired_interval
 from diffusers_flat.studies.config import Study
@@ -173,6 +174,11 @@ def test_claims_are_paired_over_seeds_at_each_size(tmp_path):
     assert kid["verdict"] == "inconclusive"
     assert [c["training_images"] for c in claims] == [16, 16, 16, 16]
     assert "| claim | rows |" in markdown and "None: no two rows" not in markdown
+    # one family of the four, corrected by Holm: memorization's differences are all -0.1 (p = 0, first), then E_gen's
+    # p (second, times 3), by hand from the paired t-tests
+    p = [stats.ttest_rel(b, a).pvalue for a, b in (([3.0, 4.0, 3.5], [2.0, 3.1, 2.6]), ([20, 30, 10], [30, 10, 10]))]
+    assert e_gen["p"] == pytest.approx(p[0]) and e_gen["p_holm"] == pytest.approx(3 * p[0])
+    assert kid["p"] == pytest.approx(p[1]) and "**Hypotheses tested: 4.**" in markdown
     assert "| +SAM | 64 | 1 (n=1) |" in markdown and (tmp_path / "generalization.png").stat().st_size > 0
     # the same intervals as paired_interval of the values by hand
     assert generalization_claims(
@@ -193,6 +199,7 @@ def test_a_sweep_of_one_seed_per_row_states_it_tests_no_claim(tmp_path):
     assert "(E_mem against the smoothed empirical score of all the data)" in markdown
     claims_section = markdown.split("## Claims")[1]
     assert "None: no two rows share two or more seeds" in claims_section and "| claim |" not in claims_section
+    assert json.loads((tmp_path / "report.json").read_text())["claims"] == []  # report.json lists none either
     assert "| +ADM-8k | 32 | 2 (n=1) | 1.1 (n=1) | 0.9 (n=1) |" in markdown  # the figures stay in the table
 
 

@@ -144,6 +144,64 @@ BAD = {
         },
         "--quantize_inference_steps must be among inference_steps [2], got [4]",
     ),
+    "family without a primary endpoint": (
+        {"family": [{"measure": "lpf", "base": "ADM", "treated": "SAM", "variant": "raw"}]},
+        "family and exploratory claims need a primary endpoint: name one under primary",
+    ),
+    "unknown measure": (
+        {"primary": {"measure": "fid_drop", "base": "ADM", "treated": "SAM", "variant": "raw"}},
+        "primary.measure must be one of kid_increase, kid, class_fidelity, displacement, lpf, got fid_drop",
+    ),
+    "quantized measure without a level": (
+        {"primary": {"measure": "kid_increase", "base": "ADM", "treated": "SAM", "variant": "raw"}},
+        'primary.level: kid_increase is measured at a quantized level; name it, e.g. "4:per_channel"',
+    ),
+    "primary of two claims": (
+        {
+            "primary": {
+                "measure": "kid_increase",
+                "base": "ADM",
+                "treated": "SAM",
+                "variant": "raw",
+                "level": ["5:per_channel", "4:per_channel"],
+            }
+        },
+        "primary must be one claim: a single treated method and level",
+    ),
+    "claim of a variant not evaluated": (
+        {
+            "variants": ["raw"],
+            "primary": {"measure": "lpf", "base": "ADM", "treated": "SAM", "variant": "ema"},
+        },
+        "primary.variant must be one of the study's variants (raw), got ema",
+    ),
+    "claim at a level not quantized": (
+        {
+            "primary": {
+                "measure": "kid_increase",
+                "base": "ADM",
+                "treated": "SAM",
+                "variant": "raw",
+                "level": "4:per_channel",
+            }
+        },
+        "primary: kid_increase of SAM (raw) at 4:per_channel: the raw evaluation must --quantize that level",
+    ),
+    "claim declared twice": (
+        {
+            "primary": {"measure": "lpf", "base": "ADM", "treated": "SAM", "variant": "raw"},
+            "family": [{"measure": "lpf", "base": "ADM", "treated": "SAM", "variant": "raw"}],
+        },
+        "the claim lpf of SAM (raw) is declared twice",
+    ),
+    "figure of a seed not in the study": (
+        {"figure": {"rows": ["ADM", "SAM"], "variant": "raw", "level": "4:per_channel", "seeds": [7]}},
+        "figure.seeds must list seeds of the study (1, 2)",
+    ),
+    "variant evaluation of an unknown variant": (
+        {"variants": ["raw"], "variant_evaluation": {"ema": ["--metrics", "fid"]}},
+        "variant_evaluation must map variants of the study (raw) to flags",
+    ),
 }
 
 

@@ -1,7 +1,8 @@
 """A study whose rows are not the paper's grid (SAM at two rho against ADM): the pre-registered claims of each
 comparison, log-ratio tests against a hand computation, the paper's effect in our units, the report's ladder
-sections and quality-rule pick, the Figure 2 kind of picture's level, and a micro study on a few hundred
-Fashion-MNIST images end to end (with flatness logged during training)."""
+sections and quality-rule pick, and a micro study on a few hundred Fashion-MNIST images end to end (with flatness
+logged during training, a declared primary endpoint and family, a variant's own evaluation and the picture the
+study file names)."""
 
 import json
 import math
@@ -14,7 +15,6 @@ from helpers import write_study
 from scipy import stats
 
 from diffusers_flat.studies.claims import HOLDS, Claim, fraction_kept, lpf
-from diffusers_flat.studies.quantization_figure import largest_gap
 from diffusers_flat.studies.report import claim_results, fractions_kept, study_claims, write_report
 from diffusers_flat.training.fashion_mnist import local_files
 
@@ -176,13 +176,6 @@ def test_a_comparison_study_reports_its_claims_ladder_and_pick(tmp_path):
     assert (tmp_path / "sensitivity.png").stat().st_size > 10_000
 
 
-def test_the_picture_shows_the_level_of_the_largest_gap():
-    results = comparison_results()
-    # rho 0.01 halves damage that grows as bits fall: the largest ADM - SAM displacement is at 4 bits
-    base, treated, _, bits = largest_gap(results, [("ADM", "+SAM-rho0.01"), ("ADM", "+SAM-rho0.001")])
-    assert (base, treated, bits) == ("ADM", "+SAM-rho0.01", "4")
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(
     local_files("train") is None or local_files("test") is None,
@@ -197,6 +190,9 @@ def test_a_micro_study_on_fashion_mnist_runs_end_to_end(tmp_path, monkeypatch):
     evaluation += ["--loss_samples", "8", "--exposure_samples", "2", "--ladder", "8", "3", "--ladder_samples", "2"]
     evaluation += ["--ladder_steps", "2"]
     methods = {"ADM": [], "SAM-rho0.01": ["--sam_rho", "0.01"]}
+    ema_evaluation = ["--metrics", "fid", "--inference_steps", "2", "--num_samples", "100", "--num_real", "100"]
+    ema_evaluation += ["--quantize", "4:per_channel"]
+    rows = {"base": "ADM", "treated": "SAM-rho0.01"}
     path = write_study(
         tmp_path / "study.yaml",
         seeds=[1],
@@ -204,6 +200,11 @@ def test_a_micro_study_on_fashion_mnist_runs_end_to_end(tmp_path, monkeypatch):
         variants=["raw", "ema"],
         training=training,
         evaluation=evaluation,
+        variant_evaluation={"ema": ema_evaluation},
+        primary={"measure": "kid_increase", **rows, "variant": "ema", "level": "4:per_channel"},
+        family=[{"measure": "lpf", **rows, "variant": "raw"}, {"measure": "kid", **rows, "variant": "ema"}],
+        figure={"rows": ["ADM", "SAM-rho0.01"], "variant": "ema", "level": "3:per_channel", "seeds": [1]}
+        | {"noises": 4, "steps": 3},
     )
     study = json.loads(path.read_text())
     del study["tuning"]
@@ -215,21 +216,31 @@ def test_a_micro_study_on_fashion_mnist_runs_end_to_end(tmp_path, monkeypatch):
     assert set(data["results"]) == {"ADM", "+EMA", "+SAM-rho0.01", "+SAM-rho0.01+EMA"}
     adm = data["results"]["ADM"]["1"]
     assert adm["fid_num_real"] == 100 and set(adm["sensitivity"]["curves"]) == {"per_tensor", "per_channel"}
-    rows = {c["rows"] for c in data["claims"]}
-    assert rows == {"+SAM-rho0.01 vs ADM", "+SAM-rho0.01+EMA vs +EMA"}
+    # the declared claims only: the primary endpoint, then the family
+    assert [(c["role"], c["rows"]) for c in data["claims"]] == [
+        ("primary", "+SAM-rho0.01+EMA vs +EMA"),
+        ("secondary", "+SAM-rho0.01 vs ADM"),
+        ("secondary", "+SAM-rho0.01+EMA vs +EMA"),
+    ]
+    # the EMA pipelines were evaluated with their own flags: FID and 4-bit KID, no LPF
+    ema = data["results"]["+EMA"]["1"]
+    assert "lpf" not in ema and set(ema["quantization"]["levels"]) == {"4:per_channel"}
     # the training loss of each method's first seed, every step, read from its TensorBoard log
     assert {name: len(curve[1]) for name, curve in data["loss_curves"].items()} == {
         "adm-seed1": 3,
         "sam-rho0.01-seed1": 3,
     }
-    assert data["figure"]["seed"] == 1 and set(data["figure"]["displacement"]) == {"ADM", "+SAM-rho0.01"}
+    # the picture the file names: its seeds, rows, variant and level, never one picked from the results
+    assert data["figure"]["seeds"] == [1] and data["figure"]["level"] == "3:per_channel"
+    assert set(data["figure"]["displacement"]) == {"+EMA, seed 1", "+SAM-rho0.01+EMA, seed 1"}
     report = (out / "report.md").read_text()
-    for section in ("## Training: has the loss flattened?", "## The answer in one picture", "### Ladder claims"):
+    assert "**Hypotheses tested: 3**" in report
+    for section in ("## Training: has the loss flattened?", "## The study's picture", "### Ladder claims"):
         assert section in report
     # LPF during training, step by step, for each raw row
     series = data["results"]["+SAM-rho0.01"]["1"]["flatness_series"]
     assert [entry["step"] for entry in series] == [1, 2, 3] and "flatness_series" not in data["results"]["+EMA"]["1"]
     assert "![flatness during training](flatness_during_training.png)" in report
-    figures = ("loss_curve.png", "sensitivity.png", "quantization_figure.png", "exposure_bias.png")
+    figures = ("loss_curve.png", "sensitivity.png", "study_figure.png", "exposure_bias.png")
     for figure in (*figures, "flatness_during_training.png"):
         assert (out / figure).stat().st_size > 5_000, figure

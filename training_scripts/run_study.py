@@ -7,7 +7,10 @@ to `<output_dir>/logs/<run>.log`; each of its pipelines (raw, EMA, SWA) is then 
 evaluation settings, all with the same real images, (x0, t, eps) triples and sampling noise. Re-running the command
 skips what is finished and resumes an interrupted training from its latest checkpoint; `--shard I/N` does every
 N-th run (the shards 1..N partition the grid); `--report_only` reports what is finished; `--dry_run` lists the runs
-and evaluations without doing any. A study with `tuning` first trains the tuned method at each candidate value on
+and evaluations without doing any; `--from_report REPORT_JSON` writes a finished study's report again into
+--output_dir from its report.json alone (after a change of the analysis, without the runs).
+
+A study with `tuning` first trains the tuned method at each candidate value on
 the tuning seed, evaluates the pipeline the selection reads, and gives the grid's runs of that method the value with
 the lowest selection metric (the tuning table is in the report). A study with `generalization` trains every method
 and seed on nested random subsets of the data, and a teacher on all of it; each student is also evaluated against
@@ -22,7 +25,7 @@ from pathlib import Path
 
 from diffusers_flat.studies.config import Study, parse_shard
 from diffusers_flat.studies.directory import StudyDirectory
-from diffusers_flat.studies.runner import StudyRunner, read_rates
+from diffusers_flat.studies.runner import StudyRunner, read_rates, report_from_json
 from diffusers_flat.utils.cli import OneLineArgumentParser, UsageError, run_main
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train_flat_ddpm.py"
@@ -36,6 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report_only", action="store_true", help="Only aggregate what is finished.")
     parser.add_argument("--dry_run", action="store_true", help="List the runs and evaluations; do none.")
     parser.add_argument(
+        "--from_report", default=None, help="A finished study's report.json: write its report again from it alone."
+    )
+    parser.add_argument(
         "--rates",
         default=None,
         help="With --dry_run: the JSON benchmarks/study_cost.py wrote for this study on your device; projects hours.",
@@ -45,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> None:
     study = Study.load(args.study)
+    if args.from_report:
+        print(report_from_json(args.from_report, study, args.output_dir))
+        return
     index, count = parse_shard(args.shard)
     runner = StudyRunner(study, StudyDirectory(args.output_dir), TRAIN_SCRIPT)
     if args.rates and not args.dry_run:
@@ -59,7 +68,7 @@ def main(args: argparse.Namespace) -> None:
 
 def cli(argv: list[str] | None = None) -> None:
     """The command line: parse `argv`, run the study, and report bad input as one line naming the flag."""
-    run_main(main, parse_args(argv), flags={"study": "--study", "shard": "--shard"})
+    run_main(main, parse_args(argv), flags={"study": "--study", "shard": "--shard", "from_report": "--from_report"})
 
 
 if __name__ == "__main__":

@@ -119,7 +119,13 @@ def main(args: argparse.Namespace) -> None:
         sam_start = round(args.sam_start * max_train_steps) if args.sam_mode == "late" else 0
         looksam = {"looksam_alpha": args.looksam_alpha} if args.sam_mode == "looksam" else {}
         sam = SAMMode(
-            SAM(unet.named_parameters(), args.sam_rho, args.sam_adaptive, args.asam_eta or ASAM_ETA),
+            # --asam_eta 0 is ASAM with T_w = |w| exactly: only an absent flag takes the default
+            SAM(
+                unet.named_parameters(),
+                args.sam_rho,
+                args.sam_adaptive,
+                ASAM_ETA if args.asam_eta is None else args.asam_eta,
+            ),
             args.sam_mode,
             every=args.sam_every or 1,
             start_step=sam_start,

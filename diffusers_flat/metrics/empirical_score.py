@@ -17,7 +17,9 @@ rules:
   noise, where the paper's rule does not).
 
 With `neighbours` K, the softmax runs over the K training images nearest the query x / sqrt(abar_t) only, found in
-the pixels or in the features of a network the caller gives (the paper's practice; exact search here). The
+the pixels or in the features of a network the caller gives (the paper's practice; exact search here). Under the
+collapse tempering, as in the paper's code, only below sigma_c: at and above it (where T_t = 1) the denoiser is the
+full empirical score over every image; under a constant T, at every level. The
 noise-unconditional variant takes the mixture over training points and K noise levels together, (1/(N K)) sum_j
 sum_i N(sqrt(abar_i) mu_j, (1 - abar_i) I), and predicts the posterior mean of epsilon over both indices: what a
 network without a time input, trained with the epsilon loss, would learn on this training set.
@@ -65,7 +67,8 @@ class EmpiricalDenoiser(ModelMixin, ConfigMixin):
         chunk_size: training images per chunk: memory is batch x chunk, never N x N.
         tempering: "constant" (T at every level) or "collapse" (the paper's T_t = max(sigma_c / sigma_t, 1)).
         collapse_sigma: sigma_c > 0, with "collapse".
-        neighbours: K, the softmax over the K training images nearest the query only; None: all N.
+        neighbours: K, the softmax over the K training images nearest the query only (with "collapse", below sigma_c
+            only); None: all N.
         feature_dim: the size of the feature network's output when the neighbours are found in features
             (`from_training_set(..., feature_network=...)` sets it); None: in the pixels.
 
@@ -159,6 +162,15 @@ class EmpiricalDenoiser(ModelMixin, ConfigMixin):
             return torch.full_like(abar, self.config.temperature)
         return (self.config.collapse_sigma / noise_level(abar)).clamp(min=1.0)
 
+    def restricted(self, abar: torch.Tensor) -> torch.Tensor:
+        """Whether the softmax at each abar runs over the K nearest images only: never without `neighbours`; under
+        the collapse tempering only below sigma_c (sigma_t < sigma_c, the paper's code); else at every level."""
+        if self.config.neighbours is None:
+            return torch.zeros_like(abar, dtype=torch.bool)
+        if self.config.tempering == "collapse":
+            return noise_level(abar) < self.config.collapse_sigma
+        return torch.ones_like(abar, dtype=torch.bool)
+
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int, return_dict: bool = True):
         """Epsilon for `sample` (B, C, H, W) at `timestep` (a scalar or one per sample), in the sample's dtype."""
         batch = sample.shape[0]
@@ -169,11 +181,15 @@ class EmpiricalDenoiser(ModelMixin, ConfigMixin):
             t = torch.as_tensor(timestep, device=sample.device).long().expand(batch)
             abar = self.alphas_cumprod[t]
             a, v, temperature = abar.sqrt()[:, None], (1 - abar)[:, None], self.temperatures(abar)[:, None]
-            if self.config.neighbours is None:
+            near = self.restricted(abar)  # the samples whose softmax runs over their K nearest images only
+            x0_hat = torch.empty_like(x)
+            if not near.all():
                 # logits of the pairs (x, mu_j): -||x - a mu_j||^2 / (2 v T); no level term, one level per sample
-                x0_hat, _ = self._softmax_mean(x, [(a, v, torch.zeros_like(v), temperature)])
-            else:
-                x0_hat = self._neighbour_mean(x, sample, a, v, temperature)
+                far = ~near
+                mixture = [(a[far], v[far], torch.zeros_like(v[far]), temperature[far])]
+                x0_hat[far] = self._softmax_mean(x[far], mixture)[0]
+            if near.any():
+                x0_hat[near] = self._neighbour_mean(x[near], sample[near], a[near], v[near], temperature[near])
             eps = (x - a * x0_hat) / v.sqrt()
         eps = eps.to(sample.dtype).reshape(sample.shape)
         return UNet2DOutput(sample=eps) if return_dict else (eps,)

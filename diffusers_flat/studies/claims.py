@@ -1,7 +1,9 @@
 """The paper's claims as paired differences over seeds, with a 95% t-interval and a computed verdict (SPEC section 6).
 
 Each claim compares two rows of the grid (e.g. +SAM against ADM) on one measurement, seed by seed: the same seed
-means the same data order and noise, so the paired difference removes what the seeds share.
+means the same data order and noise, so the paired difference removes what the seeds share. A study tests many
+claims: its file names one primary endpoint and a family of secondary claims, whose p-values are corrected together
+by Holm's procedure (`holm`); a study file without them is one family of every claim it pre-registered.
 """
 
 from __future__ import annotations
@@ -15,9 +17,13 @@ import numpy as np
 from scipy import stats
 
 from diffusers_flat.errors import FlatError
-from diffusers_flat.evaluation.levels import quantization_by_bits
+from diffusers_flat.evaluation.levels import quantization_by_bits, quantization_levels
 
 HOLDS, DOES_NOT_HOLD, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
+ALPHA = 0.05  # the level of every verdict: a claim holds when its (adjusted) p is at most this
+# a claim's part in its study: tested alone at ALPHA, corrected within the family, or neither (reported as found);
+# a companion is the plain difference shown beside a log-ratio claim, the same hypothesis on another scale
+PRIMARY, SECONDARY, EXPLORATORY, COMPANION = "primary", "secondary", "exploratory", "companion"
 
 
 class Interval(TypedDict):
@@ -28,6 +34,7 @@ class Interval(TypedDict):
     confidence: float
     sd: float  # the standard deviation of the differences (nan with fewer than two pairs)
     detectable: float  # the smallest |effect| this design detects with 80% power (`detectable_effect`)
+    p: float  # the two-sided paired t-test's p-value of a zero mean difference (nan with fewer than two pairs)
 
 
 def detectable_effect(sd: float, n: int, confidence: float = 0.95, power: float = 0.8) -> float:
@@ -50,7 +57,9 @@ def detectable_effect(sd: float, n: int, confidence: float = 0.95, power: float 
 
 
 def paired_interval(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> Interval:
-    """The mean of the paired differences b_i - a_i and its t-interval: mean +- t_{(1+c)/2, n-1} s / sqrt(n).
+    """The mean of the paired differences b_i - a_i and its t-interval: mean +- t_{(1+c)/2, n-1} s / sqrt(n), with the
+    two-sided p-value of the paired t-test, 2 P(T_{n-1} > |mean| sqrt(n) / s) (the interval excludes zero exactly when
+    p < 1 - c).
 
     Example:
         >>> paired_interval([1.0, 2.0, 3.0], [2.0, 2.5, 4.5])["mean"]
@@ -63,12 +72,35 @@ def paired_interval(a: Sequence[float], b: Sequence[float], confidence: float = 
     mean = float(differences.mean()) if n else math.nan
     if n < 2:
         nan = math.nan
-        return {"mean": mean, "low": nan, "high": nan, "n": n, "confidence": confidence, "sd": nan, "detectable": nan}
+        interval = {"mean": mean, "low": nan, "high": nan, "n": n, "confidence": confidence}
+        return {**interval, "sd": nan, "detectable": nan, "p": nan}
     sd = float(differences.std(ddof=1))
     half = stats.t.ppf((1 + confidence) / 2, n - 1) * sd / math.sqrt(n)
     detectable = detectable_effect(sd, n, confidence)
+    if sd > 0:
+        p = float(2 * stats.t.sf(abs(mean) * math.sqrt(n) / sd, n - 1))
+    else:  # every difference the same: certain unless it is zero
+        p = 1.0 if mean == 0 else 0.0
     interval = {"mean": mean, "low": mean - half, "high": mean + half, "n": n, "confidence": confidence}
-    return {**interval, "sd": sd, "detectable": detectable}
+    return {**interval, "sd": sd, "detectable": detectable, "p": p}
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values of a family of m hypotheses: with the p-values sorted p_(1) <= ... <= p_(m),
+    the k-th adjusted one is max_{j <= k} min(1, (m - j + 1) p_(j)), returned in the input's order. A hypothesis is
+    rejected at level alpha when its adjusted p is at most alpha, which controls the chance of any false claim in the
+    family at alpha. A p-value that is nan (a claim that could not be tested) counts as 1: it stays in m.
+
+    Example:
+        >>> [round(p, 4) for p in holm([0.01, 0.04, 0.03])]  # 3 x 0.01; 2 x 0.03; max(0.06, 1 x 0.04)
+        [0.03, 0.06, 0.06]
+    """
+    p = [1.0 if math.isnan(value) else float(value) for value in p_values]
+    m, adjusted, running = len(p), [0.0] * len(p), 0.0
+    for rank, index in enumerate(sorted(range(m), key=lambda i: p[i])):
+        running = max(running, min(1.0, (m - rank) * p[index]))
+        adjusted[index] = running
+    return adjusted
 
 
 class Fraction(TypedDict):
@@ -121,12 +153,17 @@ def detectable_cell(interval: Interval) -> str:
     return "-" if math.isnan(detectable) else f"±{detectable:.4g}"
 
 
-def verdict(interval: Interval, expected_sign: int) -> str:
+def verdict(interval: Interval, expected_sign: int, p: float | None = None) -> str:
     """ "holds" when the interval excludes zero on the side of `expected_sign` (-1: the claim says b < a), "does not
-    hold" when it excludes zero on the other side, else "inconclusive" (also with fewer than two pairs)."""
+    hold" when it excludes zero on the other side, else "inconclusive" (also with fewer than two pairs). With `p` (a
+    family's adjusted p-value), the same read from p <= ALPHA and the sign of the mean instead of the interval."""
     low, high = interval["low"], interval["high"]
     if math.isnan(low) or math.isnan(high):
         return INCONCLUSIVE
+    if p is not None:
+        if p > ALPHA:
+            return INCONCLUSIVE
+        return HOLDS if interval["mean"] * expected_sign > 0 else DOES_NOT_HOLD
     if (expected_sign < 0 and high < 0) or (expected_sign > 0 and low > 0):
         return HOLDS
     if (expected_sign < 0 and low > 0) or (expected_sign > 0 and high < 0):
@@ -149,6 +186,7 @@ class Claim:
     paper: str
     log_ratio: bool = False
     paper_relative: float | None = None
+    role: str = SECONDARY  # PRIMARY, SECONDARY (the Holm family), EXPLORATORY or COMPANION
 
 
 def lpf(result: dict) -> float:
@@ -262,6 +300,85 @@ def comparison_claims(
             for name, what in LADDER_MEASURES.items():
                 measure = ladder_point(granularity, bits, name)
                 statement = f"{t} has a smaller {what} at {bits}-bit {granularity}"
-                for log_ratio in (True, False):
-                    claims.append(Claim(statement, base, t, measure, -1, "(not reported)", log_ratio=log_ratio))
+                claims.append(Claim(statement, base, t, measure, -1, "(not reported)", log_ratio=True))
+                claims.append(Claim(statement, base, t, measure, -1, "(not reported)", role=COMPANION))
     return claims
+
+
+def level_words(level: str) -> str:
+    """ "4:per_channel" -> "4-bit per channel"."""
+    bits, granularity = level.split(":")
+    return f"{bits}-bit {granularity.replace('_', ' ')}"
+
+
+@dataclass(frozen=True)
+class Measure:
+    """A measurement a study file's declared claims name (`MEASURES`): its words in a claim, its value in one
+    evaluation result at a quantized level ("B:granularity", or None: fp32) and T' (None: the result's first), the
+    direction a flat model is expected to move it, and whether it is tested as a log ratio (damage varies
+    multiplicatively between seeds)."""
+
+    words: str  # "{treated} <words> than {base}"; {level} is where it is measured
+    value: Callable[[dict, str | None, str | None], float]
+    expected_sign: int
+    log_ratio: bool
+    level: str  # "required", "optional" (None: fp32) or "none"
+
+
+def _steps(result: dict, steps: str | None) -> str:
+    return steps or min(result["kid"], key=int)
+
+
+def _kid(result: dict, level: str | None, steps: str | None) -> float:
+    measured = quantization_levels(result)[level] if level else result
+    return 1e3 * measured["kid"][_steps(result, steps)]["mean"]
+
+
+def _at_level(name: str, field: str | None = None) -> Callable[[dict, str | None, str | None], float]:
+    """A per-T' measure of a quantized level, e.g. its pixel displacement (or a field of it, e.g. class fidelity's
+    "kept")."""
+
+    def value(result: dict, level: str | None, steps: str | None) -> float:
+        measured = quantization_levels(result)[level][name][_steps(result, steps)]
+        return measured[field] if field else measured
+
+    return value
+
+
+MEASURES = {
+    "kid_increase": Measure(
+        "loses less KID x10³ from fp32 to {level}",
+        lambda r, q, t: _kid(r, q, t) - _kid(r, None, t),
+        -1,
+        True,
+        "required",
+    ),
+    "kid": Measure("has a lower KID x10³ {level}", _kid, -1, False, "optional"),
+    "class_fidelity": Measure(
+        "keeps the class of more samples at {level}", _at_level("class_fidelity", "kept"), 1, False, "required"
+    ),
+    "displacement": Measure(
+        "moves its samples less at {level} (pipeline sampler)", _at_level("pixel_displacement"), -1, True, "required"
+    ),
+    "lpf": Measure("has a lower LPF", lambda r, q, t: lpf(r), -1, False, "none"),
+}
+
+
+def declared_claim(
+    measure: str, base: str, treated: str, level: str | None = None, steps: str | None = None, role: str = SECONDARY
+) -> Claim:
+    """A claim a study file declares: `MEASURES[measure]` of row `treated` against row `base` at `level`
+    ("B:granularity"; None: fp32) and T' `steps` (None: the result's first T').
+
+    Example:
+        >>> claim = declared_claim("kid_increase", "+EMA", "+SAM-rho0.01+EMA", "4:per_channel", role=PRIMARY)
+        >>> claim.statement, claim.log_ratio
+        ('+SAM-rho0.01+EMA loses less KID x10³ from fp32 to 4-bit per channel than +EMA', True)
+    """
+    m = MEASURES[measure]
+    where = {"required": level and level_words(level), "none": ""}.get(
+        m.level, f"at {level_words(level)}" if level else "at fp32"
+    )
+    statement = f"{treated} {m.words.format(level=where)} than {base}"
+    value = lambda result: m.value(result, level, steps)  # noqa: E731
+    return Claim(statement, base, treated, value, m.expected_sign, "(not reported)", log_ratio=m.log_ratio, role=role)

@@ -36,8 +36,16 @@ METHOD-TAG, e.g. SAM-rho0.01 and SAM-rho0.001 (rows +SAM-rho0.01, +SAM-rho0.001+
       of: SAM-rho0.01                      # keep, on LPF and on the quantization damage at one ladder level
       granularity: per_channel
       bits: 3
+    variant_evaluation: {raw: [--quantize, "4:per_channel"]}   # optional: a variant's own evaluation flags
+    primary: {measure: kid_increase, base: ADM, treated: SAM, variant: ema, level: "4:per_channel"}
+    family:                                # the secondary claims, Holm-corrected together; a list in treated or
+      - {measure: kid, base: ADM, treated: [IP, SAM], variant: ema}          # level stands for one claim each
+    exploratory: []                        # claims reported uncorrected, as exploratory
+    figure: {rows: [ADM, SAM], variant: ema, level: "4:per_channel", seeds: [1, 2], sampler: ddim, steps: 50,
+             noises: 8}                    # the picture: each seed's rows, fp32 beside the level, the same noises
 
-Standard library and PyYAML only: checking a study file loads no model.
+A study without primary and family is one family of every claim its report pre-registers (the paper's or each
+comparison's), corrected together. Checking a study file loads no model.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ from pathlib import Path
 import yaml
 
 from diffusers_flat.errors import FlatError
+from diffusers_flat.studies.claims import MEASURES, SECONDARY, Claim, declared_claim, level_words
 
 METHODS = ("ADM", "IP", "SAM")
 VARIANT_ROWS = {"raw": "", "ema": "+EMA", "swa": "+SWA"}
@@ -63,7 +72,14 @@ KEYS = (
     "generalization",
     "reuse",
     "fraction_kept",
+    "variant_evaluation",
+    "primary",
+    "family",
+    "exploratory",
+    "figure",
 )
+CLAIM_KEYS = ("measure", "base", "treated", "variant", "level", "steps")
+FIGURE_KEYS = ("rows", "variant", "level", "seeds", "sampler", "steps", "noises")
 REUSE_KEYS = ("study", "report", "runs")
 FRACTION_KEYS = ("of", "granularity", "bits")
 TUNING_KEYS = ("method", "flag", "values", "seed", "select", "baseline", "evaluation")
@@ -257,6 +273,56 @@ class FractionKept:
 
 
 @dataclass(frozen=True)
+class ClaimSpec:
+    """A claim a study file declares: `measure` (a name of claims.MEASURES) of `treated` against `base`, both methods
+    of the study, in one variant's pipelines, at a quantized level ("B:granularity"; None: fp32) and T' (None: the
+    evaluation's first).
+
+    Example:
+        >>> ClaimSpec("kid_increase", "ADM", "SAM", "ema", "4:per_channel").rows
+        ('+EMA', '+SAM+EMA')
+    """
+
+    measure: str
+    base: str
+    treated: str
+    variant: str
+    level: str | None = None
+    steps: int | None = None
+
+    @property
+    def rows(self) -> tuple[str, str]:
+        return row_name(self.base, self.variant), row_name(self.treated, self.variant)
+
+    def claim(self, role: str = SECONDARY) -> Claim:
+        steps = None if self.steps is None else str(self.steps)
+        return declared_claim(self.measure, *self.rows, self.level, steps, role)
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    """A study's picture, named in its file before any run: for each seed, each row's samples from the same `noises`
+    noises at fp32 and at `level`, drawn by the pipeline `sampler` in `steps` steps.
+
+    Example:
+        >>> FigureSpec(("ADM", "SAM"), "ema", "4:per_channel", (1, 2)).level_words
+        '4-bit per channel'
+    """
+
+    rows: tuple[str, ...]
+    variant: str
+    level: str
+    seeds: tuple[int, ...]
+    sampler: str = "ddim"
+    steps: int = 50
+    noises: int = 8
+
+    @property
+    def level_words(self) -> str:
+        return level_words(self.level)
+
+
+@dataclass(frozen=True)
 class Study:
     """A parsed study file (`Study.load`).
 
@@ -272,6 +338,11 @@ class Study:
         generalization: training-set size as an axis of the grid, or None.
         reuse: runs of the grid read from another study's report, or None.
         fraction_kept: the fraction of one method's effect each other method keeps, reported; or None.
+        variant_evaluation: variant -> evaluate_flat.py flags used for that variant instead of `evaluation`.
+        primary: the primary endpoint, tested alone, or None (then every claim is one family).
+        family: the secondary claims, corrected together by Holm's procedure.
+        exploratory: claims reported without correction, as exploratory.
+        figure: the study's picture, or None.
 
     Example:
         >>> study = Study(Path("s.yaml"), (1, 2), {"ADM": (), "SAM": ("--sam_rho", "0.1")})
@@ -290,6 +361,25 @@ class Study:
     generalization: Generalization | None = None
     reuse: Reuse | None = None
     fraction_kept: FractionKept | None = None
+    variant_evaluation: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    primary: ClaimSpec | None = None
+    family: tuple[ClaimSpec, ...] = ()
+    exploratory: tuple[ClaimSpec, ...] = ()
+    figure: FigureSpec | None = None
+
+    def evaluation_of(self, variant: str) -> tuple[str, ...]:
+        """The evaluation flags of `variant`'s pipelines."""
+        return self.variant_evaluation.get(variant, self.evaluation)
+
+    def declared_claims(self) -> list[Claim]:
+        """The primary endpoint, the family and the exploratory claims, in that order, each with its role."""
+        if self.primary is None:
+            return []
+        return [
+            self.primary.claim("primary"),
+            *(spec.claim("secondary") for spec in self.family),
+            *(spec.claim("exploratory") for spec in self.exploratory),
+        ]
 
     @classmethod
     def load(cls, path: str | Path) -> Study:
@@ -345,7 +435,8 @@ class Study:
         evaluation = tuple(map(str, data.get("evaluation") or []))
         study = cls(path, tuple(seeds), methods, recipe, training, evaluation, tuning, tuple(variants), generalization)
         fraction = _load_fraction_kept(path, data.get("fraction_kept"), methods)
-        return replace(study, reuse=_load_reuse(study, data.get("reuse")), fraction_kept=fraction)
+        study = replace(study, reuse=_load_reuse(study, data.get("reuse")), fraction_kept=fraction)
+        return replace(study, **_load_declarations(study, data))
 
     def _run(self, method: str, seed: int, extra: tuple[str, ...] = (), tag: str = "") -> Run:
         common = ((f"@{self.recipe}",) if self.recipe else ()) + self.training
@@ -605,6 +696,123 @@ def _load_fraction_kept(path: Path, data, methods: dict) -> FractionKept | None:
             "study",
         )
     return fraction
+
+
+def _load_declarations(study: Study, data: dict) -> dict:
+    """variant_evaluation, primary, family, exploratory and figure, checked against the study's methods and
+    variants (that each level and T' is evaluated is checked against the parsed flags by the runner)."""
+    path = study.path
+
+    def fail(problem: str) -> StudyError:
+        return StudyError(f"study {path}: {problem}", "study")
+
+    by_variant = data.get("variant_evaluation") or {}
+    if not isinstance(by_variant, dict) or not set(by_variant) <= set(study.variants):
+        raise fail(f"variant_evaluation must map variants of the study ({', '.join(study.variants)}) to flags")
+    for variant, flags in by_variant.items():
+        _check_flags(path, f"variant_evaluation.{variant}", flags)
+    declared = {"variant_evaluation": {v: tuple(map(str, flags)) for v, flags in by_variant.items()}}
+    if data.get("primary") is None and (data.get("family") or data.get("exploratory")):
+        raise fail("family and exploratory claims need a primary endpoint: name one under primary")
+    if data.get("primary") is not None:
+        declared["primary"] = _claim_specs(study, "primary", data["primary"])
+        if len(declared["primary"]) != 1:
+            raise fail("primary must be one claim: a single treated method and level")
+        declared["primary"] = declared["primary"][0]
+        for key in ("family", "exploratory"):
+            specs = data.get(key) or []
+            if not isinstance(specs, list):
+                raise fail(f"{key} must be a list of claims")
+            declared[key] = tuple(
+                spec for i, item in enumerate(specs) for spec in _claim_specs(study, f"{key}[{i}]", item)
+            )
+        every = [declared["primary"], *declared["family"], *declared["exploratory"]]
+        repeated = next((spec for i, spec in enumerate(every) if spec in every[:i]), None)
+        if repeated:
+            where = f"{repeated.variant}{', ' + repeated.level if repeated.level else ''}"
+            raise fail(f"the claim {repeated.measure} of {repeated.treated} ({where}) is declared twice")
+    figure = data.get("figure")
+    if figure is not None:
+        declared["figure"] = _figure_spec(study, figure)
+    return declared
+
+
+def _claim_specs(study: Study, key: str, item) -> tuple[ClaimSpec, ...]:
+    """One declared claim, or one per treated method and level where those are lists."""
+
+    def fail(problem: str) -> StudyError:
+        return StudyError(f"study {study.path}: {key}.{problem}", "study")
+
+    if not isinstance(item, dict) or not {"measure", "base", "treated", "variant"} <= set(item) <= set(CLAIM_KEYS):
+        raise StudyError(
+            f"study {study.path}: {key} must map measure, base, treated, variant (and level, steps if needed)", "study"
+        )
+    measure = MEASURES.get(item["measure"])
+    if measure is None:
+        raise fail(f"measure must be one of {', '.join(MEASURES)}, got {item['measure']}")
+    treated = item["treated"] if isinstance(item["treated"], list) else [item["treated"]]
+    levels = item.get("level") if isinstance(item.get("level"), list) else [item.get("level")]
+    for method in [item["base"], *treated]:
+        if method not in study.methods:
+            raise fail(f"base and treated must be methods of the study ({', '.join(study.methods)}), got {method}")
+    if item["base"] in treated:
+        raise fail(f"treated must differ from base {item['base']}")
+    if item["variant"] not in study.variants:
+        raise fail(f"variant must be one of the study's variants ({', '.join(study.variants)}), got {item['variant']}")
+    for level in levels:
+        if level is None and measure.level == "required":
+            raise fail(f'level: {item["measure"]} is measured at a quantized level; name it, e.g. "4:per_channel"')
+        if level is not None and measure.level == "none":
+            raise fail(f"level: {item['measure']} has no quantized level; leave level out")
+        if level is not None and not _is_level(level):
+            raise fail(f'level must be B:granularity, e.g. "4:per_channel", got {level}')
+    steps = item.get("steps")
+    if steps is not None and (type(steps) is not int or steps < 1):
+        raise fail(f"steps must be a whole number >= 1 (a T' the evaluation measures), got {steps}")
+    return tuple(
+        ClaimSpec(item["measure"], item["base"], method, item["variant"], level, steps)
+        for level in levels
+        for method in treated
+    )
+
+
+def _is_level(level) -> bool:
+    bits, _, granularity = str(level).partition(":")
+    return bits.isdigit() and granularity in ("per_tensor", "per_channel")
+
+
+def _figure_spec(study: Study, data) -> FigureSpec:
+    def fail(problem: str) -> StudyError:
+        return StudyError(f"study {study.path}: figure.{problem}", "study")
+
+    if not isinstance(data, dict) or not {"rows", "variant", "level", "seeds"} <= set(data) <= set(FIGURE_KEYS):
+        raise StudyError(
+            f"study {study.path}: figure must map rows, variant, level, seeds (and sampler, steps, noises)", "study"
+        )
+    rows, seeds = data["rows"], data["seeds"]
+    if not isinstance(rows, list) or not rows or not set(rows) <= set(study.methods):
+        raise fail(f"rows must list methods of the study ({', '.join(study.methods)})")
+    if data["variant"] not in study.variants:
+        raise fail(f"variant must be one of the study's variants ({', '.join(study.variants)}), got {data['variant']}")
+    if not _is_level(data["level"]):
+        raise fail(f'level must be B:granularity, e.g. "4:per_channel", got {data["level"]}')
+    if not isinstance(seeds, list) or not seeds or not set(seeds) <= set(study.seeds):
+        raise fail(f"seeds must list seeds of the study ({', '.join(map(str, study.seeds))})")
+    sampler = data.get("sampler", "ddim")
+    if sampler not in ("ddim", "ddpm"):
+        raise fail(f"sampler must be ddim or ddpm, got {sampler}")
+    for key in ("steps", "noises"):
+        if key in data and (type(data[key]) is not int or data[key] < 1):
+            raise fail(f"{key} must be a whole number >= 1, got {data[key]}")
+    return FigureSpec(
+        tuple(rows),
+        data["variant"],
+        str(data["level"]),
+        tuple(seeds),
+        sampler,
+        data.get("steps", 50),
+        data.get("noises", 8),
+    )
 
 
 def _check_flags(path: Path, key: str, flags) -> None:

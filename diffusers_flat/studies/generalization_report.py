@@ -11,8 +11,8 @@ from pathlib import Path
 
 from diffusers_flat.evaluation.plots import plot_generalization, plot_temperature_sweep
 from diffusers_flat.run_directory import write_atomically, write_json
-from diffusers_flat.studies.claims import detectable_cell, paired_interval, verdict
-from diffusers_flat.studies.report import mean_std
+from diffusers_flat.studies.claims import ALPHA, detectable_cell, holm, paired_interval, verdict
+from diffusers_flat.studies.report import family_summary, format_p, mean_std
 
 # row -> training-set size -> seed -> evaluation result (E_mem in "pfd", E_gen in "pfd_teacher")
 Students = dict[str, dict[int, dict[int, dict]]]
@@ -64,7 +64,9 @@ def _claims(measures: dict) -> list[tuple[str, str, int]]:
 
 
 def generalization_claims(students: Students, comparisons: list[tuple[str, str]], measures: dict) -> list[dict]:
-    """Each claim at each training-set size: the paired difference treated - base over the seeds both rows have."""
+    """Each claim at each training-set size: the paired difference treated - base over the seeds both rows have,
+    with its p-value and its Holm-adjusted p over all of them (one family), from which its verdict is read. None
+    when no claim pairs two seeds (a sweep of one seed per row)."""
     out = []
     for base, treated in comparisons:
         sizes = sorted(set(students.get(base, {})) & set(students.get(treated, {})))
@@ -79,11 +81,17 @@ def generalization_claims(students: Students, comparisons: list[tuple[str, str]]
                         "claim": statement.format(treated=treated),
                         "rows": f"{treated} vs {base}",
                         "training_images": size,
+                        "role": "secondary",
                         "expected_sign": sign,
                         "interval": interval,
-                        "verdict": verdict(interval, sign) if interval["n"] else "not measured",
+                        "p": interval["p"],
                     }
                 )
+    if all(c["interval"]["n"] < 2 for c in out):
+        return []
+    for c, adjusted in zip(out, holm([c["p"] for c in out])):
+        c["p_holm"] = adjusted
+        c["verdict"] = verdict(c["interval"], c["expected_sign"], adjusted) if c["interval"]["n"] else "not measured"
     return out
 
 
@@ -118,17 +126,18 @@ def write_generalization_report(collected: dict, settings: dict, out: str | os.P
             cells = [mean_std(list(_values(by_size[size], m).values())) for m in measures.values()]
             lines.append(f"| {row} | {size} | " + " | ".join(cells) + " |")
     claims = generalization_claims(students, [tuple(c) for c in settings.get("comparisons", [])], measures)
-    if all(c["interval"]["n"] < 2 for c in claims):  # a sweep of one seed per row has nothing to pair
+    if not claims:  # a sweep of one seed per row has nothing to pair
         claim_lines = ["None: no two rows share two or more seeds at a training-set size, so nothing is paired."]
     else:
         claim_lines = [
+            family_summary(claims, declared=False),
             "| claim | rows | training images | measured effect (treated - base), 95% interval "
-            "| detectable (80% power) | verdict |",
-            "|---|---|---|---|---|---|",
+            "| detectable (80% power) | p | Holm p | verdict |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for c in claims:
             cells = [c["claim"], c["rows"], str(c["training_images"]), _effect(c["interval"])]
-            cells += [detectable_cell(c["interval"]), f"**{c['verdict']}**"]
+            cells += [detectable_cell(c["interval"]), format_p(c["p"]), format_p(c["p_holm"]), f"**{c['verdict']}**"]
             claim_lines.append("| " + " | ".join(cells) + " |")
     teacher = collected.get("teacher")
     flags = settings.get("evaluation", [])
@@ -157,9 +166,10 @@ def write_generalization_report(collected: dict, settings: dict, out: str | os.P
         "![E_gen, E_mem and memorization against the training-set size](generalization.png)",
         "## Claims",
         "Paired differences over seeds at each training-set size (same seed: same data order and noise), with a "
-        "95% t-interval; **holds** when the interval excludes zero in the claimed direction, **does not hold** "
-        "when it excludes zero in the other, else **inconclusive**. Computed, never written by hand. *Detectable*: "
-        "the smallest true effect the design finds with 80% power.",
+        "95% t-interval and the paired t-test's p; the claims are one family, each verdict read from its Holm-adjusted"
+        f" p at {ALPHA}: **holds** when significant in the claimed direction, **does not hold** when significant in "
+        "the other, else **inconclusive**. Computed, never written by hand. *Detectable*: the smallest true effect "
+        "the design finds with 80% power (uncorrected).",
         "\n".join(claim_lines),
     ]
     sweep = collected.get("empirical") or []

@@ -1,7 +1,6 @@
-"""The answer in one picture, of the paper's Figure 2 kind: a base model's and a flat model's samples from the same
-noises at fp32 and at the ladder level where the study found the largest gap between them, side by side, with the
-pixel displacement under each quantized panel. Made from a study's own models, with the pipeline sampler a user
-calls (`DDIMPipeline`, eta = 0, by default)."""
+"""A study's picture, of the paper's Figure 2 kind: models' samples from the same noises at fp32 and at one quantized
+level, side by side, with the pixel displacement under each quantized panel. Made from a study's own models at the
+level its file names, with the pipeline sampler a user calls (`DDIMPipeline`, eta = 0, by default)."""
 
 from __future__ import annotations
 
@@ -15,30 +14,6 @@ from diffusers import DDPMPipeline
 from diffusers_flat.evaluation.plots import plot_quantized_samples
 from diffusers_flat.quantization import quantize_weights_
 from diffusers_flat.sampling import image_grid, sample_images
-from diffusers_flat.studies.claims import ladder_point, paired_interval
-
-
-def largest_gap(results: dict[str, dict[int, dict]], comparisons: list[tuple[str, str]]) -> tuple[str, str, str, str]:
-    """The (base, treated, granularity, bits) whose mean paired displacement base - treated is the largest over
-    every comparison and ladder level: where the flat model holds up best against the base. The displacement of the
-    pipeline sampler, or in results made before there was one, the PF-ODE's."""
-    best, best_gap = None, -np.inf
-    for base, treated in comparisons:
-        seeds = sorted(set(results.get(base, {})) & set(results.get(treated, {})))
-        if not seeds or "sensitivity" not in results[base][seeds[0]]:
-            continue
-        for granularity, levels in results[base][seeds[0]]["sensitivity"]["curves"].items():
-            for bits in levels:
-                measure = "displacement" if "displacement" in levels[bits] else "ddim_displacement"
-                point = ladder_point(granularity, bits, measure)
-                gap = -paired_interval(
-                    [point(results[base][s]) for s in seeds], [point(results[treated][s]) for s in seeds]
-                )["mean"]
-                if gap > best_gap:
-                    best, best_gap = (base, treated, granularity, bits), gap
-    if best is None:
-        raise ValueError("no comparison has quantization-sensitivity results")
-    return best
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
-"""The report of a study: tables shaped like the paper's (mean ± standard deviation over seeds, and n), the paper's
-claims with their paired 95% intervals and computed verdicts, and figures with one band per row."""
+"""The report of a study: tables shaped like the paper's (mean ± standard deviation over seeds, and n), the claims
+with their paired 95% intervals, p-values, Holm-adjusted p-values over the study's family and computed verdicts, and
+figures with one band per row."""
 
 from __future__ import annotations
 
@@ -20,21 +21,30 @@ from diffusers_flat.evaluation.plots import (
 from diffusers_flat.quantization import GRANULARITIES
 from diffusers_flat.run_directory import write_atomically, write_json
 from diffusers_flat.studies.claims import (
+    ALPHA,
     CLAIMS,
+    DOES_NOT_HOLD,
+    EXPLORATORY,
+    HOLDS,
+    INCONCLUSIVE,
     LADDER_MEASURES,
+    PRIMARY,
+    SECONDARY,
     Claim,
     comparison_claims,
     detectable_cell,
     exposure_gap,
     fraction_kept,
+    holm,
     ladder_point,
+    level_words,
     lpf,
     paired_interval,
     perturbation_slope,
     sharpness_excess,
     verdict,
 )
-from diffusers_flat.studies.config import row_name
+from diffusers_flat.studies.config import ClaimSpec, row_name
 
 # row -> seed -> the evaluation result of that row's pipeline at that seed
 Results = dict[str, dict[int, dict]]
@@ -74,9 +84,14 @@ def _table(results: Results, columns: dict[str, Callable[[dict], float]]) -> str
 
 
 def claim_results(results: Results, claims: tuple[Claim, ...] | list[Claim] = CLAIMS) -> list[dict]:
-    """Each claim's paired interval over the seeds both rows have, and its verdict. A log-ratio claim is tested on
-    log(treated) - log(base); its verdict is "undefined" when a value is not positive (e.g. a loss that 8-bit weights
-    lowered). Where the claim has the paper's relative effect, "paper_scaled" is that fraction of the base's mean."""
+    """Each claim's paired interval over the seeds both rows have, its p-value, and its verdict. A log-ratio claim is
+    tested on log(treated) - log(base); its verdict is "undefined" when a value is not positive (e.g. a loss that 8-bit
+    weights lowered), and it has no p-value. Where the claim has the paper's relative effect, "paper_scaled" is that
+    change applied to the size of the base's mean (so that it keeps its direction whatever the base's sign).
+
+    The secondary claims are one family: each gets "p_holm", its Holm-adjusted p-value over them all (a claim with no
+    p-value counts as p = 1), and its verdict is read from it. The primary endpoint is tested alone at ALPHA;
+    exploratory claims and companions (the plain difference beside a log ratio) keep their unadjusted verdicts."""
     out = []
     for claim in claims:
         base, treated = results.get(claim.base, {}), results.get(claim.treated, {})
@@ -93,7 +108,7 @@ def claim_results(results: Results, claims: tuple[Claim, ...] | list[Claim] = CL
         interval = paired_interval(a, b)
         scaled = None
         if claim.paper_relative is not None and pairs:
-            scaled = claim.paper_relative * float(np.mean([p[0] for p in pairs]))
+            scaled = claim.paper_relative * abs(float(np.mean([p[0] for p in pairs])))
         if not interval["n"]:
             outcome = "not measured"
         else:
@@ -103,14 +118,64 @@ def claim_results(results: Results, claims: tuple[Claim, ...] | list[Claim] = CL
                 "claim": claim.statement,
                 "rows": f"{claim.treated} vs {claim.base}",
                 "form": "log ratio" if claim.log_ratio else "difference",
+                "role": claim.role,
                 "paper": claim.paper,
                 "paper_scaled": scaled,
                 "expected_sign": claim.expected_sign,
                 "interval": interval,
+                "p": math.nan if undefined else interval["p"],
+                "p_holm": None,
                 "verdict": outcome,
             }
         )
+    family = [c for c in out if c["role"] == SECONDARY]
+    for c, adjusted in zip(family, holm([c["p"] for c in family])):
+        c["p_holm"] = adjusted
+        if c["verdict"] in VERDICTS:
+            c["verdict"] = verdict(c["interval"], c["expected_sign"], adjusted)
     return out
+
+
+VERDICTS = (HOLDS, DOES_NOT_HOLD, INCONCLUSIVE)
+
+
+def family_summary(claims: list[dict], declared: bool) -> str:
+    """The report's first lines on multiplicity: how many hypotheses were tested, how they were corrected, how many
+    hold, and how many would have looked significant uncorrected against how many chance alone gives."""
+    family = [c for c in claims if c["role"] == SECONDARY]
+    primary = [c for c in claims if c["role"] == PRIMARY]
+    exploratory = [c for c in claims if c["role"] == EXPLORATORY]
+    raw = sum(not math.isnan(c["p"]) and c["p"] < ALPHA for c in family)
+    holding = sum(c["verdict"] == "holds" for c in family)
+    against = sum(c["verdict"] == "does not hold" for c in family)
+    corrected = (
+        f"{len(family)} secondary claims, corrected together by Holm's procedure (each verdict is read from its "
+        f"Holm-adjusted p at {ALPHA}): {holding} hold and {against} go against the claim after correction; "
+        f"{raw} had p < {ALPHA} before it, where chance alone gives about {ALPHA * len(family):.1f}"
+    )
+    if not declared:
+        return (
+            f"**Hypotheses tested: {len(family)}.** The study file names no primary endpoint (it predates them), so "
+            f"every claim it pre-registered is one family: {corrected}. Plain differences shown beside log ratios are "
+            "the same hypotheses on another scale, not counted again."
+        )
+    (p,) = primary
+    lines = (
+        f"**Hypotheses tested: {1 + len(family)}**: the primary endpoint, tested alone at {ALPHA},"
+        f" and {corrected}.\n\n"
+        f"**Primary endpoint** ({p['form']}): {p['claim']}: **{p['verdict']}**; measured {_effect(p)}, p = "
+        f"{format_p(p['p'])}; the smallest effect this design detects with 80% power: {_detectable(p)}."
+    )
+    if exploratory:
+        lines += f" {len(exploratory)} exploratory claims are reported uncorrected and decide nothing."
+    return lines
+
+
+def format_p(p: float | None) -> str:
+    """A p-value as a report shows it: two significant digits below 0.01, else two decimals; "-" without one."""
+    if p is None:
+        return "-"
+    return "-" if math.isnan(p) else f"{p:.2g}" if p < 0.01 else f"{p:.2f}"
 
 
 def _effect(c: dict) -> str:
@@ -133,26 +198,30 @@ def _detectable(c: dict) -> str:
     """The minimum detectable effect: ±d for a difference, the ratio ×exp(-d) a log-ratio claim would detect."""
     d = c["interval"].get("detectable", math.nan)
     if c["form"] == "log ratio":
-        return "-" if math.isnan(d) else f"×{math.exp(-d):.3g} or ×{math.exp(d):.3g}"
+        undefined = c["verdict"].startswith("undefined")  # the interval is of the values, not of their logs
+        return "-" if math.isnan(d) or undefined else f"×{math.exp(-d):.3g} or ×{math.exp(d):.3g}"
     return detectable_cell(c["interval"])
 
 
 def _claims_table(claims: list[dict]) -> str:
     lines = [
-        "| claim | rows | form | paper | paper's effect in our units | measured effect, 95% interval | detectable "
-        "(80% power) | verdict |",
-        "|---|---|---|---|---|---|---|---|",
+        "| claim | role | rows | form | paper | paper's effect in our units | measured effect, 95% interval | "
+        "detectable (80% power) | p | Holm p | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in claims:
         scaled = "-" if c.get("paper_scaled") is None else f"{c['paper_scaled']:+.4g}"
         cells = [
             c["claim"],
+            c["role"],
             c["rows"],
             c["form"],
             c["paper"],
             scaled,
             _effect(c),
             _detectable(c),
+            format_p(c["p"]),
+            format_p(c["p_holm"]),
             f"**{c['verdict']}**",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -160,8 +229,17 @@ def _claims_table(claims: list[dict]) -> str:
 
 
 def study_claims(results: Results, settings: dict) -> list[Claim]:
-    """The paper's claims (CLAIMS) for the paper's grid; for a study with `settings["comparisons"]` (rows that are
-    not the paper's, e.g. SAM at two rho), the pre-registered claims of each comparison (`comparison_claims`)."""
+    """The claims the study file declares (`settings["primary"]`, "family" and "exploratory": ClaimSpec fields);
+    else the paper's claims (CLAIMS) for the paper's grid; else, for a study with `settings["comparisons"]` (rows
+    that are not the paper's, e.g. SAM at two rho), the pre-registered claims of each comparison
+    (`comparison_claims`)."""
+    if settings.get("primary"):
+        declared = [(PRIMARY, settings["primary"])] + [
+            (role, spec)
+            for role, key in ((SECONDARY, "family"), (EXPLORATORY, "exploratory"))
+            for spec in settings[key]
+        ]
+        return [ClaimSpec(**spec).claim(role) for role, spec in declared]
     if not settings.get("comparisons"):
         return list(CLAIMS)
     any_result = next((r for seeds in results.values() for r in seeds.values()), {})
@@ -185,6 +263,31 @@ def _figure_sampler(figure: dict) -> str:
     if "sampler" not in figure:
         return "the probability-flow ODE, DDIM without clipping, 20 steps"
     return f"{'DDIMPipeline, eta = 0' if figure['sampler'] == 'ddim' else 'DDPMPipeline'}, {figure['steps']} steps"
+
+
+def _figure_section(figure: dict | None) -> list[str]:
+    """The study's picture: named in the study file (it has "seeds"), or, in reports of studies made before files
+    named their pictures, one level picked from the results, which the text says."""
+    if not figure:
+        return []
+    moved = ", ".join(f"{label} {value:.1f}" for label, value in figure["displacement"].items())
+    if "seeds" in figure:
+        return [
+            "## The study's picture",
+            f"Named in the study file before any run: seeds {', '.join(map(str, figure['seeds']))}, the "
+            f"{figure['variant']} pipelines of {', '.join(figure['rows'])}, {figure['noises']} samples each from the "
+            f"same noises at fp32 and with {level_words(figure['level'])} weights ({_figure_sampler(figure)}). "
+            f"Pixels moved (mean absolute change, 0-255): {moved}.",
+            f"![the same noises at fp32 and {level_words(figure['level'])}]({figure['path']})",
+        ]
+    return [
+        "## The answer in one picture (picked after the results)",
+        f"Seed {figure['seed']}, raw pipelines: samples from the same noises at fp32 and with "
+        f"{figure['bits']}-bit {figure['granularity']} weights ({_figure_sampler(figure)}), the ladder level where "
+        "the mean paired displacement of ADM exceeded the flat row's the most: a level chosen from the data, so an "
+        f"illustration, not evidence (the claims decide). Pixels moved by these samples: {moved}.",
+        f"![the same noises at fp32 and {figure['bits']} bits]({figure['path']})",
+    ]
 
 
 def _tuning_section(tuning: dict, rows: list[dict]) -> list[str]:
@@ -239,16 +342,24 @@ def _ladder_section(results: Results, claims: list[dict]) -> list[str]:
     for rows in dict.fromkeys(c["rows"] for c in ladder):
         mine = [c for c in ladder if c["rows"] == rows]
         lines = [
-            "| level | measure | ratio, 95% interval | detectable ratio | verdict | difference | verdict |",
-            "|---|---|---|---|---|---|---|",
+            "| level | measure | ratio, 95% interval | detectable ratio | p | Holm p | verdict | difference "
+            "(uncorrected) | its verdict |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for ratio, difference in zip(mine[::2], mine[1::2]):
             level, measure = (
                 ratio["claim"].split(" at ")[1],
                 ratio["claim"].split(" has a smaller ")[1].split(" at ")[0],
             )
-            cells = [level, measure, _effect(ratio), _detectable(ratio), f"**{ratio['verdict']}**"]
-            cells += [_effect(difference), f"**{difference['verdict']}**"]
+            cells = [
+                level,
+                measure,
+                _effect(ratio),
+                _detectable(ratio),
+                format_p(ratio["p"]),
+                format_p(ratio["p_holm"]),
+            ]
+            cells += [f"**{ratio['verdict']}**", _effect(difference), difference["verdict"]]
             lines.append("| " + " | ".join(cells) + " |")
         sections += [f"### Ladder claims: {rows}", "\n".join(lines)]
     return sections
@@ -445,6 +556,7 @@ def write_report(
             else ""
         )
         + ".",
+        family_summary(claims, bool(settings.get("primary"))),
         *(_tuning_section(settings["tuning"], tuning_rows or []) if "tuning" in settings else []),
         *(_reuse_section(settings["reuse"]) if "reuse" in settings else []),
         *_training_section(loss_curves or {}),
@@ -470,25 +582,18 @@ def write_report(
         fractions_kept(results, settings["fraction_kept"], settings["variants"]) if "fraction_kept" in settings else []
     )
     sections += _fraction_section(fractions)
-    if figure:
-        moved = ", ".join(f"{label} {value:.1f}" for label, value in figure["displacement"].items())
-        sections += [
-            "## The answer in one picture",
-            f"Seed {figure['seed']}, raw pipelines: samples from the same noises at fp32 and with "
-            f"{figure['bits']}-bit {figure['granularity']} weights ({_figure_sampler(figure)}), the ladder level "
-            f"where the mean paired displacement of ADM exceeds the flat row's the most. Pixels moved by these "
-            f"samples: {moved}.",
-            f"![the same noises at fp32 and {figure['bits']} bits]({figure['path']})",
-        ]
+    sections += _figure_section(figure)
     sections += [
         "## Claims",
         "Each claim is a paired difference over seeds (same seed: same data order and noise), with a 95% "
-        "t-interval; **holds** when the interval excludes zero in the paper's direction, **does not hold** when it "
-        "excludes zero in the other, else **inconclusive**. Computed, never written by hand. A *log ratio* claim "
-        "tests log(treated / base), shown as the ratio. *Detectable*: the smallest true effect this design (its n "
-        "and the measured spread of the differences) finds with 80% power; an inconclusive verdict on an effect "
-        "below it says the design was blind to it. *Paper's effect in our units*: the paper's relative change "
-        "applied to the base row's mean here.",
+        "t-interval and the paired t-test's two-sided p; **holds** when it is significant in the claimed direction, "
+        "**does not hold** when significant in the other, else **inconclusive**. The primary endpoint is read from "
+        f"its own p, each secondary claim from its *Holm p* (adjusted over the family, at {ALPHA}), exploratory "
+        "claims from their uncorrected p. Computed, never written by hand. A *log ratio* claim tests "
+        "log(treated / base), shown as the ratio. *Detectable*: the smallest true effect this design (its n and the "
+        "measured spread of the differences) finds with 80% power, uncorrected; an inconclusive verdict on an "
+        "effect below it says the design was blind to it. *Paper's effect in our units*: the paper's relative "
+        "change applied to the size of the base row's mean here, in the claim's direction.",
         _claims_table(main_claims),
         "![exposure bias](exposure_bias.png)",
     ]

@@ -32,7 +32,7 @@ from diffusers_flat.run_directory import RunDirectory
 from diffusers_flat.studies.config import METHODS, Run, Study, Work, row_name, shard_of
 from diffusers_flat.studies.directory import StudyDirectory
 from diffusers_flat.studies.generalization_report import write_generalization_report
-from diffusers_flat.studies.quantization_figure import largest_gap, write_quantization_figure
+from diffusers_flat.studies.quantization_figure import write_quantization_figure
 from diffusers_flat.studies.report import Results, write_report
 from diffusers_flat.training.arguments import parse_training_flags
 from diffusers_flat.training.data import load_image_dataset, subset_indices
@@ -74,6 +74,13 @@ class StudyRunner:
         for run in study.tuning_runs() + study.teacher_runs() + study.runs(tuning.values[0] if tuning else None):
             self._training_flags(run.flags, f"the {run.name} training's flags")
         self.evaluation = self._plan(study.evaluation, "the evaluation's flags")
+        self.plans = {  # each variant's evaluation: the study's, or the variant's own (variant_evaluation)
+            v: self._plan(study.variant_evaluation[v], f"variant_evaluation.{v}")
+            if v in study.variant_evaluation
+            else self.evaluation
+            for v in study.variants
+        }
+        self._check_declarations()
         self.tuning_evaluation = self.teacher_evaluation = self.empirical_evaluation = None
         if tuning:
             self.tuning_evaluation = self._plan(tuning.evaluation, "the tuning's evaluation flags")
@@ -105,6 +112,26 @@ class StudyRunner:
                 )
             if g.temperatures:
                 self.empirical_evaluation = self._plan(g.empirical_evaluation, "generalization.empirical_evaluation")
+
+    def _check_declarations(self) -> None:
+        """Each declared claim and the figure against what its variant's evaluation measures."""
+        study = self.study
+        specs = [("primary", study.primary)] if study.primary else []
+        specs += [("family", spec) for spec in study.family] + [("exploratory", spec) for spec in study.exploratory]
+        for key, spec in specs:
+            settings = self.plans[spec.variant].settings
+            what = f"{key}: {spec.measure} of {spec.treated} ({spec.variant})"
+            if spec.level is not None and spec.level not in settings.quantization_levels:
+                raise self._error(f"{what} at {spec.level}: the {spec.variant} evaluation must --quantize that level")
+            if spec.steps is not None and spec.steps not in settings.inference_steps:
+                raise self._error(f"{what}: T'={spec.steps} is not one of the evaluation's --inference_steps")
+            needs = {"class_fidelity": "classifier", "lpf": "lpf"}.get(spec.measure)
+            if needs == "classifier" and settings.classifier is None:
+                raise self._error(f"{what}: class fidelity needs the {spec.variant} evaluation's --classifier")
+            if needs == "lpf" and "lpf" not in settings.metrics:
+                raise self._error(f"{what}: the {spec.variant} evaluation must measure lpf (--metrics)")
+            if spec.measure.startswith("kid") and "fid" not in settings.metrics:
+                raise self._error(f"{what}: the {spec.variant} evaluation must measure fid (--metrics)")
 
     def _error(self, problem: str) -> FlatError:
         return FlatError(f"study {self.study.path}: {problem}", "study")
@@ -302,6 +329,12 @@ class StudyRunner:
             f = study.fraction_kept
             settings["fraction_kept"] = {"of": f.of, "methods": f.others(study.methods), "granularity": f.granularity}
             settings["fraction_kept"]["bits"] = f.bits
+        if study.variant_evaluation:
+            settings["variant_evaluation"] = {v: list(flags) for v, flags in study.variant_evaluation.items()}
+        if study.primary:
+            settings["primary"] = dataclasses.asdict(study.primary)
+            settings["family"] = [dataclasses.asdict(spec) for spec in study.family]
+            settings["exploratory"] = [dataclasses.asdict(spec) for spec in study.exploratory]
         if study.reuse:
             settings["reuse"] = {"study": str(study.reuse.study), "report": str(study.reuse.report)}
             settings["reuse"].update(runs=study.reuse.runs, reproduction=self.reproduction())
@@ -325,25 +358,26 @@ class StudyRunner:
                 rows.append({"row": row_name(method, variant), "seed": seed, "here": here, "there": other})
         return rows
 
-    def quantization_figure(self, results: Results, comparisons: list[tuple[str, str]]) -> dict | None:
-        """The Figure 2 kind of picture (`write_quantization_figure`) from the first seed's raw pipelines of the
-        comparison against ADM and the ladder level with the largest gap; None without sensitivity results."""
-        seed = self.study.seeds[0]
-        raw = [
-            (b, t) for b, t in comparisons if b == "ADM" and seed in results.get(b, {}) and seed in results.get(t, {})
-        ]
-        if not raw or not any("sensitivity" in results[b][seed] for b, _ in raw):
+    def figure(self) -> dict | None:
+        """The picture the study file names (`figure`): each of its seeds' rows, fp32 beside the quantized level,
+        drawn once every run it shows has finished; None without one (pictures are never chosen from results)."""
+        spec = self.study.figure
+        if spec is None:
             return None
-        base, treated, granularity, bits = largest_gap(results, raw)
         pipelines = {}
-        for run in self.study.runs():
-            label = row_name(run.method, "raw")
-            if run.seed == seed and label in (base, treated):
-                pipelines[label] = RunDirectory(self.directory.run(run)).pipeline_path("raw")
-        path = self.directory.path / "quantization_figure.png"
-        displacement = write_quantization_figure(pipelines, granularity, int(bits), path)  # DDIMPipeline, 50 steps
-        level = {"granularity": granularity, "bits": bits, "sampler": "ddim", "steps": 50}
-        return {"path": path.name, "seed": seed, **level, "displacement": displacement}
+        for seed in spec.seeds:
+            for method in spec.rows:
+                run = next(r for r in self.study.runs() if r.method == method and r.seed == seed)
+                if self.directory.made_with(self.directory.run(run)) is None:
+                    return None  # still training
+                label = f"{row_name(method, spec.variant)}, seed {seed}"
+                pipelines[label] = RunDirectory(self.directory.run(run)).pipeline_path(spec.variant)
+        path = self.directory.path / "study_figure.png"
+        bits, granularity = spec.level.split(":")
+        displacement = write_quantization_figure(
+            pipelines, granularity, int(bits), path, spec.noises, spec.steps, sampler=spec.sampler
+        )
+        return {"path": path.name, **dataclasses.asdict(spec), "displacement": displacement}
 
     def loss_curves(self) -> dict[str, tuple[list[int], list[float]]]:
         """The training loss of each method's finished run at the first seed, read from its TensorBoard log (the
@@ -372,7 +406,7 @@ class StudyRunner:
             )
         tuned, tuning_rows = self.tuning_table()
         results, settings = self.collect(), self.settings_record(tuned)
-        figure = self.quantization_figure(results, settings.get("comparisons", []))
+        figure = self.figure()
         return write_report(results, settings, self.directory.path, tuning_rows, self.loss_curves(), figure)
 
     # Shards
@@ -398,7 +432,7 @@ class StudyRunner:
                 raise self._error("set --max_train_steps in its training flags to cost it")
             steps[args.sam_rho > 0] += args.max_train_steps
         pipelines = len(self.study.variants)
-        evaluations = [(self.evaluation, (len(teachers) + len(grid)) * pipelines)]
+        evaluations = [(self.plans[v], len(teachers) + len(grid)) for v in self.study.variants]
         if self.tuning_evaluation:
             evaluations.append((self.tuning_evaluation, len(tuning_runs)))
         if self.study.generalization:
@@ -474,7 +508,7 @@ class StudyRunner:
                 self.train(run)
                 progress.update(1)
                 for v in study.variants:
-                    self.evaluate(run, v, self.evaluation)
+                    self.evaluate(run, v, self.plans[v])
                     progress.update(1)
                     if self.against_teacher(run):
                         egen_waiting = self.teacher_missing()
@@ -492,6 +526,32 @@ class StudyRunner:
             )
         if egen_waiting:
             raise FlatError(f"shard {index}/{count}: {egen_waiting}: run this shard again when it has", "shard")
+
+
+def report_from_json(report: str | Path, study: Study, out: str | Path) -> str:
+    """Write `study`'s finished report again into `out` from its report.json alone (its results, settings, tuning,
+    training curves and picture), with today's report code: how a committed report takes up a change of the
+    analysis without its runs. The picture's file is not redrawn. Returns the Markdown."""
+    try:
+        data = json.loads(Path(report).read_text())
+        settings = data["settings"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise FlatError(f"from_report {report}: not the report.json of a study ({err})", "from_report") from None
+    if Path(settings.get("study", "")) != study.path:
+        raise FlatError(
+            f"from_report {report}: the report of {settings.get('study')}, not of {study.path}", "from_report"
+        )
+    if settings.get("generalization"):
+
+        def by_int(tree: dict, depth: int) -> dict:
+            return {int(k): by_int(v, depth - 1) for k, v in tree.items()} if depth else tree
+
+        collected = {key: data.get(key) for key in ("teacher", "noise_unconditional", "empirical")}
+        collected["students"] = {row: by_int(sizes, 2) for row, sizes in data["students"].items()}
+        return write_generalization_report(collected, settings, out)
+    results = {row: {int(seed): result for seed, result in seeds.items()} for row, seeds in data["results"].items()}
+    curves = {name: tuple(curve) for name, curve in (data.get("loss_curves") or {}).items()}
+    return write_report(results, settings, out, data.get("tuning"), curves, data.get("figure"))
 
 
 def read_rates(path: str | Path, study: Study) -> dict:
