@@ -272,6 +272,20 @@ def plot_loss_curves(curves: dict[str, tuple[list[int], list[float]]], path: str
     _save(fig, path)
 
 
+def plot_kid_by_length(lengths: list[int], kid: list[float], threshold: float, path: str | os.PathLike) -> None:
+    """A training-length pilot: KID x10³ after each length, and the rule's threshold."""
+    fig, ((ax,),) = _figure((5, 3.5))
+    ax.plot(lengths, kid, "o-", color="C0", label="KID after the stage")
+    ax.axhline(threshold, color="C3", linestyle="--", label="the rule's threshold")
+    ax.set_xscale("log")
+    ax.set_xticks(lengths, [str(length) for length in lengths])
+    ax.set_xlabel("training steps")
+    ax.set_ylabel("KID x10³")
+    ax.set_title("KID against the training length")
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
 def plot_quantized_samples(
     panels: dict[str, tuple[Image.Image, Image.Image, float]], level: str, sampling: str, path: str | os.PathLike
 ) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 BN_EPS = 1e-3  # the TF-ported network's batch-norm epsilon
 
 
-class FoldedConv(nn.Module):
+class _FoldedConv(nn.Module):
     """conv -> batch norm (no scale, eps 1e-3, running statistics) -> ReLU, as one convolution with a bias:
     W' = W / sqrt(var + eps), b' = beta - mean / sqrt(var + eps)."""
 
@@ -35,7 +35,7 @@ class FoldedConv(nn.Module):
         return F.relu(self.conv(x))
 
 
-class Pool(nn.Module):
+class _Pool(nn.Module):
     """One of the network's poolings: max or average (padding not counted), kernel k, stride s, padding p."""
 
     def __init__(self, kind: str, kernel: int, stride: int, padding: int = 0):
@@ -48,14 +48,14 @@ class Pool(nn.Module):
         return F.avg_pool2d(x, self.kernel, self.stride, self.padding, count_include_pad=False)
 
 
-def _branch(module: torch.jit.ScriptModule, pool: Pool) -> nn.Module:
+def _branch(module: torch.jit.ScriptModule, pool: _Pool) -> nn.Module:
     """A conv block, or a tower of them in order, where a child named "pool" is `pool`."""
     if hasattr(module, "weight"):
-        return FoldedConv(module)
-    return nn.Sequential(*(pool if name == "pool" else FoldedConv(child) for name, child in module.named_children()))
+        return _FoldedConv(module)
+    return nn.Sequential(*(pool if name == "pool" else _FoldedConv(child) for name, child in module.named_children()))
 
 
-class Concatenated(nn.Module):
+class _Concatenated(nn.Module):
     """Inception blocks A to D: every branch on the same input, concatenated along the channels."""
 
     def __init__(self, block: torch.jit.ScriptModule):
@@ -63,21 +63,21 @@ class Concatenated(nn.Module):
         branches = []
         for name, child in block.named_children():
             # a block's own "pool" branch reduces the grid (B, D); inside tower_2 the pool keeps it (A, C)
-            branches.append(Pool("max", 3, 2) if name == "pool" else _branch(child, Pool("avg", 3, 1, 1)))
+            branches.append(_Pool("max", 3, 2) if name == "pool" else _branch(child, _Pool("avg", 3, 1, 1)))
         self.branches = nn.ModuleList(branches)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([branch(x) for branch in self.branches], 1)
 
 
-class Expanded(nn.Module):
+class _Expanded(nn.Module):
     """Inception block E (mixed_9, mixed_10): two towers that each split into a 1x3 and a 3x1 convolution."""
 
-    def __init__(self, block: torch.jit.ScriptModule, pool: Pool):
+    def __init__(self, block: torch.jit.ScriptModule, pool: _Pool):
         super().__init__()
         names = ("conv", "tower_conv", "tower_mixed_conv", "tower_mixed_conv_1", "tower_1_conv", "tower_1_conv_1")
         names += ("tower_1_mixed_conv", "tower_1_mixed_conv_1", "tower_2_conv")
-        self.convs = nn.ModuleDict({name: FoldedConv(getattr(block, name)) for name in names})
+        self.convs = nn.ModuleDict({name: _FoldedConv(getattr(block, name)) for name in names})
         self.pool = pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,11 +107,11 @@ class FoldedInception(nn.Module):
     def __init__(self, torchscript: torch.jit.ScriptModule):
         super().__init__()
         layers = torchscript.net.layers
-        stem = [FoldedConv(getattr(layers, name)) for name in ("conv", "conv_1", "conv_2")]
-        stem += [Pool("max", 3, 2), FoldedConv(layers.conv_3), FoldedConv(layers.conv_4), Pool("max", 3, 2)]
-        blocks = [Concatenated(getattr(layers, f"mixed{'' if i == 0 else f'_{i}'}")) for i in range(9)]
-        blocks += [Expanded(layers.mixed_9, Pool("avg", 3, 1, 1)), Expanded(layers.mixed_10, Pool("max", 3, 1, 1))]
-        self.layers = nn.Sequential(*stem, *blocks, Pool("avg", 8, 8))
+        stem = [_FoldedConv(getattr(layers, name)) for name in ("conv", "conv_1", "conv_2")]
+        stem += [_Pool("max", 3, 2), _FoldedConv(layers.conv_3), _FoldedConv(layers.conv_4), _Pool("max", 3, 2)]
+        blocks = [_Concatenated(getattr(layers, f"mixed{'' if i == 0 else f'_{i}'}")) for i in range(9)]
+        blocks += [_Expanded(layers.mixed_9, _Pool("avg", 3, 1, 1)), _Expanded(layers.mixed_10, _Pool("max", 3, 1, 1))]
+        self.layers = nn.Sequential(*stem, *blocks, _Pool("avg", 8, 8))
         self.eval()
 
     @torch.no_grad()
