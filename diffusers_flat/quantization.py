@@ -19,10 +19,12 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import torch
@@ -32,6 +34,7 @@ from torch import nn
 
 from diffusers_flat.errors import FlatError
 from diffusers_flat.run_directory import write_atomically, write_json
+from diffusers_flat.sampling import sample_images
 
 GRANULARITIES = ("per_tensor", "per_channel")
 QUANTIZED_TYPES = (nn.Conv2d, nn.Linear)
@@ -247,3 +250,38 @@ def load_quantized(directory: str | os.PathLike) -> UNet2DModel:
         raise QuantizationError(f"{weights}: missing {', '.join(sorted(missing)[:5])}")
     model.load_state_dict(tensors, strict=False)
     return model
+
+
+@torch.no_grad()
+def deployment_check(
+    unet: UNet2DModel, scheduler, bits: int, num_images: int, steps: int, sampler: str = "ddim", seed: int = 0
+) -> dict:
+    """Whether the real low-bit model, saved and reloaded, draws what the study measured: `num_images` samples from the
+    same noises with `quantize_weights_(unet, bits, "per_channel")` and with `quantize_for_deployment(unet, bits)`
+    written by `save_quantized` and read back by `load_quantized`. Identical samples give identical KID and FID.
+
+    Args:
+        unet: the fp32 UNet (not changed).
+        scheduler: its noise scheduler.
+        bits: 8 or 4.
+        num_images: samples drawn by each.
+        steps: the pipeline sampler's steps.
+        sampler: "ddim" or "ddpm".
+        seed: the noises' seed.
+
+    Returns:
+        {"identical": whether the 8-bit samples are equal pixel for pixel, "max_difference": the largest pixel
+        difference (0-255), "num_images", "bits"}.
+    """
+    check_deployment_bits(bits)
+    direct = copy.deepcopy(unet).eval()
+    quantize_weights_(direct, bits, "per_channel")
+    with tempfile.TemporaryDirectory() as directory:
+        save_quantized(quantize_for_deployment(copy.deepcopy(unet), bits), directory)
+        reloaded = load_quantized(directory)
+    a, b = (
+        sample_images(model, scheduler, num_images, steps, seed, show_progress=False, sampler=sampler)
+        for model in (direct, reloaded)
+    )
+    difference = int(abs(a.astype(int) - b.astype(int)).max())
+    return {"identical": difference == 0, "max_difference": difference, "num_images": num_images, "bits": bits}

@@ -235,6 +235,9 @@ def test_a_micro_study_on_fashion_mnist_runs_end_to_end(tmp_path, monkeypatch):
     assert set(data["figure"]["displacement"]) == {"+EMA, seed 1", "+SAM-rho0.01+EMA, seed 1"}
     report = (out / "report.md").read_text()
     assert "**Hypotheses tested: 3**" in report
+    # the primary endpoint's level is stored for real by torchao: the int4 model, saved and reloaded, is checked
+    assert data["deployment"]["identical"] and data["deployment"]["row"] == "+SAM-rho0.01+EMA"
+    assert "**Deployment check**: +SAM-rho0.01+EMA, seed 1: the int4 model (torchao), saved and reloaded" in report
     for section in ("## Training: has the loss flattened?", "## The study's picture", "### Ladder claims"):
         assert section in report
     # LPF during training, step by step, for each raw row

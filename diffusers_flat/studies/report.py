@@ -272,6 +272,19 @@ def _figure_sampler(figure: dict) -> str:
     return f"{'DDIMPipeline, eta = 0' if figure['sampler'] == 'ddim' else 'DDPMPipeline'}, {figure['steps']} steps"
 
 
+def _deployment_line(deployment: dict | None) -> list[str]:
+    """One line: does the real low-bit model, saved and reloaded, draw what the study measured?"""
+    if not deployment:
+        return []
+    same = "the same" if deployment["identical"] else f"other (up to {deployment['max_difference']} of 255)"
+    return [
+        f"**Deployment check**: {deployment['row']}, seed {deployment['seed']}: the int{deployment['bits']} model "
+        f"(torchao), saved and reloaded, draws {same} samples as the direct {level_words(deployment['level'])} model "
+        f"from {deployment['num_images']} noises"
+        + (", so the same KID." if deployment["identical"] else ": the study's numbers are not the deployed model's.")
+    ]
+
+
 def _figure_section(figure: dict | None) -> list[str]:
     """The study's picture: named in the study file (it has "seeds"), or, in reports of studies made before files
     named their pictures, one level picked from the results, which the text says."""
@@ -518,11 +531,13 @@ def write_report(
     tuning_rows: list[dict] | None = None,
     loss_curves: dict[str, tuple[list[int], list[float]]] | None = None,
     figure: dict | None = None,
+    deployment: dict | None = None,
 ) -> str:
     """Write report.md, report.json and the figures into `out`; returns the Markdown. With a tuning in
     `settings["tuning"]`, `tuning_rows` are its runs: {"run", "value" (None: the baseline), "result", "selected"}.
     `loss_curves`: run name -> (steps, training losses), drawn as the evidence of training length. `figure`: the
-    Figure 2 kind of picture already written into `out` ({"path", "seed", "granularity", "bits", "displacement"})."""
+    Figure 2 kind of picture already written into `out` ({"path", "seed", "granularity", "bits", "displacement"}).
+    `deployment`: the deployment check at the primary endpoint's level (`StudyRunner.deployment`), one line."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     any_result = next((r for seeds in results.values() for r in seeds.values()), {})
@@ -565,6 +580,7 @@ def write_report(
         )
         + ".",
         family_summary(claims, bool(settings.get("primary"))),
+        *_deployment_line(deployment),
         *(_tuning_section(settings["tuning"], tuning_rows or []) if "tuning" in settings else []),
         *(_reuse_section(settings["reuse"]) if "reuse" in settings else []),
         *_training_section(loss_curves or {}),
@@ -617,7 +633,7 @@ def write_report(
     if any("flatness_series" in r for seeds in results.values() for r in seeds.values()):
         plot_flatness_during_training(results, row_order(results), out / "flatness_during_training.png")
     data = {"settings": settings, "results": results, "claims": claims, "tuning": tuning_rows or []}
-    data.update(loss_curves=loss_curves or {}, figure=figure, fractions=fractions)
+    data.update(loss_curves=loss_curves or {}, figure=figure, fractions=fractions, deployment=deployment)
     write_json(out / "report.json", data)
     write_atomically(out / "report.md", lambda tmp: tmp.write_text(markdown))
     return markdown

@@ -28,6 +28,7 @@ from diffusers_flat.evaluation.settings import EvaluationSettings, evaluation_wo
 from diffusers_flat.hub.model_card import write_model_card
 from diffusers_flat.metrics.fid import FID, feature_network
 from diffusers_flat.metrics.flatness_log import FLATNESS_LOG
+from diffusers_flat.quantization import DEPLOYMENT_BITS, deployment_check
 from diffusers_flat.run_directory import RunDirectory
 from diffusers_flat.studies.config import METHODS, Run, Study, Work, row_name, shard_of
 from diffusers_flat.studies.directory import StudyDirectory
@@ -379,6 +380,27 @@ class StudyRunner:
         )
         return {"path": path.name, **dataclasses.asdict(spec), "displacement": displacement}
 
+    def deployment(self) -> dict | None:
+        """The deployment check of a study whose primary endpoint is at a level torchao stores for real (8 or 4 bits
+        per channel): the primary's treated row at the first seed, its int-b model saved and reloaded against the
+        direct b-bit model, 8 samples of the evaluation's sampler at its first T' (`deployment_check`). None
+        otherwise, or while that run has not finished."""
+        spec = self.study.primary
+        if spec is None or spec.level is None:
+            return None
+        bits, granularity = spec.level.split(":")
+        if granularity != "per_channel" or int(bits) not in DEPLOYMENT_BITS:
+            return None
+        seed = self.study.seeds[0]
+        run = next(r for r in self.study.runs() if r.method == spec.treated and r.seed == seed)
+        if self.directory.made_with(self.directory.run(run)) is None:
+            return None
+        settings = self.plans[spec.variant].settings
+        pipeline = DDPMPipeline.from_pretrained(RunDirectory(self.directory.run(run)).pipeline_path(spec.variant))
+        steps = min(settings.inference_steps)
+        check = deployment_check(pipeline.unet, pipeline.scheduler, int(bits), 8, steps, settings.sampler)
+        return {"row": row_name(spec.treated, spec.variant), "seed": seed, "level": spec.level, **check}
+
     def loss_curves(self) -> dict[str, tuple[list[int], list[float]]]:
         """The training loss of each method's finished run at the first seed, read from its TensorBoard log (the
         last value of each step, so that a resumed run's repeated steps count once)."""
@@ -407,7 +429,8 @@ class StudyRunner:
         tuned, tuning_rows = self.tuning_table()
         results, settings = self.collect(), self.settings_record(tuned)
         figure = self.figure()
-        return write_report(results, settings, self.directory.path, tuning_rows, self.loss_curves(), figure)
+        loss_curves, deployment = self.loss_curves(), self.deployment()
+        return write_report(results, settings, self.directory.path, tuning_rows, loss_curves, figure, deployment)
 
     # Shards
 
@@ -551,7 +574,7 @@ def report_from_json(report: str | Path, study: Study, out: str | Path) -> str:
         return write_generalization_report(collected, settings, out)
     results = {row: {int(seed): result for seed, result in seeds.items()} for row, seeds in data["results"].items()}
     curves = {name: tuple(curve) for name, curve in (data.get("loss_curves") or {}).items()}
-    return write_report(results, settings, out, data.get("tuning"), curves, data.get("figure"))
+    return write_report(results, settings, out, data.get("tuning"), curves, data.get("figure"), data.get("deployment"))
 
 
 def read_rates(path: str | Path, study: Study) -> dict:
