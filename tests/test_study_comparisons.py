@@ -238,7 +238,11 @@ def test_a_micro_study_on_fashion_mnist_runs_end_to_end(tmp_path, monkeypatch):
     # the primary endpoint's level is stored for real by torchao: the int4 model, saved and reloaded, is checked
     assert data["deployment"]["identical"] and data["deployment"]["row"] == "+SAM-rho0.01+EMA"
     assert "**Deployment check**: +SAM-rho0.01+EMA, seed 1: the int4 model (torchao), saved and reloaded" in report
-    for section in ("## Training: has the loss flattened?", "## The study's picture", "### Ladder claims"):
+    for section in (
+        "## Training: has the loss flattened?",
+        "## The study's picture",
+        "## Quantization-sensitivity curves",
+    ):
         assert section in report
     # LPF during training, step by step, for each raw row
     series = data["results"]["+SAM-rho0.01"]["1"]["flatness_series"]
