@@ -57,7 +57,7 @@ from pathlib import Path
 import yaml
 
 from diffusers_flat.errors import FlatError
-from diffusers_flat.studies.claims import MEASURES, SECONDARY, Claim, declared_claim, level_words
+from diffusers_flat.studies.claims import MEASURES, SECONDARY, Claim, declared_claim
 
 METHODS = ("ADM", "IP", "SAM")
 VARIANT_ROWS = {"raw": "", "ema": "+EMA", "swa": "+SWA"}
@@ -305,8 +305,8 @@ class FigureSpec:
     noises at fp32 and at `level`, drawn by the pipeline `sampler` in `steps` steps.
 
     Example:
-        >>> FigureSpec(("ADM", "SAM"), "ema", "4:per_channel", (1, 2)).level_words
-        '4-bit per channel'
+        >>> FigureSpec(("ADM", "SAM"), "ema", "4:per_channel", (1, 2)).noises
+        8
     """
 
     rows: tuple[str, ...]
@@ -316,10 +316,6 @@ class FigureSpec:
     sampler: str = "ddim"
     steps: int = 50
     noises: int = 8
-
-    @property
-    def level_words(self) -> str:
-        return level_words(self.level)
 
 
 @dataclass(frozen=True)
