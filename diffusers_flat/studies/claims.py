@@ -376,9 +376,12 @@ def declared_claim(
         ('+SAM-rho0.01+EMA loses less KID x10³ from fp32 to 4-bit per channel than +EMA', True)
     """
     m = MEASURES[measure]
-    where = {"required": level and level_words(level), "none": ""}.get(
-        m.level, f"at {level_words(level)}" if level else "at fp32"
-    )
+    if m.level == "none":
+        where = ""
+    elif m.level == "required":
+        where = level_words(level)
+    else:  # optional: a level, or fp32
+        where = f"at {level_words(level)}" if level else "at fp32"
     statement = f"{treated} {m.words.format(level=where)} than {base}"
     value = lambda result: m.value(result, level, steps)  # noqa: E731
     return Claim(statement, base, treated, value, m.expected_sign, "(not reported)", log_ratio=m.log_ratio, role=role)
