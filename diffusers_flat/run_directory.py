@@ -123,9 +123,11 @@ def remove_entry(path: str | os.PathLike) -> None:
     _remove(Path(path))
 
 
-def write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Write `data` as indented, key-sorted JSON through `write_atomically`."""
-    text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
+def write_json(path: str | os.PathLike, data: Any, indent: int | None = 2) -> Path:
+    """Write `data` as key-sorted JSON through `write_atomically`, indented by `indent` (None: one compact line, for
+    the large records that are committed)."""
+    separators = None if indent else (",", ":")
+    text = json.dumps(data, indent=indent, separators=separators, sort_keys=True, default=str) + "\n"
     return write_atomically(path, lambda tmp: tmp.write_text(text))
 
 

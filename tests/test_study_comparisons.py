@@ -6,6 +6,7 @@ study file names)."""
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -251,3 +252,19 @@ def test_a_micro_study_on_fashion_mnist_runs_end_to_end(tmp_path, monkeypatch):
     figures = ("loss_curve.png", "sensitivity.png", "study_figure.png", "exposure_bias.png")
     for figure in (*figures, "flatness_during_training.png"):
         assert (out / figure).stat().st_size > 5_000, figure
+
+    # What a study commits: --export copies what the report reads, no weights, event files or sample grids, and the
+    # report written again from that copy alone (the figure and the deployment check kept, not redone) is the same.
+    kept = tmp_path / "kept"
+    run_study.main(
+        run_study.parse_args(["--study", str(path), "--output_dir", str(out), "--report_only", "--export", str(kept)])
+    )
+    files = {f.relative_to(kept).as_posix() for f in kept.rglob("*") if f.is_file()}
+    assert not [f for f in files if f.endswith((".safetensors", ".bin")) or "tfevents" in f or "/samples" in f]
+    assert {"done/adm-seed1", "eval/adm-seed1-ema/eval_results.json", "runs/adm-seed1/loss_curve.json"} <= files
+    assert {"figure.json", "deployment.json", "study_figure.png"} <= files
+    shutil.rmtree(out)  # the runs are gone: the report must come from the copy alone
+    run_study.main(run_study.parse_args(["--study", str(path), "--output_dir", str(kept), "--report_only"]))
+    again = json.loads((kept / "report.json").read_text())
+    for key in ("results", "claims", "loss_curves", "figure", "deployment"):
+        assert again[key] == data[key], key

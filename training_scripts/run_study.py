@@ -8,7 +8,9 @@ evaluation settings, all with the same real images, (x0, t, eps) triples and sam
 skips what is finished and resumes an interrupted training from its latest checkpoint; `--shard I/N` does every
 N-th run (the shards 1..N partition the grid); `--report_only` reports what is finished; `--dry_run` lists the runs
 and evaluations without doing any; `--from_report REPORT_JSON` writes a finished study's report again into
---output_dir from its report.json alone (after a change of the analysis, without the runs).
+--output_dir from its report.json alone (after a change of the analysis, without the runs). `--export DIR` then
+copies what the report reads (done records, evaluation JSON, training curves, the picture) into DIR and writes the
+report there: DIR is what you commit (a few MB, no weights), and `--report_only --output_dir DIR` regenerates it.
 
 A study with `tuning` first trains the tuned method at each candidate value on
 the tuning seed, evaluates the pipeline the selection reads, and gives the grid's runs of that method the value with
@@ -42,6 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--from_report", default=None, help="A finished study's report.json: write its report again from it alone."
     )
     parser.add_argument(
+        "--export",
+        default=None,
+        help="After the run (or --report_only): copy what the report reads into this folder and report there.",
+    )
+    parser.add_argument(
         "--rates",
         default=None,
         help="With --dry_run: the JSON benchmarks/study_cost.py wrote for this study on your device; projects hours.",
@@ -63,12 +70,18 @@ def main(args: argparse.Namespace) -> None:
         return
     if not args.report_only:
         runner.run(index, count)
+    if args.export:
+        runner = StudyRunner(study, runner.directory.export(args.export), TRAIN_SCRIPT)
     print(runner.report())
 
 
 def cli(argv: list[str] | None = None) -> None:
     """The command line: parse `argv`, run the study, and report bad input as one line naming the flag."""
-    run_main(main, parse_args(argv), flags={"study": "--study", "shard": "--shard", "from_report": "--from_report"})
+    run_main(
+        main,
+        parse_args(argv),
+        flags={"study": "--study", "shard": "--shard", "from_report": "--from_report", "destination": "--export"},
+    )
 
 
 if __name__ == "__main__":

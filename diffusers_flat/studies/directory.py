@@ -9,6 +9,13 @@ them themselves.
     fid_cache/                         the real images' FID statistics, shared by every evaluation
     done/<name>                        the one "finished" convention: what <name> (a run or an evaluation folder) was
                                        made with, written when it finished
+    figure.json, deployment.json       the report's picture and deployment check, made once every run they show
+                                       has finished
+
+What the report reads is small: `export` copies it (the done records, each evaluation's eval_results.json, each
+run's training_args.json, flatness log and loss curve as JSON, the records above and the picture) into a folder that
+is itself a study directory, without weights, sample grids or event files. That folder is what a study commits, and
+`run_study.py --report_only --output_dir FOLDER` writes the report again from it.
 
 Example:
     >>> from diffusers_flat.studies.config import Run
@@ -21,12 +28,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
-from diffusers_flat.run_directory import write_json
+from diffusers_flat.errors import FlatError
+from diffusers_flat.metrics.flatness_log import FLATNESS_LOG
+from diffusers_flat.run_directory import TRAINING_RECORD, write_json
 from diffusers_flat.studies.config import Run
 
 TEACHER_SUFFIX = "-teacher"
+LOSS_CURVE = "loss_curve.json"
+RESULTS = "eval_results.json"
 
 
 class StudyDirectory:
@@ -75,4 +87,66 @@ class StudyDirectory:
         None while it is not finished."""
         if self.made_with(evaluation) is None:
             return None
-        return next(iter(json.loads((evaluation / "eval_results.json").read_text()).values()))
+        return next(iter(json.loads((evaluation / RESULTS).read_text()).values()))
+
+    def loss_curve(self, run: Run) -> tuple[list[int], list[float]] | None:
+        """A finished run's training loss by step, or None: its loss_curve.json where `export` wrote one, else its
+        TensorBoard events (the last value of each step, so that a resumed run's repeated steps count once)."""
+        target = self.run(run)
+        return None if self.made_with(target) is None else _loss_curve(target)  # unfinished: its curve ends early
+
+    def record(self, name: str) -> dict | None:
+        """A record the report made once (`keep`), e.g. "figure", or None."""
+        path = self.path / f"{name}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def keep(self, name: str, record: dict) -> None:
+        write_json(self.path / f"{name}.json", record)
+
+    def export(self, destination: str | os.PathLike) -> StudyDirectory:
+        """Copy what the report reads into `destination`, a study directory of its own (see the module's docstring);
+        returns it. What `destination` held of this study is replaced file by file; nothing else there is touched."""
+        copy = StudyDirectory(destination)
+        if copy.path.resolve() == self.path.resolve():
+            raise FlatError(
+                f"destination {destination}: the study directory itself; export into another folder", "destination"
+            )
+        done = sorted((self.path / "done").glob("*")) if (self.path / "done").is_dir() else []
+        for marker in done:
+            copy.finish(copy.path / marker.name, json.loads(marker.read_text()))
+        for marker in done:
+            evaluation, run = self.path / "eval" / marker.name, self.path / "runs" / marker.name
+            if (evaluation / RESULTS).is_file():
+                _copy(evaluation / RESULTS, copy.path / "eval" / marker.name / RESULTS)
+            elif run.is_dir():
+                for name in (TRAINING_RECORD, FLATNESS_LOG):
+                    if (run / name).is_file():
+                        _copy(run / name, copy.path / "runs" / marker.name / name)
+                if (curve := _loss_curve(run)) is not None:
+                    write_json(copy.path / "runs" / marker.name / LOSS_CURVE, list(curve), indent=None)
+        for name in ("figure", "deployment"):
+            if (record := self.record(name)) is not None:
+                copy.keep(name, record)
+                if "path" in record:
+                    _copy(self.path / record["path"], copy.path / record["path"])
+        return copy
+
+
+def _loss_curve(run: Path) -> tuple[list[int], list[float]] | None:
+    if (run / LOSS_CURVE).is_file():
+        steps, losses = json.loads((run / LOSS_CURVE).read_text())
+        return steps, losses
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    by_step = {}
+    for events in sorted((run / "logs").rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0}).Reload()
+        if "loss" in accumulator.Tags()["scalars"]:
+            by_step.update({e.step: e.value for e in accumulator.Scalars("loss")})
+    steps = sorted(by_step)
+    return (steps, [by_step[step] for step in steps]) if steps else None
+
+
+def _copy(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)

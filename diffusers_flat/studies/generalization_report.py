@@ -207,6 +207,6 @@ def write_generalization_report(collected: dict, settings: dict, out: str | os.P
     }
     plot_generalization(series, out / "generalization.png")
     data = {"settings": settings, **collected, "claims": claims}
-    write_json(out / "report.json", data)
+    write_json(out / "report.json", data, indent=None)  # committed: compact
     write_atomically(out / "report.md", lambda tmp: tmp.write_text(markdown))
     return markdown

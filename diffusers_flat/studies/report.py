@@ -634,6 +634,6 @@ def write_report(
         plot_flatness_during_training(results, row_order(results), out / "flatness_during_training.png")
     data = {"settings": settings, "results": results, "claims": claims, "tuning": tuning_rows or []}
     data.update(loss_curves=loss_curves or {}, figure=figure, fractions=fractions, deployment=deployment)
-    write_json(out / "report.json", data)
+    write_json(out / "report.json", data, indent=None)  # committed: compact
     write_atomically(out / "report.md", lambda tmp: tmp.write_text(markdown))
     return markdown

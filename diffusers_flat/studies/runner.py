@@ -30,7 +30,7 @@ from diffusers_flat.metrics.fid import FID, feature_network
 from diffusers_flat.metrics.flatness_log import FLATNESS_LOG
 from diffusers_flat.quantization import DEPLOYMENT_BITS, deployment_check
 from diffusers_flat.run_directory import RunDirectory
-from diffusers_flat.studies.config import METHODS, Run, Study, Work, row_name, shard_of
+from diffusers_flat.studies.config import METHODS, FigureSpec, Run, Study, Work, row_name, shard_of
 from diffusers_flat.studies.directory import StudyDirectory
 from diffusers_flat.studies.generalization_report import write_generalization_report
 from diffusers_flat.studies.quantization_figure import write_quantization_figure
@@ -361,10 +361,12 @@ class StudyRunner:
 
     def figure(self) -> dict | None:
         """The picture the study file names (`figure`): each of its seeds' rows, fp32 beside the quantized level,
-        drawn once every run it shows has finished; None without one (pictures are never chosen from results)."""
-        spec = self.study.figure
-        if spec is None:
-            return None
+        drawn once every run it shows has finished and kept (figure.json) with the spec it was drawn for. None
+        without one (pictures are never chosen from results); a study that predates declared figures keeps the
+        record it was given."""
+        spec, kept = self.study.figure, self.directory.record("figure")
+        if spec is None or (kept and all(kept.get(k) == v for k, v in _json_ready(spec).items())):
+            return kept
         pipelines = {}
         for seed in spec.seeds:
             for method in spec.rows:
@@ -378,20 +380,24 @@ class StudyRunner:
         displacement = write_quantization_figure(
             pipelines, granularity, int(bits), path, spec.noises, spec.steps, sampler=spec.sampler
         )
-        return {"path": path.name, **dataclasses.asdict(spec), "displacement": displacement}
+        self.directory.keep("figure", {"path": path.name, **_json_ready(spec), "displacement": displacement})
+        return self.directory.record("figure")
 
     def deployment(self) -> dict | None:
         """The deployment check of a study whose primary endpoint is at a level torchao stores for real (8 or 4 bits
         per channel): the primary's treated row at the first seed, its int-b model saved and reloaded against the
-        direct b-bit model, 8 samples of the evaluation's sampler at its first T' (`deployment_check`). None
-        otherwise, or while that run has not finished."""
+        direct b-bit model, 8 samples of the evaluation's sampler at its first T' (`deployment_check`), made once
+        and kept (deployment.json). None otherwise, or while that run has not finished."""
         spec = self.study.primary
         if spec is None or spec.level is None:
             return None
         bits, granularity = spec.level.split(":")
         if granularity != "per_channel" or int(bits) not in DEPLOYMENT_BITS:
             return None
-        seed = self.study.seeds[0]
+        seed, row = self.study.seeds[0], row_name(spec.treated, spec.variant)
+        kept = self.directory.record("deployment")
+        if kept and (kept["row"], kept["seed"], kept["level"]) == (row, seed, spec.level):
+            return kept
         run = next(r for r in self.study.runs() if r.method == spec.treated and r.seed == seed)
         if self.directory.made_with(self.directory.run(run)) is None:
             return None
@@ -399,26 +405,13 @@ class StudyRunner:
         pipeline = DDPMPipeline.from_pretrained(RunDirectory(self.directory.run(run)).pipeline_path(spec.variant))
         steps = min(settings.inference_steps)
         check = deployment_check(pipeline.unet, pipeline.scheduler, int(bits), 8, steps, settings.sampler)
-        return {"row": row_name(spec.treated, spec.variant), "seed": seed, "level": spec.level, **check}
+        self.directory.keep("deployment", {"row": row, "seed": seed, "level": spec.level, **check})
+        return self.directory.record("deployment")
 
     def loss_curves(self) -> dict[str, tuple[list[int], list[float]]]:
-        """The training loss of each method's finished run at the first seed, read from its TensorBoard log (the
-        last value of each step, so that a resumed run's repeated steps count once)."""
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-        curves = {}
-        for run in self.study.runs()[: len(self.study.methods)]:
-            if self.directory.made_with(self.directory.run(run)) is None:
-                continue  # still training: its curve would end early
-            by_step = {}
-            for events in sorted((self.directory.run(run) / "logs").rglob("events.out.tfevents.*")):
-                accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0}).Reload()
-                if "loss" in accumulator.Tags()["scalars"]:
-                    by_step.update({e.step: e.value for e in accumulator.Scalars("loss")})
-            if by_step:
-                steps = sorted(by_step)
-                curves[run.name] = (steps, [by_step[step] for step in steps])
-        return curves
+        """The training loss of each method's finished run at the first seed."""
+        runs = self.study.runs()[: len(self.study.methods)]
+        return {run.name: curve for run in runs if (curve := self.directory.loss_curve(run)) is not None}
 
     def report(self) -> str:
         """Write the report of what is finished; returns its summary."""
@@ -549,6 +542,11 @@ class StudyRunner:
             )
         if egen_waiting:
             raise FlatError(f"shard {index}/{count}: {egen_waiting}: run this shard again when it has", "shard")
+
+
+def _json_ready(spec: FigureSpec) -> dict:
+    """A figure spec as its JSON record holds it (tuples as lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(spec)))
 
 
 def report_from_json(report: str | Path, study: Study, out: str | Path) -> str:
