@@ -29,13 +29,13 @@ import numpy as np
 import torch
 from diffusers import DDPMPipeline
 
+from diffusers_flat.data import fashion_mnist
 from diffusers_flat.evaluation.real_images import load_real_images
 from diffusers_flat.evaluation.settings import quantization_level
 from diffusers_flat.metrics.fid import feature_network, nhwc_to_nchw
 from diffusers_flat.quantization import quantize_weights_
 from diffusers_flat.run_directory import DataSource, write_json
 from diffusers_flat.sampling import sample_images
-from diffusers_flat.training import fashion_mnist
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = [

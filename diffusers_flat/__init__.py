@@ -16,14 +16,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "methods.averaging": ["averaged_unet", "make_ema", "make_swa", "resolve_swa_start", "swa_due"],
     "training.checkpointing": ["save_checkpoint", "save_pipeline"],
-    "training.data": [
-        "DataError",
-        "ImageTransform",
-        "StepBatchSampler",
-        "TrainingImages",
-        "load_digits_dataset",
-        "load_image_dataset",
-    ],
+    "data.images": ["DataError", "ImageTransform", "load_digits_dataset", "load_image_dataset"],
+    "training.sample_stream": ["StepBatchSampler", "TrainingImages"],
     "errors": ["FlatError"],
     "evaluation.evaluate": ["evaluate", "set_fid_reference"],
     "evaluation.real_images": ["RealImages", "load_real_images"],

@@ -13,7 +13,8 @@ from helpers import MICRO_UNET
 
 from diffusers_flat.methods.sam import SAM
 from diffusers_flat.methods.sam_modes import SAMMode
-from diffusers_flat.training.step import MicroBatch, draw_step_noise, leave_without_teardown, train_step
+from diffusers_flat.training.step import MicroBatch, draw_step_noise, train_step
+from diffusers_flat.utils.processes import leave_without_teardown
 
 MODES = {
     "every": {"every": 2},

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffusers_flat.data import fashion_mnist
 from diffusers_flat.errors import FlatError
 from diffusers_flat.evaluation.real_images import load_real_images
 from diffusers_flat.evaluation.settings import EvaluationSettings
@@ -19,7 +20,6 @@ from diffusers_flat.metrics.class_fidelity import (
     stored_test_counts,
 )
 from diffusers_flat.run_directory import DataSource
-from diffusers_flat.training import fashion_mnist
 
 REAL = fashion_mnist.local_files("test") is not None
 

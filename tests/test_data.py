@@ -10,15 +10,8 @@ from datasets import Dataset, Features, Value
 from datasets import Image as ImageFeature
 from PIL import Image
 
-from diffusers_flat.training.data import (
-    DataError,
-    ImageTransform,
-    StepBatchSampler,
-    TrainingImages,
-    load_digits_dataset,
-    load_image_dataset,
-    open_image,
-)
+from diffusers_flat.data.images import DataError, ImageTransform, load_digits_dataset, load_image_dataset, open_image
+from diffusers_flat.training.sample_stream import StepBatchSampler, TrainingImages
 
 
 def test_embedded_digits_are_the_sklearn_digits():

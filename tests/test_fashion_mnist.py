@@ -13,12 +13,12 @@ from datasets import ClassLabel, Features
 from datasets import Image as ImageFeature
 from PIL import Image
 
+from diffusers_flat.data import fashion_mnist
+from diffusers_flat.data.fashion_mnist import load_fashion_mnist, read_idx
+from diffusers_flat.data.images import load_image_dataset, open_image
 from diffusers_flat.errors import FlatError
 from diffusers_flat.evaluation.real_images import load_real_images
 from diffusers_flat.run_directory import DataSource
-from diffusers_flat.training import fashion_mnist
-from diffusers_flat.training.data import load_image_dataset, open_image
-from diffusers_flat.training.fashion_mnist import load_fashion_mnist, read_idx
 
 HUB_NAMES = [
     "T - shirt / top",

@@ -12,8 +12,8 @@ from conftest import micro_args, run_training
 from diffusers import DDPMScheduler, UNet2DModel
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from diffusers_flat.data.images import load_digits_dataset
 from diffusers_flat.metrics.flatness import DiffusionLoss, lpf_flatness
-from diffusers_flat.training.data import load_digits_dataset
 
 pytestmark = pytest.mark.slow
 

@@ -12,10 +12,10 @@ from diffusers import DDPMPipeline, UNet2DModel
 from helpers import tuning, write_study
 from scipy import stats
 
+from diffusers_flat.data.images import DataError, subset_indices
 from diffusers_flat.studies.claims import paired_interval
 from diffusers_flat.studies.config import Study
 from diffusers_flat.studies.generalization_report import generalization_claims, write_generalization_report
-from diffusers_flat.training.data import DataError, subset_indices
 from diffusers_flat.training.models import build_unet, make_noise_unconditional
 
 STUDENT_EVALUATION = ["--metrics", "fid", "memorization", "pfd", "--pfd_reference", "empirical", "--pfd_noises", "4"]

@@ -4,7 +4,7 @@ function of (seed, position), and the streams of one step are distinct."""
 import numpy as np
 import torch
 
-from diffusers_flat.training.data import StepBatchSampler
+from diffusers_flat.training.sample_stream import StepBatchSampler
 from diffusers_flat.training.step import draw_step_noise
 from diffusers_flat.utils.seeding import (
     augmentation_rng,

@@ -15,9 +15,9 @@ from conftest import use_pooled_inception
 from helpers import write_study
 from scipy import stats
 
+from diffusers_flat.data.fashion_mnist import local_files
 from diffusers_flat.studies.claims import HOLDS, Claim, fraction_kept, lpf
 from diffusers_flat.studies.report import claim_results, fractions_kept, study_claims, write_report
-from diffusers_flat.training.fashion_mnist import local_files
 
 LEVELS = {"per_tensor": ("8", "4"), "per_channel": ("8", "4")}
 

@@ -21,8 +21,8 @@ from diffusers_flat.evaluation.report import markdown_report
 from diffusers_flat.evaluation.runs import evaluate_runs
 from diffusers_flat.hub.model_card import write_model_card
 from diffusers_flat.run_directory import VARIANTS
-from diffusers_flat.training.step import leave_without_teardown
 from diffusers_flat.utils.cli import OneLineArgumentParser, run_main
+from diffusers_flat.utils.processes import leave_without_teardown
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -18,10 +18,10 @@ import torch
 from huggingface_hub import ModelCard
 from tqdm.auto import tqdm
 
+from diffusers_flat.data import fashion_mnist
 from diffusers_flat.evaluation.real_images import load_real_images
 from diffusers_flat.metrics.class_fidelity import TEST_COUNTS, classify
 from diffusers_flat.run_directory import DataSource, write_json
-from diffusers_flat.training import fashion_mnist
 from diffusers_flat.utils.cli import OneLineArgumentParser, UsageError, run_main
 
 CARD = """---

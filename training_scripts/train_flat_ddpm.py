@@ -25,6 +25,7 @@ from diffusers.optimization import get_scheduler
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from tqdm.auto import tqdm
 
+from diffusers_flat.data.images import ImageTransform, load_image_dataset, subset_indices
 from diffusers_flat.hub.model_card import write_model_card
 from diffusers_flat.hub.push import push_to_hub
 from diffusers_flat.methods.averaging import make_ema, make_swa, resolve_swa_start, swa_due
@@ -35,23 +36,17 @@ from diffusers_flat.metrics.flatness_log import FlatnessLog
 from diffusers_flat.run_directory import RunDirectory
 from diffusers_flat.training.arguments import check_args, training_parser
 from diffusers_flat.training.checkpointing import resume_training, run_record, save_checkpoint, save_outputs, start_run
-from diffusers_flat.training.data import (
-    ImageTransform,
-    StepBatchSampler,
-    TrainingImages,
-    load_image_dataset,
-    subset_indices,
-)
 from diffusers_flat.training.models import build_scheduler, build_unet, make_noise_unconditional
+from diffusers_flat.training.sample_stream import StepBatchSampler, TrainingImages
 from diffusers_flat.training.step import (
     check_finite,
     draw_step_noise,
-    leave_without_teardown,
     rank_micro_batches,
     seed_dropout,
     train_step,
 )
 from diffusers_flat.utils.cli import run_main, share_cpu_threads
+from diffusers_flat.utils.processes import leave_without_teardown
 
 logger = get_logger(__name__, log_level="INFO")
 

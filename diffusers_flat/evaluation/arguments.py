@@ -7,8 +7,7 @@ import argparse
 import dataclasses
 from collections.abc import Sequence
 
-from diffusers_flat.evaluation.registry import METRICS
-from diffusers_flat.evaluation.settings import DEFAULT_METRICS, EvaluationSettings
+from diffusers_flat.evaluation.settings import DEFAULT_METRICS, METRIC_NAMES, EvaluationSettings
 from diffusers_flat.metrics.fid import FID_DTYPES
 from diffusers_flat.utils.cli import OneLineArgumentParser, parse_flags
 
@@ -24,7 +23,7 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
         "--metrics",
         nargs="+",
         default=list(DEFAULT_METRICS),
-        help=f"Any of: {', '.join(METRICS)} (default: all but pfd, which needs --pfd_reference, and sensitivity).",
+        help=f"Any of: {', '.join(METRIC_NAMES)} (default: all but pfd, which needs --pfd_reference, and sensitivity)",
     )
     parser.add_argument(
         "--inference_steps", nargs="+", type=int, default=list(DEFAULTS.inference_steps), help="FID columns T'."

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from datasets import Dataset
 
+from diffusers_flat.data import fashion_mnist
+from diffusers_flat.data.images import ImageTransform, load_image_dataset, open_image, subset_indices
 from diffusers_flat.run_directory import DataSource
-from diffusers_flat.training import fashion_mnist
-from diffusers_flat.training.data import ImageTransform, load_image_dataset, open_image, subset_indices
 
 
 @dataclass(frozen=True)

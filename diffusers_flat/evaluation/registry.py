@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, TypedDict
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ from diffusers import DDPMScheduler
 
 from diffusers_flat.errors import FlatError
 from diffusers_flat.evaluation.real_images import RealImages
+from diffusers_flat.evaluation.settings import EvaluationSettings
 from diffusers_flat.metrics.class_fidelity import ClassFidelity, class_fidelity, classify
 from diffusers_flat.metrics.empirical_score import EmpiricalDenoiser, find_collapse_sigma
 from diffusers_flat.metrics.exposure_bias import ExposureBiasResult, exposure_bias
@@ -31,9 +32,6 @@ from diffusers_flat.metrics.flatness import (
 from diffusers_flat.metrics.memorization import MemorizationResult, memorization_ratio
 from diffusers_flat.metrics.pfd import PFDResult, pfd
 from diffusers_flat.metrics.quantization_sensitivity import SensitivityResult, quantization_sensitivity
-
-if TYPE_CHECKING:  # the settings check their metrics against this table
-    from diffusers_flat.evaluation.settings import EvaluationSettings
 
 
 class QuantizedLevel(TypedDict):
@@ -297,7 +295,8 @@ def measure_pfd(m: MetricInputs) -> None:
         m.evaluation.result["pfd_smoothing"] = smoothing
 
 
-# name -> what measures it. Adding a metric is one entry here (and its fields in EvaluationSettings/EvaluationResult).
+# name -> what measures it, for each name `settings.METRIC_NAMES` lists. Adding a metric is its name there, one entry
+# here, and its fields in EvaluationSettings/EvaluationResult.
 METRICS: dict[str, Callable[[MetricInputs], None]] = {
     "fid": measure_fid,
     "lpf": measure_lpf,

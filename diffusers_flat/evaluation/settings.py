@@ -5,16 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from diffusers_flat.errors import FlatError
-from diffusers_flat.evaluation.registry import METRICS
 from diffusers_flat.metrics.dinov2 import DEFAULT_DINOV2
 from diffusers_flat.metrics.fid import FEATURE_SPACES, check_count
 from diffusers_flat.metrics.pfd import DESCRIPTORS
 from diffusers_flat.quantization import GRANULARITIES, check_bits, check_granularity
 from diffusers_flat.sampling import SOLVERS, check_sampler
 
+# What an evaluation may measure; `registry.METRICS` says how, one function for each of these names.
+METRIC_NAMES = ("fid", "lpf", "perturbation", "surface", "exposure_bias", "memorization", "pfd", "sensitivity")
 # asked for by name: PFD needs a reference model, the quantization ladder is a study's instrument
 ON_REQUEST = ("pfd", "sensitivity")
-DEFAULT_METRICS = tuple(name for name in METRICS if name not in ON_REQUEST)
+DEFAULT_METRICS = tuple(name for name in METRIC_NAMES if name not in ON_REQUEST)
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,7 @@ class EvaluationSettings:
     """What to measure and how much of it. Every field is checked when the settings are made.
 
     Args:
-        metrics: any of METRICS (default: all but pfd and sensitivity, asked for by name).
+        metrics: any of METRIC_NAMES (default: all but pfd and sensitivity, asked for by name).
         inference_steps: the respaced sampling steps T' of the FID columns (the paper: 20 and 100).
         num_samples: generated images per FID column (the paper: 50,000).
         num_real: at most this many real images for FID.
@@ -110,9 +111,9 @@ class EvaluationSettings:
         return {f"{bits}:{granularity}": (bits, granularity) for bits, granularity in levels}
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.metrics if m not in METRICS]
+        unknown = [m for m in self.metrics if m not in METRIC_NAMES]
         if unknown:
-            raise FlatError(f"metrics: unknown {', '.join(unknown)}; choose from {', '.join(METRICS)}", "metrics")
+            raise FlatError(f"metrics: unknown {', '.join(unknown)}; choose from {', '.join(METRIC_NAMES)}", "metrics")
         if "fid" in self.metrics:
             check_count(self.num_samples, "num_samples")
         if not self.inference_steps or any(s < 1 for s in self.inference_steps):

@@ -17,6 +17,7 @@ from pathlib import Path
 from diffusers import DDPMPipeline
 from tqdm.auto import tqdm
 
+from diffusers_flat.data.images import load_image_dataset, subset_indices
 from diffusers_flat.errors import FlatError
 from diffusers_flat.evaluation.arguments import parse_evaluation_flags
 from diffusers_flat.evaluation.evaluate import evaluate, resolve_device, set_fid_reference
@@ -36,7 +37,6 @@ from diffusers_flat.studies.generalization_report import write_generalization_re
 from diffusers_flat.studies.quantization_figure import write_quantization_figure
 from diffusers_flat.studies.report import Results, write_report
 from diffusers_flat.training.arguments import parse_training_flags
-from diffusers_flat.training.data import load_image_dataset, subset_indices
 from diffusers_flat.utils.cli import flag_message
 
 PROJECT_HINT = (

@@ -7,16 +7,13 @@ script, so the tests can run exactly the step the script runs.
 
 from __future__ import annotations
 
-import logging
 import math
-import os
-import sys
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from diffusers import DDPMScheduler
 
 from diffusers_flat.errors import FlatError
@@ -237,20 +234,3 @@ def train_step(
         stats.timesteps = accelerator.gather(torch.cat([b.timesteps for b in micro_batches])).cpu()
         stats.sample_losses = accelerator.gather(sample_losses).cpu()
     return stats
-
-
-def leave_without_teardown(accelerator: Accelerator | PartialState) -> None:
-    """End a process of a multi-process run at once, without the interpreter's teardown; call it last, after
-    `end_training()`. A single process returns normally.
-
-    torch's gloo backend can deadlock at teardown: when the DDP model is freed, the main thread (holding the GIL)
-    destroys the ProcessGroupGloo and joins its worker threads, while a worker waits for the GIL to free the tensors
-    of its last finished collective. Seen with torch 2.13 on a busy 2-core machine in about one run in ten: both
-    ranks stuck in ~ProcessGroupGloo -> std::thread::join, the launcher waiting on them forever.
-    """
-    if accelerator.num_processes == 1:
-        return
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)

@@ -1,0 +1,1 @@
+"""Image datasets, shared by training, evaluation and studies."""
