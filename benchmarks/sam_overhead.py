@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from diffusers import DDPMScheduler
 
 from diffusers_flat.methods.sam import SAM
-from diffusers_flat.methods.sam_modes import SAM_MODES, SAMMode
+from diffusers_flat.methods.sam_modes import SAM_MODES, SAMMode, sam_mode
 from diffusers_flat.training.models import build_unet
 from diffusers_flat.training.step import MicroBatch, draw_step_noise, train_step
 
@@ -66,7 +66,7 @@ def main() -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     sam = SAM(model.named_parameters(), rho=args.rho)
     modes = {"plain": None} | {
-        mode: SAMMode(sam, mode, every=EVERY, start_step=round(LATE_START * CYCLE)) for mode in SAM_MODES
+        mode: sam_mode(sam, mode, every=EVERY, start_step=round(LATE_START * CYCLE)) for mode in SAM_MODES
     }
 
     def cycle(mode: SAMMode | None) -> float:

@@ -35,7 +35,7 @@ _EXPORTS = {
     "quantization": ["load_quantized", "quantize_for_deployment", "quantize_weights_", "save_quantized"],
     "run_directory": ["DataSource", "RunDirectory", "TrainingRecord", "write_atomically", "write_json"],
     "methods.sam": ["SAM"],
-    "methods.sam_modes": ["SAMMode", "SAM_MODES"],
+    "methods.sam_modes": ["SAMMode", "SAM_MODES", "sam_mode"],
     "sampling": ["image_grid", "pipeline_samples", "sample_images", "to_uint8"],
     "methods.timestep_sampler": ["LossSecondMomentSampler", "importance_weights"],
     "training.step": ["MicroBatch", "StepStats", "diffusion_loss", "draw_step_noise", "seed_dropout", "train_step"],

@@ -12,7 +12,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from helpers import MICRO_UNET
 
 from diffusers_flat.methods.sam import SAM
-from diffusers_flat.methods.sam_modes import SAMMode
+from diffusers_flat.methods.sam_modes import sam_mode
 from diffusers_flat.training.step import MicroBatch, draw_step_noise, train_step
 from diffusers_flat.utils.processes import leave_without_teardown
 
@@ -38,7 +38,7 @@ def train_modes(accelerator: Accelerator) -> dict[str, dict[str, torch.Tensor]]:
         # A large Adam epsilon keeps Adam from blowing float rounding in near-zero gradients up to a full step.
         optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, eps=1e-3)
         model, optimizer = accelerator.prepare(unet, optimizer)
-        sam = SAMMode(SAM(unet.named_parameters(), rho=0.1), mode, **options)
+        sam = sam_mode(SAM(unet.named_parameters(), rho=0.1), mode, **options)
         for step in range(STEPS):
             noise, timesteps, _ = draw_step_noise(0, step, GLOBAL_BATCH, (3, 8, 8), 1000)
             clean = torch.rand(GLOBAL_BATCH, 3, 8, 8, generator=torch.Generator().manual_seed(step)) * 2 - 1

@@ -13,7 +13,7 @@ from helpers import fixed_batch, micro_unet
 
 from diffusers_flat.errors import FlatError
 from diffusers_flat.methods.sam import SAM
-from diffusers_flat.methods.sam_modes import SAMMode
+from diffusers_flat.methods.sam_modes import SAM_MODES, SAMMode, sam_mode
 from diffusers_flat.training.step import MicroBatch, train_step
 from diffusers_flat.utils.seeding import weight_noise_generator
 
@@ -70,7 +70,7 @@ def train_toy(mode: str | None, steps: int, momentum: float = 0.0, accelerator=N
     model = model or QuadraticToy()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=momentum)
     prepared, optimizer = accelerator.prepare(model, optimizer)
-    sam = None if mode is None else SAMMode(SAM(model.named_parameters(), rho=RHO), mode, **options)
+    sam = None if mode is None else sam_mode(SAM(model.named_parameters(), rho=RHO), mode, **options)
     stats = None
     for step, batch in enumerate(toy_batches(steps)):
         stats = train_step(
@@ -114,21 +114,18 @@ def test_momentum_mode_matches_a_hand_computation():
 def test_momentum_mode_reads_adams_first_moment():
     model = QuadraticToy()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.8, 0.999))
-    sam = SAMMode(SAM(model.named_parameters(), rho=RHO), "momentum")
-    assert sam.plan(0, optimizer, model) == ("plain", None)  # no moment before the first step
+    sam = sam_mode(SAM(model.named_parameters(), rho=RHO), "momentum")
+    assert sam.perturbation(0, optimizer, model) is None  # no moment before the first step: a plain step
     batch = toy_batches(1)[0]
     g = hand_gradient(flat(model), batch.noise.double())
     for p, grad in zip(model.parameters(), g.split(A.numel())):
         p.grad = grad.view(SHAPE).float()
     optimizer.step()
-    kind, e = sam.plan(1, optimizer, model)
+    e = sam.perturbation(1, optimizer, model)
     m = 0.2 * g  # Adam's exp_avg after one step: (1 - beta1) g
-    assert kind == "perturbed"
     torch.testing.assert_close(torch.cat([t.flatten() for t in e]).double(), -RHO * m / m.norm(), rtol=1e-5, atol=1e-7)
     with pytest.raises(FlatError, match="needs an optimizer with a first moment"):
-        SAMMode(SAM(model.named_parameters(), rho=RHO), "momentum").plan(
-            1, torch.optim.SGD(model.parameters(), lr=1), model
-        )
+        sam.perturbation(1, torch.optim.SGD(model.parameters(), lr=1), model)
 
 
 def test_random_mode_matches_a_hand_computation():
@@ -147,9 +144,8 @@ def test_random_mode_matches_a_hand_computation():
 def test_random_mode_scales_its_noise_by_the_filters_and_leaves_frozen_parameters_alone():
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     net[1].bias.requires_grad_(False)
-    sam = SAMMode(SAM(net.named_parameters(), rho=RHO), "random", seed=5)
-    kind, e = sam.plan(7, None, net)
-    assert kind == "perturbed"
+    sam = sam_mode(SAM(net.named_parameters(), rho=RHO), "random", seed=5)
+    e = sam.perturbation(7, None, net)
     generator = weight_noise_generator(5, 7)
     draws = [torch.randn(p.shape, generator=generator) for p in net.parameters()]  # every parameter draws
     expected = []
@@ -166,7 +162,7 @@ def unet_run(sam_options: dict | None, steps: int = 3) -> dict[str, torch.Tensor
     accelerator = Accelerator(cpu=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     prepared, optimizer = accelerator.prepare(model, optimizer)
-    sam = None if sam_options is None else SAMMode(SAM(model.named_parameters(), rho=0.2), **sam_options)
+    sam = None if sam_options is None else sam_mode(SAM(model.named_parameters(), rho=0.2), **sam_options)
     for step in range(steps):
         train_step(accelerator, prepared, optimizer, DDPMScheduler(), [fixed_batch()], sam=sam, step=step)
     return {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -198,7 +194,7 @@ def test_degenerate_modes_equal_full_sam_and_plain_training_bit_for_bit():
 )
 def test_bad_options_name_the_parameter(options, message):
     with pytest.raises(FlatError, match=message):
-        SAMMode(SAM(QuadraticToy().named_parameters(), rho=RHO), **options)
+        sam_mode(SAM(QuadraticToy().named_parameters(), rho=RHO), **options)
 
 
 def fp16_accelerator() -> Accelerator:
@@ -251,23 +247,36 @@ def test_fp16_skips_a_sam_step_with_an_inf_and_leaves_the_weights_as_they_were(p
     assert not torch.equal(flat(model), before) and not optimizer.step_was_skipped
 
 
-def test_plan_follows_each_modes_schedule():
+def test_each_mode_takes_two_passes_on_its_own_schedule():
     model = QuadraticToy()
     optimizer = torch.optim.AdamW(model.parameters())
+    before = flat(model)
 
-    def kinds(**options):
-        sam = SAMMode(SAM(model.named_parameters(), rho=RHO), **options)
-        return [sam.plan(step, optimizer, model)[0] for step in range(6)]
+    def passes(sam: SAMMode, steps: int = 6) -> list[bool]:
+        two = []
+        for step in range(steps):
+            two.append(sam.begin(step, optimizer, model))
+            assert not sam.end()  # no ascent was taken: nothing measured, and the weights are back at w
+            assert torch.equal(flat(model), before)
+        return two
 
-    assert kinds(mode="full") == ["ascent"] * 6
-    assert kinds(mode="every", every=3) == ["ascent", "plain", "plain", "ascent", "plain", "plain"]
-    assert kinds(mode="late", start_step=4) == ["plain"] * 4 + ["ascent"] * 2
-    assert kinds(mode="random") == ["perturbed"] * 6
+    def make(**options) -> SAMMode:
+        return sam_mode(SAM(model.named_parameters(), rho=RHO), **options)
+
+    assert passes(make(mode="full")) == [True] * 6
+    assert passes(make(mode="every", every=3)) == [True, False, False, True, False, False]
+    assert passes(make(mode="late", start_step=4)) == [False] * 4 + [True] * 2
+    assert passes(make(mode="random")) == [False] * 6  # one pass, at w + e: moved in begin, back in end
     # LookSAM has nothing to reuse until its first SAM step has kept a component
-    looksam = SAMMode(SAM(model.named_parameters(), rho=RHO), "looksam", every=3)
-    assert [looksam.plan(step, optimizer, model)[0] for step in range(3)] == ["ascent"] * 3
+    looksam = make(mode="looksam", every=3)
+    assert passes(looksam, 3) == [True] * 3
     looksam.remember([torch.ones(SHAPE)] * 2, [torch.ones(SHAPE), -torch.ones(SHAPE)])
     kept = looksam.state_dict()["g_v"]  # g_s - (<g, g_s> / ||g||^2) g with <g, g_s> = 0: g_s itself
     assert torch.equal(kept[0], torch.ones(SHAPE)) and torch.equal(kept[1], -torch.ones(SHAPE))
-    planned = [looksam.plan(step, optimizer, model)[0] for step in range(6)]
-    assert planned == ["ascent", "reuse", "reuse", "ascent", "reuse", "reuse"]
+    assert passes(looksam) == [True, False, False, True, False, False]  # in between, g_v is reused
+
+
+def test_only_looksam_keeps_state_for_the_checkpoint():
+    model = QuadraticToy()
+    kept = {mode: sam_mode(SAM(model.named_parameters(), rho=RHO), mode).keeps_state for mode in SAM_MODES}
+    assert kept == {mode: mode == "looksam" for mode in SAM_MODES}

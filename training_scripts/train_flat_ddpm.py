@@ -30,7 +30,7 @@ from diffusers_flat.hub.model_card import write_model_card
 from diffusers_flat.hub.push import push_to_hub
 from diffusers_flat.methods.averaging import make_ema, make_swa, resolve_swa_start, swa_due
 from diffusers_flat.methods.sam import ASAM_ETA, SAM
-from diffusers_flat.methods.sam_modes import SAMMode
+from diffusers_flat.methods.sam_modes import sam_mode
 from diffusers_flat.methods.timestep_sampler import LossSecondMomentSampler, importance_weights
 from diffusers_flat.metrics.flatness_log import FlatnessLog
 from diffusers_flat.run_directory import RunDirectory
@@ -113,7 +113,7 @@ def main(args: argparse.Namespace) -> None:
     if args.sam_rho > 0:  # SAM, or one of its cheaper modes (methods/sam_modes.py)
         sam_start = round(args.sam_start * max_train_steps) if args.sam_mode == "late" else 0
         looksam = {"looksam_alpha": args.looksam_alpha} if args.sam_mode == "looksam" else {}
-        sam = SAMMode(
+        sam = sam_mode(
             # --asam_eta 0 is ASAM with T_w = |w| exactly: only an absent flag takes the default
             SAM(
                 unet.named_parameters(),
@@ -134,7 +134,7 @@ def main(args: argparse.Namespace) -> None:
     adaptive_t = args.timestep_sampler == "loss-second-moment"
     timestep_sampler = LossSecondMomentSampler(args.ddpm_num_steps) if adaptive_t else None
     registered = [lr_scheduler, *averages.values()] + ([timestep_sampler] if timestep_sampler else [])
-    registered += [sam] if args.sam_mode == "looksam" else []  # LookSAM's stored component
+    registered += [sam] if sam is not None and sam.keeps_state else []  # e.g. LookSAM's stored component
     accelerator.register_for_checkpointing(*registered)
     checkpoint_info = {"averages": list(averages), "timestep_sampler": args.timestep_sampler}
     checkpoint_info["sam_mode"] = args.sam_mode

@@ -181,48 +181,37 @@ def train_step(
 ) -> StepStats:
     """Optimizer step `step` (0-based) over `micro_batches` (gradient accumulation when there are several).
 
-    With `sam`, `sam.plan(step)` picks the pass: SAM's two ("ascent"), or one at w ("plain", or "reuse": LookSAM's
-    stored component added) or at w + e ("perturbed": momentum and random modes). SAM's ascent direction comes from
-    the all-reduced gradient (`sam_ascent="global"`, identical to one process on the global batch) or from each rank's
-    own gradient (`"local"`, Foret et al.'s m-sharpness: no all-reduce in the first pass, a different perturbation per
-    rank). The descent pass always all-reduces, so every rank takes the same step. Gradient clipping (off when
-    `max_grad_norm <= 0`) applies to the descent gradient; the ascent step normalises its gradient, so global-norm
-    clipping could not change e. Both passes draw the same dropout masks. Under fp16 the GradScaler's one scale
-    serves both passes; the ascent unscales its gradient first, and a non-finite gradient in either pass skips the
-    step, the weights left exactly as they were. With `gather_sample_losses`, every process gets every sample's
-    timestep and loss at w (for the timestep sampler).
+    With `sam` (a mode of `methods/sam_modes.py`), `sam.begin(step)` says whether the step takes SAM's two passes
+    (a one-pass mode has put the weights at w + e by then); `sam.ascend()` moves to w + e between them,
+    `sam.adjust_` may change the descent gradient (LookSAM) and `sam.end()` puts the weights back at w. SAM's ascent
+    direction comes from the all-reduced gradient (`sam_ascent="global"`, identical to one process on the global
+    batch) or from each rank's own gradient (`"local"`, Foret et al.'s m-sharpness: no all-reduce in the first pass,
+    a different perturbation per rank). The descent pass always all-reduces, so every rank takes the same step.
+    Gradient clipping (off when `max_grad_norm <= 0`) applies to the descent gradient; the ascent step normalises its
+    gradient, so global-norm clipping could not change e. Both passes draw the same dropout masks. Under fp16 the
+    GradScaler's one scale serves both passes; the ascent unscales its gradient first, and a non-finite gradient in
+    either pass skips the step, the weights left exactly as they were. With `gather_sample_losses`, every process
+    gets every sample's timestep and loss at w (for the timestep sampler).
     """
     if sam_ascent not in SAM_ASCENT_MODES:
         raise FlatError(f"sam_ascent must be one of {SAM_ASCENT_MODES}, got {sam_ascent!r}", parameter="sam_ascent")
-    unet = accelerator.unwrap_model(model)
-    sam_pass, perturbation = ("plain", None) if sam is None else sam.plan(step, optimizer, unet)
-    if sam_pass == "perturbed":  # momentum and random modes: the one pass is at w + e
-        sam.sam.move(perturbation)
+    two_passes = sam is not None and sam.begin(step, optimizer, accelerator.unwrap_model(model))
     # SAM's two passes must see the same dropout masks, or e and g' are measured on two different networks: the
     # random state is saved before the first pass and put back before the second.
     rng_devices = [accelerator.device] if accelerator.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices) if sam_pass == "ascent" else nullcontext():
-        all_reduce = sam_pass != "ascent" or sam_ascent == "global"
+    with torch.random.fork_rng(devices=rng_devices) if two_passes else nullcontext():
+        all_reduce = not two_passes or sam_ascent == "global"
         loss, sample_losses = _accumulate_gradients(accelerator, model, scheduler, micro_batches, all_reduce)
-    sharpness, plain = None, None
-    if sam_pass == "ascent":
-        grads = [p.grad for p in sam.params if p.grad is not None]
-        if _unscale_(accelerator, grads):  # else: the step is skipped below, with the non-finite gradient
-            if sam.mode == "looksam":
-                plain = [g.clone() for g in grads]
-            sam.sam.ascend()
-            perturbed_loss, _ = _accumulate_gradients(accelerator, model, scheduler, micro_batches, all_reduce=True)
-    if sam_pass == "reuse":  # LookSAM between its SAM steps: g + alpha ||g|| / ||g_v|| g_v
-        sam.reuse_([p.grad for p in sam.params if p.grad is not None])
+    if two_passes and _unscale_(accelerator, sam.grads()):  # else: the step is skipped below, non-finite
+        sam.ascend()  # w <- w + e(g)
+        perturbed_loss, _ = _accumulate_gradients(accelerator, model, scheduler, micro_batches, all_reduce=True)
+    if sam is not None:
+        sam.adjust_(sam.grads())
     # An infinite bound measures the norm without clipping (and unscales fp16 gradients first).
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
-    if sam_pass == "ascent" and sam.sam.is_moved:
-        sam.sam.restore()
+    sharpness = None
+    if sam is not None and sam.end():  # back at w after SAM's second pass: it measured L(w + e) - L(w)
         sharpness = accelerator.reduce(perturbed_loss - loss, reduction="mean").item()
-        if plain is not None:  # LookSAM's SAM step keeps the part of its gradient orthogonal to the plain one
-            sam.remember(plain, [p.grad for p in sam.params if p.grad is not None])
-    if sam_pass == "perturbed":
-        sam.sam.restore()
     optimizer.step()  # under fp16, skipped by the GradScaler when a gradient is not finite
     optimizer.zero_grad(set_to_none=True)
     if getattr(optimizer, "step_was_skipped", False):
