@@ -166,6 +166,10 @@ def test_a_comparison_study_reports_its_claims_ladder_and_pick(tmp_path):
     data = json.loads((tmp_path / "report.json").read_text())
     ladder = [c for c in data["claims"] if c["rows"] == "+SAM-rho0.01 vs ADM" and c["form"] == "log ratio"]
     assert {c["verdict"] for c in ladder} == {HOLDS}  # half the damage at every level, seed by seed
+    # the ladder's cells are known by their kind, never by their words: 4 levels x 2 measures x 2 forms x 2 rows
+    cells = {(c["rows"], c["ladder"]["level"], c["ladder"]["what"]) for c in data["claims"] if c["ladder"]}
+    assert len([c for c in data["claims"] if c["ladder"]]) == 32 and len(cells) == 16
+    assert ("+SAM-rho0.01 vs ADM", "4-bit per_channel", "fixed-loss increase") in cells
     kid = {t: np.mean([r["kid"]["20"]["mean"] for r in results[t].values()]) for _, t in comparisons}
     assert f"it picks **{min(kid, key=kid.get)}**" in markdown
     for section in (

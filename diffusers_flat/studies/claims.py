@@ -187,6 +187,7 @@ class Claim:
     log_ratio: bool = False
     paper_relative: float | None = None
     role: str = SECONDARY  # PRIMARY, SECONDARY (the Holm family), EXPLORATORY or COMPANION
+    ladder: tuple[str, str] | None = None  # a ladder cell (level, what): ("3-bit per_channel", "fixed-loss increase")
 
 
 def lpf(result: dict) -> float:
@@ -299,9 +300,10 @@ def comparison_claims(
         for bits in levels:
             for name, what in LADDER_MEASURES.items():
                 measure = ladder_point(granularity, bits, name)
-                statement = f"{t} has a smaller {what} at {bits}-bit {granularity}"
-                claims.append(Claim(statement, base, t, measure, -1, "(not reported)", log_ratio=True))
-                claims.append(Claim(statement, base, t, measure, -1, "(not reported)", role=COMPANION))
+                cell = (f"{bits}-bit {granularity}", what)
+                statement = f"{t} has a smaller {what} at {cell[0]}"
+                claims.append(Claim(statement, base, t, measure, -1, "(not reported)", log_ratio=True, ladder=cell))
+                claims.append(Claim(statement, base, t, measure, -1, "(not reported)", role=COMPANION, ladder=cell))
     return claims
 
 

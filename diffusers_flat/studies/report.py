@@ -120,6 +120,7 @@ def claim_results(results: Results, claims: tuple[Claim, ...] | list[Claim] = CL
                 "rows": f"{claim.treated} vs {claim.base}",
                 "form": "log ratio" if claim.log_ratio else "difference",
                 "role": claim.role,
+                "ladder": None if claim.ladder is None else dict(zip(("level", "what"), claim.ladder)),
                 "paper": claim.paper,
                 "paper_scaled": scaled,
                 "expected_sign": claim.expected_sign,
@@ -358,7 +359,7 @@ def _ladder_section(results: Results, claims: list[dict]) -> list[str]:
         *tables,
         "![quantization sensitivity](sensitivity.png)",
     ]
-    ladder = [c for c in claims if " has a smaller " in c["claim"]]
+    ladder = [c for c in claims if c["ladder"]]
     for rows in dict.fromkeys(c["rows"] for c in ladder):
         mine = [c for c in ladder if c["rows"] == rows]
         lines = [
@@ -367,10 +368,7 @@ def _ladder_section(results: Results, claims: list[dict]) -> list[str]:
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for ratio, difference in zip(mine[::2], mine[1::2]):
-            level, measure = (
-                ratio["claim"].split(" at ")[1],
-                ratio["claim"].split(" has a smaller ")[1].split(" at ")[0],
-            )
+            level, measure = ratio["ladder"]["level"], ratio["ladder"]["what"]
             cells = [
                 level,
                 measure,
@@ -567,7 +565,7 @@ def write_report(
             quantization[f"{b}-bit pixels moved (T'={s})"] = lambda r, b=b, s=s: _moved(r, b, s)
         quantization[f"{b}-bit Δloss"] = lambda r, b=b: quantization_by_bits(r)[b]["loss_increase"]
     claims = claim_results(results, study_claims(results, settings))
-    main_claims = [c for c in claims if " has a smaller " not in c["claim"]]
+    main_claims = [c for c in claims if not c["ladder"]]
     sections = [
         "# Flatness study report",
         f"Seeds per row: {', '.join(f'{row} {len(seeds)}' for row, seeds in results.items())}. Study "
