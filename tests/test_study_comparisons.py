@@ -266,9 +266,13 @@ def test_a_micro_study_on_fashion_mnist_runs_end_to_end(tmp_path, monkeypatch):
     files = {f.relative_to(kept).as_posix() for f in kept.rglob("*") if f.is_file()}
     assert not [f for f in files if f.endswith((".safetensors", ".bin")) or "tfevents" in f or "/samples" in f]
     assert {"done/adm-seed1", "eval/adm-seed1-ema/eval_results.json", "runs/adm-seed1/loss_curve.json"} <= files
-    assert {"figure.json", "deployment.json", "study_figure.png"} <= files
+    assert {"figure.json", "deployment.json", "study_figure.png", "figure/adm-seed1.npz"} <= files
     shutil.rmtree(out)  # the runs are gone: the report must come from the copy alone
     run_study.main(run_study.parse_args(["--study", str(path), "--output_dir", str(kept), "--report_only"]))
     again = json.loads((kept / "report.json").read_text())
     for key in ("results", "claims", "loss_curves", "figure", "deployment"):
         assert again[key] == data[key], key
+    # the picture drawn again from the kept samples alone, without the weights: the same displacements
+    (kept / "figure.json").unlink()
+    run_study.main(run_study.parse_args(["--study", str(path), "--output_dir", str(kept), "--report_only"]))
+    assert json.loads((kept / "report.json").read_text())["figure"] == data["figure"]

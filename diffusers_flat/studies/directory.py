@@ -9,13 +9,14 @@ them themselves.
     fid_cache/                         the real images' FID statistics, shared by every evaluation
     done/<name>                        the one "finished" convention: what <name> (a run or an evaluation folder) was
                                        made with, written when it finished
+    figure/<run>.npz                   the samples of a run's row of the study's picture, kept when it finished
     figure.json, deployment.json       the report's picture and deployment check, made once every run they show
                                        has finished
 
 What the report reads is small: `export` copies it (the done records, each evaluation's eval_results.json, each
-run's training_args.json, flatness log and loss curve as JSON, the records above and the picture) into a folder that
-is itself a study directory, without weights, sample grids or event files. That folder is what a study commits, and
-`run_study.py --report_only --output_dir FOLDER` writes the report again from it.
+run's training_args.json, flatness log and loss curve as JSON, the picture's samples, the records above and the
+picture) into a folder that is itself a study directory, without weights, checkpoints or event files. That folder is
+what a study commits, and `run_study.py --report_only --output_dir FOLDER` writes the report again from it.
 
 Example:
     >>> from diffusers_flat.studies.config import Run
@@ -95,6 +96,10 @@ class StudyDirectory:
         target = self.run(run)
         return None if self.made_with(target) is None else _loss_curve(target)  # unfinished: its curve ends early
 
+    def figure_samples(self, run: Run) -> Path:
+        """Where the samples of `run`'s row of the study's picture are kept."""
+        return self.path / "figure" / f"{run.name}.npz"
+
     def record(self, name: str) -> dict | None:
         """A record the report made once (`keep`), e.g. "figure", or None."""
         path = self.path / f"{name}.json"
@@ -124,6 +129,8 @@ class StudyDirectory:
                         _copy(run / name, copy.path / "runs" / marker.name / name)
                 if (curve := _loss_curve(run)) is not None:
                     write_json(copy.path / "runs" / marker.name / LOSS_CURVE, list(curve), indent=None)
+        for samples in sorted((self.path / "figure").glob("*.npz")):
+            _copy(samples, copy.path / "figure" / samples.name)
         for name in ("figure", "deployment"):
             if (record := self.record(name)) is not None:
                 copy.keep(name, record)

@@ -17,40 +17,42 @@ from diffusers_flat.sampling import image_grid, sample_images
 
 
 @torch.no_grad()
-def write_quantization_figure(
-    pipelines: dict[str, str | os.PathLike],
+def figure_samples(
+    pipeline: str | os.PathLike,
     granularity: str,
     bits: int,
-    path: str | os.PathLike,
     num_samples: int = 16,
     steps: int = 50,
     seed: int = 0,
     sampler: str = "ddim",
-) -> dict[str, float]:
-    """Draw each pipeline's samples from the same `num_samples` noises at fp32 and with `bits`-bit `granularity`
-    weights, one row per pipeline, and write the figure to `path`. Returns each row's displacement (the mean absolute
-    pixel change, 0-255, of the 8-bit samples shown).
+) -> tuple[np.ndarray, np.ndarray]:
+    """One row of the figure: a pipeline's 8-bit samples from `num_samples` noises of stream `seed` at fp32 and with
+    `bits`-bit `granularity` weights, drawn by the pipeline `sampler` ("ddim": DDIMPipeline, eta = 0; "ddpm") in
+    `steps` steps. Small (a few KB): a study keeps them, so that its picture does not need the weights again."""
+    network = DDPMPipeline.from_pretrained(pipeline)
+    unet = network.unet.eval()
+    quantized = copy.deepcopy(unet)
+    quantize_weights_(quantized, bits, granularity)
+    fp32, moved = (
+        sample_images(model, network.scheduler, num_samples, steps, seed, show_progress=False, sampler=sampler)
+        for model in (unet, quantized)
+    )
+    return fp32, moved
 
-    Args:
-        pipelines: row label -> DDPMPipeline directory, e.g. {"ADM": "runs/adm-seed1", "+SAM": "runs/sam-seed1"}.
-        granularity: per_tensor or per_channel.
-        bits: the quantized panel's bits.
-        path: the PNG written.
-        num_samples: samples per panel.
-        steps: the sampler's steps.
-        seed: the noise stream, the same for every panel.
-        sampler: the pipeline sampler: "ddim" (DDIMPipeline, eta = 0) or "ddpm" (DDPMPipeline).
-    """
+
+def write_quantization_figure(
+    rows: dict[str, tuple[np.ndarray, np.ndarray]],
+    granularity: str,
+    bits: int,
+    path: str | os.PathLike,
+    steps: int = 50,
+    sampler: str = "ddim",
+) -> dict[str, float]:
+    """Write the figure of `rows` (label -> `figure_samples`' fp32 and quantized samples, e.g. {"ADM, seed 1": ...}),
+    one row each, fp32 beside `bits`-bit `granularity`, to `path`. Returns each row's displacement (the mean absolute
+    pixel change, 0-255, of the samples shown)."""
     panels, displacement = {}, {}
-    for label, directory in pipelines.items():
-        pipeline = DDPMPipeline.from_pretrained(directory)
-        unet = pipeline.unet.eval()
-        quantized = copy.deepcopy(unet)
-        quantize_weights_(quantized, bits, granularity)
-        fp32, moved = (
-            sample_images(network, pipeline.scheduler, num_samples, steps, seed, show_progress=False, sampler=sampler)
-            for network in (unet, quantized)
-        )
+    for label, (fp32, moved) in rows.items():
         displacement[label] = float(np.abs(moved.astype(np.float64) - fp32).mean())
         panels[label] = (image_grid(fp32), image_grid(moved), displacement[label])
     plot_quantized_samples(panels, f"{bits}-bit {granularity}", f"{sampler.upper()}, {steps} steps", path)

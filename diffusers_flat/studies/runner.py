@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from diffusers import DDPMPipeline
 from tqdm.auto import tqdm
 
@@ -34,7 +35,7 @@ from diffusers_flat.run_directory import RunDirectory
 from diffusers_flat.studies.config import METHODS, FigureSpec, Run, Study, Work, row_name, shard_of
 from diffusers_flat.studies.directory import StudyDirectory
 from diffusers_flat.studies.generalization_report import write_generalization_report
-from diffusers_flat.studies.quantization_figure import write_quantization_figure
+from diffusers_flat.studies.quantization_figure import figure_samples, write_quantization_figure
 from diffusers_flat.studies.report import Results, write_report
 from diffusers_flat.training.arguments import parse_training_flags
 from diffusers_flat.utils.cli import flag_message
@@ -360,26 +361,41 @@ class StudyRunner:
         return rows
 
     def figure(self) -> dict | None:
-        """The picture the study file names (`figure`): each of its seeds' rows, fp32 beside the quantized level,
-        drawn once every run it shows has finished and kept (figure.json) with the spec it was drawn for. None
-        without one (pictures are never chosen from results); a study that predates declared figures keeps the
-        record it was given."""
+        """The picture the study file names (`figure`): each of its seeds' rows, fp32 beside the quantized level.
+        Each row's samples are drawn as soon as its run has finished and kept (figure/<run>.npz, a few KB), so the
+        picture needs no weights once drawn; it is made when every row is there and kept (figure.json) with the spec
+        it was drawn for. None without one (pictures are never chosen from results) or while a row waits for its
+        run; a study that predates declared figures keeps the record it was given."""
         spec, kept = self.study.figure, self.directory.record("figure")
         if spec is None or (kept and all(kept.get(k) == v for k, v in _json_ready(spec).items())):
             return kept
-        pipelines = {}
+        bits, granularity = spec.level.split(":")
+        rows, waiting = {}, False
         for seed in spec.seeds:
             for method in spec.rows:
                 run = next(r for r in self.study.runs() if r.method == method and r.seed == seed)
-                if self.directory.made_with(self.directory.run(run)) is None:
-                    return None  # still training
-                label = f"{row_name(method, spec.variant)}, seed {seed}"
-                pipelines[label] = RunDirectory(self.directory.run(run)).pipeline_path(spec.variant)
+                stored = self.directory.figure_samples(run)
+                if not stored.is_file():
+                    if self.directory.made_with(self.directory.run(run)) is None:
+                        waiting = True  # still training
+                        continue
+                    pipeline = RunDirectory(self.directory.run(run)).pipeline_path(spec.variant)
+                    if not pipeline.is_dir():
+                        raise self._error(
+                            f"figure: {run.name} finished but its {spec.variant} pipeline {pipeline} is gone and its "
+                            "samples were never kept; train it again into this folder (training is deterministic)"
+                        )
+                    fp32, moved = figure_samples(
+                        pipeline, granularity, int(bits), spec.noises, spec.steps, sampler=spec.sampler
+                    )
+                    stored.parent.mkdir(parents=True, exist_ok=True)
+                    np.savez_compressed(stored, fp32=fp32, quantized=moved)
+                with np.load(stored) as samples:
+                    rows[f"{row_name(method, spec.variant)}, seed {seed}"] = (samples["fp32"], samples["quantized"])
+        if waiting:
+            return None
         path = self.directory.path / "study_figure.png"
-        bits, granularity = spec.level.split(":")
-        displacement = write_quantization_figure(
-            pipelines, granularity, int(bits), path, spec.noises, spec.steps, sampler=spec.sampler
-        )
+        displacement = write_quantization_figure(rows, granularity, int(bits), path, spec.steps, spec.sampler)
         self.directory.keep("figure", {"path": path.name, **_json_ready(spec), "displacement": displacement})
         return self.directory.record("figure")
 
