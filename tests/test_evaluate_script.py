@@ -2,6 +2,8 @@
 against an independent computation (FID, quantized FID, memorization), and its bad-input errors. The real InceptionV3
 runs end to end in test_fid.py; evaluate_flat.py runs as a command in test_hub.py and in CI."""
 
+import dataclasses
+import inspect
 import json
 import shutil
 
@@ -17,10 +19,13 @@ from PIL import Image
 from scipy import linalg
 from sklearn.datasets import load_digits
 
+from diffusers_flat.evaluation.arguments import add_evaluation_arguments, parse_evaluation_flags
 from diffusers_flat.evaluation.real_images import load_real_images
+from diffusers_flat.evaluation.settings import EvaluationSettings
 from diffusers_flat.metrics.empirical_score import EmpiricalDenoiser, find_collapse_sigma
 from diffusers_flat.metrics.pfd import pfd
 from diffusers_flat.run_directory import RunDirectory
+from diffusers_flat.utils.cli import OneLineArgumentParser
 
 
 def pooled(images: np.ndarray) -> np.ndarray:
@@ -435,3 +440,20 @@ def test_the_quantization_ladder_needs_no_feature_network_and_is_plotted(two_mod
         assert set(curves) == {"per_tensor", "per_channel"} and set(curves["per_tensor"]) == {"8", "4"}
         assert (out / name / "sensitivity.png").stat().st_size > 1000
     assert (out / "sensitivity.png").stat().st_size > 1000 and "fid" not in results["adm"]
+
+
+def test_every_setting_is_a_flag_with_its_documented_meaning_and_default():
+    """The flags are made from `EvaluationSettings` itself: one per field, its help the field's line of the class's
+    `Args:` (read here by hand from the docstring), no flags given the default settings, tuples given as lists."""
+    actions = {a.dest: a for a in add_evaluation_arguments(OneLineArgumentParser())._actions}
+    doc = inspect.getdoc(EvaluationSettings)
+    for field in dataclasses.fields(EvaluationSettings):
+        action = actions[field.name]
+        if field.name != "metrics":  # the one flag whose help lists the names instead
+            first_line = doc.split(f"\n    {field.name}: ", 1)[1].split("\n")[0]
+            assert action.help.startswith(first_line), field.name
+        if isinstance(field.default, tuple):
+            assert action.nargs == "+" and action.default == list(field.default), field.name
+    assert parse_evaluation_flags([])[0] == EvaluationSettings()
+    settings, _ = parse_evaluation_flags(["--gammas", "0", "1.5", "--classifier", "fashion-mnist", "--quantize", "4"])
+    assert settings.gammas == (0.0, 1.5) and settings.classifier == "fashion-mnist" and settings.quantize == ("4",)

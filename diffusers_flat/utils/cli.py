@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import inspect
 import io
 import os
+import re
 import shlex
 import sys
+import types
+import typing
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +37,48 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def docstring_args(cls: type) -> dict[str, str]:
+    """Each parameter's description in the `Args:` section of `cls`'s docstring, joined into one line."""
+    described, name = {}, None
+    lines = (inspect.getdoc(cls) or "").splitlines()
+    start = next((i + 1 for i, line in enumerate(lines) if line.strip() == "Args:"), len(lines))
+    for line in lines[start:]:
+        if not line.strip() or not line.startswith("    "):
+            break
+        entry = re.match(r"    (\w+): (.*)", line)
+        if entry:
+            name, described[entry[1]] = entry[1], entry[2]
+        elif name:
+            described[name] += " " + line.strip()
+    return described
+
+
+def add_dataclass_flags(
+    parser: argparse.ArgumentParser, cls: type, descriptions: dict[str, str] | None = None
+) -> None:
+    """A flag `--name` for each field of the dataclass `cls`, with its type, its default and, as help, its
+    description in `cls`'s `Args:` (or `descriptions[name]`). `tuple[T, ...]` takes one or more values, `T | None` one
+    T, a bool is a switch; a field's `metadata["choices"]` lists what it may be.
+
+    transformers' HfArgumentParser makes flags of dataclass fields too, but not of tuple fields: the settings are
+    frozen and hashable, so they are tuples, and these few lines are written by hand for them.
+    """
+    hints, described = typing.get_type_hints(cls), {**docstring_args(cls), **(descriptions or {})}
+    for field in dataclasses.fields(cls):
+        kind, options = hints[field.name], {"help": described.get(field.name)}
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # T | None
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        if kind is bool:
+            parser.add_argument(f"--{field.name}", action="store_true", default=default, **options)
+            continue
+        if typing.get_origin(kind) is tuple:
+            kind, options["nargs"], default = typing.get_args(kind)[0], "+", list(default)
+        if "choices" in field.metadata:
+            options["choices"] = list(field.metadata["choices"])
+        parser.add_argument(f"--{field.name}", type=kind, default=default, **options)
 
 
 def parse_flags(parser: argparse.ArgumentParser, flags: list[str] | tuple[str, ...]) -> argparse.Namespace:
