@@ -22,6 +22,7 @@ from diffusers_flat.evaluation.real_images import load_real_images
 from diffusers_flat.metrics.empirical_score import EmpiricalDenoiser
 from diffusers_flat.metrics.pfd import pfd
 from diffusers_flat.run_directory import RunDirectory
+from diffusers_flat.training.config import training_config
 
 
 def naive_epsilon(images: torch.Tensor, abar: torch.Tensor, x: torch.Tensor, t: int) -> torch.Tensor:
@@ -45,7 +46,7 @@ def main() -> None:
     run = RunDirectory(args.model_path)
     pipeline = DDPMPipeline.from_pretrained(run.require_pipeline("raw", "model_path")).to(device)
     unet, scheduler = pipeline.unet, pipeline.scheduler
-    real = load_real_images(run.read_record().data, unet.config.sample_size, unet.config.in_channels)
+    real = load_real_images(training_config(run).data, unet.config.sample_size, unet.config.in_channels)
     empirical = EmpiricalDenoiser.from_training_set(real.tensors, scheduler).to(device)
     n = len(real.tensors)
     print(f"device: {device}; {n} training images of {tuple(real.tensors.shape[1:])}")

@@ -39,39 +39,6 @@ CHECKPOINT_STATE = "training_state.json"
 # and scheduler state), logs/ (trackers) and samples/ (grids along the way) stay local.
 _PUSHED_SUFFIXES = {".json", ".safetensors", ".md", ".png"}
 _LOCAL_ONLY = ("checkpoint-", ".checkpoint-", "logs", "samples")
-# The training record's entries that describe the configuration, in the order a model card lists them.
-_CONFIGURATION = [
-    "resolution",
-    "model_config_name_or_path",
-    "num_parameters",
-    "max_train_steps",
-    "total_batch_size",
-    "num_processes",
-    "mixed_precision",
-    "learning_rate",
-    "lr_scheduler",
-    "lr_warmup_steps",
-    "adam_beta1",
-    "adam_beta2",
-    "adam_weight_decay",
-    "max_grad_norm",
-    "ddpm_num_steps",
-    "ddpm_beta_schedule",
-    "prediction_type",
-    "sam_rho",
-    "sam_adaptive",
-    "sam_ascent",
-    "use_ema",
-    "ema_max_decay",
-    "use_swa",
-    "swa_start_step",
-    "swa_cycle",
-    "input_perturbation",
-    "noise_unconditional",
-    "train_subset",
-    "dataset_size",
-    "seed",
-]
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
@@ -149,96 +116,6 @@ class DataSource:
         return DataSource(**{**self.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
 
 
-@dataclass(frozen=True)
-class TrainingRecord:
-    """A run's `training_args.json`, read in the library's terms. This class is the only reader of the script's
-    flag names; `flags` keeps every recorded value as written.
-
-    Args:
-        flags: the recorded flags (empty for a pipeline trained elsewhere).
-
-    Example:
-        >>> record = TrainingRecord({"sam_rho": 0.1, "use_ema": True, "ema_max_decay": 0.999})
-        >>> record.sam_rho, record.ema_max_decay, record.swa_cycle
-        (0.1, 0.999, None)
-    """
-
-    flags: dict[str, Any]
-
-    @property
-    def data(self) -> DataSource:
-        f = self.flags
-        return DataSource(
-            f.get("dataset_name"),
-            f.get("dataset_config_name"),
-            f.get("train_data_dir"),
-            f.get("image_column") or "image",
-            f.get("dataset_split") or "train",
-            f.get("train_subset"),
-            f.get("train_subset_seed") or 0,
-        )
-
-    @property
-    def noise_unconditional(self) -> bool:
-        return bool(self.flags.get("noise_unconditional"))
-
-    @property
-    def sam_rho(self) -> float:
-        return float(self.flags.get("sam_rho") or 0.0)
-
-    @property
-    def sam_adaptive(self) -> bool:
-        return bool(self.flags.get("sam_adaptive"))
-
-    @property
-    def sam_ascent(self) -> str | None:
-        return self.flags.get("sam_ascent")
-
-    @property
-    def input_perturbation(self) -> float:
-        return float(self.flags.get("input_perturbation") or 0.0)
-
-    @property
-    def ema_max_decay(self) -> float | None:
-        """The EMA's maximum decay, or None without EMA."""
-        return self.flags.get("ema_max_decay") if self.flags.get("use_ema") else None
-
-    @property
-    def swa_start_step(self) -> int | None:
-        """The first SWA step, or None without SWA."""
-        return self.flags.get("swa_start_step") if self.flags.get("use_swa") else None
-
-    @property
-    def swa_cycle(self) -> int | None:
-        return self.flags.get("swa_cycle") if self.flags.get("use_swa") else None
-
-    @property
-    def seed(self) -> int | None:
-        return self.flags.get("seed")
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return int(self.flags.get("ddpm_num_steps") or 1000)
-
-    @property
-    def sample_grid_steps(self) -> int | None:
-        """The respaced steps of the sample grids."""
-        return self.flags.get("ddpm_num_inference_steps")
-
-    @property
-    def hub_model_id(self) -> str | None:
-        return self.flags.get("hub_model_id")
-
-    @property
-    def model_card_template(self) -> str | None:
-        """The run's own card template, if it named one."""
-        return self.flags.get("model_card_template")
-
-    def configuration(self) -> list[tuple[str, Any]]:
-        """(name, value) of every recorded setting that describes the training, for a model card."""
-        return [(key, self.flags[key]) for key in _CONFIGURATION if key in self.flags]
-
-
 class RunDirectory:
     """A training run's output directory: its pipelines (variants "raw", "ema", "swa"), training record,
     evaluations, sample grids, card and checkpoints.
@@ -299,13 +176,13 @@ class RunDirectory:
     def record_path(self) -> Path:
         return self.path / TRAINING_RECORD
 
-    def read_record(self) -> TrainingRecord:
-        """The training record; empty for a pipeline without one. The ema/ or swa/ pipeline of a run, opened as a
-        directory of its own, reads its run's record."""
+    def record_file(self) -> Path | None:
+        """The training record's file (`TrainingRecord.of` reads it), or None for a pipeline without one. The ema/ or
+        swa/ pipeline of a run, opened as a directory of its own, has its run's record."""
         for path in (self.record_path, self.path.parent / TRAINING_RECORD):
             if path.is_file() and (path == self.record_path or self.path.name in _SUBDIRS.values()):
-                return TrainingRecord(json.loads(path.read_text()))
-        return TrainingRecord({})
+                return path
+        return None
 
     def write_record(self, flags: dict[str, Any]) -> Path:
         return write_json(self.record_path, flags)

@@ -35,6 +35,7 @@ from diffusers_flat.metrics.class_fidelity import class_fidelity, classify, load
 from diffusers_flat.quantization import GRANULARITIES, quantize_for_deployment, quantize_weights_
 from diffusers_flat.run_directory import RunDirectory, hub_download_patterns
 from diffusers_flat.sampling import SAMPLERS, image_grid, sample_images
+from diffusers_flat.training.config import training_config
 
 # What the studies established about the comparison this tab opens on (4-bit per-channel weights): kept in step with
 # the README, never more than the reports say.
@@ -125,7 +126,7 @@ def classifier():
 def classified(name: str) -> bool:
     """Class fidelity applies to models of the classifier's data: Fashion-MNIST (`--dataset_name fashion_mnist`) at
     the classifier's image size."""
-    if model_dir(name).read_record().data.dataset_name != "fashion_mnist":
+    if training_config(model_dir(name)).data.dataset_name != "fashion_mnist":
         return False
     config, reads = UNet2DModel.load_config(model_dir(name).pipeline_path(), subfolder="unet"), classifier()[0].config
     return (config["in_channels"], config["sample_size"]) == (reads.num_channels, reads.image_size)

@@ -25,6 +25,7 @@ from diffusers_flat.evaluation.settings import EvaluationSettings
 from diffusers_flat.metrics.empirical_score import EmpiricalDenoiser, find_collapse_sigma
 from diffusers_flat.metrics.pfd import pfd
 from diffusers_flat.run_directory import RunDirectory
+from diffusers_flat.training.config import training_config
 from diffusers_flat.utils.cli import OneLineArgumentParser
 
 
@@ -300,7 +301,7 @@ def test_pfd_against_the_paper_s_smoothed_empirical_score_of_the_training_set(tw
     # The reference built here from its parts: the training images as the model saw them, sigma_c where the plain
     # denoiser's estimates collapse onto them, T_t = max(sigma_c / sigma_t, 1), the 3 nearest images.
     pipeline = DDPMPipeline.from_pretrained(two_models[0])
-    record = RunDirectory(two_models[0]).read_record()
+    record = training_config(RunDirectory(two_models[0]))
     real = load_real_images(record.data, pipeline.unet.config.sample_size, pipeline.unet.config.in_channels)
     images = real.training_images().tensors
     sigma_c = find_collapse_sigma(images, pipeline.scheduler)["collapse_sigma"]

@@ -1,11 +1,11 @@
-"""The run directory: atomic replacement of files and folders, its layout, the training record and what is pushed."""
+"""The run directory: atomic replacement of files and folders, its layout and what is pushed."""
 
 import json
 
 import pytest
 
 from diffusers_flat.errors import FlatError
-from diffusers_flat.run_directory import DataSource, RunDirectory, TrainingRecord, write_atomically, write_json
+from diffusers_flat.run_directory import RunDirectory, write_atomically, write_json
 
 
 def test_a_failed_write_leaves_the_old_file_and_folder_untouched(tmp_path):
@@ -77,48 +77,6 @@ def test_evaluations_are_published_whole_and_read_back_by_variant(tmp_path):
     run.publish_evaluation("ema", report)
     assert run.read_evaluations() == {"ema": {"loss": 0.25}}
     assert sorted(p.name for p in run.evaluation_path("ema").iterdir()) == ["eval_results.json"]
-
-
-def test_training_record_is_read_in_library_terms(tmp_path):
-    run = RunDirectory(tmp_path)
-    flags = {
-        "sam_rho": 0.05,
-        "sam_adaptive": True,
-        "use_ema": False,
-        "ema_max_decay": 0.999,
-        "use_swa": True,
-        "swa_start_step": 90,
-        "swa_cycle": 10,
-        "dataset_name": "cifar10",
-        "image_column": "img",
-        "seed": 3,
-        "learning_rate": 1e-4,
-        "not_configuration": 1,
-    }
-    run.write_record(flags)
-    record = run.read_record()
-    assert record.flags == flags
-    assert (record.sam_rho, record.sam_adaptive, record.ema_max_decay) == (0.05, True, None)
-    assert (record.swa_start_step, record.swa_cycle, record.seed) == (90, 10, 3)
-    assert record.data == DataSource(dataset_name="cifar10", image_column="img")
-    assert record.data.replace(image_column=None, train_data_dir="x") == DataSource("cifar10", None, "x", "img")
-    assert record.configuration() == [
-        ("learning_rate", 1e-4),
-        ("sam_rho", 0.05),
-        ("sam_adaptive", True),
-        ("use_ema", False),
-        ("ema_max_decay", 0.999),
-        ("use_swa", True),
-        ("swa_start_step", 90),
-        ("swa_cycle", 10),
-        ("seed", 3),
-    ]
-    # A pipeline trained elsewhere has no record: the embedded digits, no methods.
-    empty = TrainingRecord({})
-    assert empty.data == DataSource() and empty.sam_rho == 0.0 and empty.num_train_timesteps == 1000
-    # The ema/ pipeline opened on its own reads its run's record.
-    fake_pipeline(tmp_path / "ema")
-    assert RunDirectory(tmp_path / "ema").read_record().seed == 3
 
 
 def test_files_to_push_leave_local_state_behind(tmp_path):

@@ -63,7 +63,7 @@ def load_real_images(source: DataSource, resolution: int, channels: int) -> Real
     for Fashion-MNIST its test set, which FID and KID compare with.
 
     Args:
-        source: the dataset (a run's `TrainingRecord.data`).
+        source: the dataset (a run's `training_config(run).data`).
         resolution: the model's image size.
         channels: the model's channels (1 or 3).
 

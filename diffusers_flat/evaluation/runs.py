@@ -23,6 +23,7 @@ from diffusers_flat.metrics.class_fidelity import load_classifier
 from diffusers_flat.metrics.fid import FID, feature_network
 from diffusers_flat.run_directory import RunDirectory
 from diffusers_flat.sampling import check_sampler, check_steps
+from diffusers_flat.training.config import training_config
 from diffusers_flat.training.models import make_noise_unconditional
 from diffusers_flat.utils.cli import share_cpu_threads
 
@@ -59,7 +60,7 @@ def load_reference(
             check_steps(settings.ladder_steps, "ddim", train_steps, "ladder_steps")
         if "pfd" in settings.metrics:
             check_steps(settings.pfd_steps, settings.pfd_solver, train_steps)
-            if where == "smoothed" and run.read_record().noise_unconditional:
+            if where == "smoothed" and training_config(run).noise_unconditional:
                 raise FlatError(
                     f"pfd_reference smoothed: {name} is blind to the noise level; compare it with 'empirical' (the "
                     "noise-unconditional mixture)",
@@ -160,7 +161,7 @@ def evaluate_runs(
     results: dict[str, EvaluationResult] = {}
     for name, run in runs.items():
         pipeline = DDPMPipeline.from_pretrained(run.pipeline_path(variant)).to(device)
-        record = run.read_record()
+        record = training_config(run)
         if record.noise_unconditional:  # frozen again as in training: LPF perturbs only what training moved
             make_noise_unconditional(pipeline.unet)
         source = record.data.replace(**(data_overrides or {}))

@@ -14,7 +14,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from diffusers_flat.errors import FlatError
 from diffusers_flat.evaluation.levels import quantization_levels
 from diffusers_flat.evaluation.tables import quantization_table, results_table
-from diffusers_flat.run_directory import RunDirectory, TrainingRecord, write_atomically
+from diffusers_flat.run_directory import RunDirectory, write_atomically
+from diffusers_flat.training.config import TrainingConfig, TrainingRecord
 
 TASK = "unconditional-image-generation"
 LABELS = {"raw": "", "ema": "EMA", "swa": "SWA"}
@@ -31,22 +32,22 @@ def default_template() -> Path:
 
 def methods(record: TrainingRecord) -> list[tuple[str, str]]:
     """(tag, description) of each flat-minima method the run used."""
-    used = []
-    if record.sam_rho > 0:
-        name = "asam" if record.sam_adaptive else "sam"
-        used.append((name, f"{name.upper()} (rho = {record.sam_rho}, {record.sam_ascent})"))
-    if record.input_perturbation > 0:
-        used.append(("input-perturbation", f"input perturbation (gamma = {record.input_perturbation})"))
-    if record.ema_max_decay is not None:
-        used.append(("ema", f"EMA (max decay {record.ema_max_decay})"))
-    if record.swa_cycle is not None:
-        used.append(("swa", f"SWA (from step {record.swa_start_step}, every {record.swa_cycle} steps)"))
+    used, c = [], record.config
+    if c.uses_sam:
+        name = "asam" if c.sam_adaptive else "sam"
+        used.append((name, f"{name.upper()} (rho = {c.sam_rho}, {c.sam_ascent})"))
+    if c.input_perturbation > 0:
+        used.append(("input-perturbation", f"input perturbation (gamma = {c.input_perturbation})"))
+    if c.use_ema:
+        used.append(("ema", f"EMA (max decay {c.ema_max_decay})"))
+    if c.use_swa:
+        used.append(("swa", f"SWA (from step {record.resolved.get('swa_start_step')}, every {c.swa_cycle} steps)"))
     return used
 
 
-def _dataset(record: TrainingRecord) -> tuple[str | None, str, str]:
+def _dataset(config: TrainingConfig) -> tuple[str | None, str, str]:
     """(Hub dataset id or None, model-index dataset type, human-readable description)."""
-    data = record.data
+    data = config.data
     if data.dataset_name:
         return data.dataset_name, data.dataset_name, f"the `{data.dataset_name}` dataset"
     if data.train_data_dir:
@@ -95,13 +96,15 @@ def build_model_card(
     """
     run = RunDirectory(output_dir)
     run.check_is_pipeline("output_dir", weights=False)
-    record = run.read_record()
-    template = Path(template or record.model_card_template or default_template())
+    record = TrainingRecord.of(run)  # None: a pipeline trained elsewhere
+    config = TrainingConfig() if record is None else record.config
+    template = Path(template or config.model_card_template or default_template())
     if not template.is_file():
         raise ModelCardError(f"template: no card template at {template}", parameter="template")
-    repo_id = repo_id or record.hub_model_id or run.name
-    hub_dataset, dataset_type, dataset_description = _dataset(record)
-    used = methods(record)
+    repo_id = repo_id or config.hub_model_id or run.name
+    hub_dataset, dataset_type, dataset_description = _dataset(config)
+    used = [] if record is None else methods(record)
+    grid_steps, seed = ("?", "?") if record is None else (config.ddpm_num_inference_steps, config.seed)
     evaluations = run.read_evaluations()
     named = {f"{repo_id}{'-' + variant if variant != 'raw' else ''}": r for variant, r in evaluations.items()}
     steps = sorted({int(s) for r in evaluations.values() for s in r.get("fid", {})})
@@ -129,14 +132,13 @@ def build_model_card(
         template_path=str(template),
         model_name=repo_id,
         repo_id=repo_id,
-        ddpm_num_steps=record.num_train_timesteps,
+        ddpm_num_steps=config.ddpm_num_steps,
         dataset_description=dataset_description,
         methods=", ".join(d for _, d in used) or "no flat-minima method (the ADM baseline)",
         sample_grid=run.sample_grid_path().name if run.sample_grid_path().is_file() else None,
-        sample_caption=f"{record.sample_grid_steps or '?'} DDPM sampling steps, seed "
-        f"{'?' if record.seed is None else record.seed}, at the end of training.",
+        sample_caption=f"{grid_steps} DDPM sampling steps, seed {seed}, at the end of training.",
         averaged=[v for v in run.variants() if v != "raw"],
-        configuration=record.configuration(),
+        configuration=[] if record is None else record.configuration(),
         evaluation=results_table(named, steps) if named else "",
         quantization=quantization_table(named),
         plots=plots,

@@ -23,6 +23,9 @@ import torch
 from diffusers_flat.errors import FlatError
 
 ASAM_ETA = 0.01  # SamsungLabs/ASAM's default offset of |w|
+# Across processes, e comes from the all-reduced gradient (global: one process on the global batch) or from each
+# rank's own (local: Foret et al.'s m-sharpness).
+SAM_ASCENT_MODES = ("global", "local")
 
 
 def check_rho(rho: float) -> None:

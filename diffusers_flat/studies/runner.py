@@ -38,6 +38,7 @@ from diffusers_flat.studies.generalization_report import write_generalization_re
 from diffusers_flat.studies.quantization_figure import figure_samples, write_quantization_figure
 from diffusers_flat.studies.report import Results, write_report
 from diffusers_flat.training.arguments import parse_training_flags
+from diffusers_flat.training.config import TrainingConfig, training_config
 from diffusers_flat.utils.cli import flag_message
 
 PROJECT_HINT = (
@@ -138,7 +139,7 @@ class StudyRunner:
     def _error(self, problem: str) -> FlatError:
         return FlatError(f"study {self.study.path}: {problem}", "study")
 
-    def _training_flags(self, flags: tuple[str, ...], what: str):
+    def _training_flags(self, flags: tuple[str, ...], what: str) -> TrainingConfig:
         try:
             return parse_training_flags(flags)
         except FlatError as err:
@@ -222,7 +223,7 @@ class StudyRunner:
         device = resolve_device(plan.options["device"])
         pipeline = DDPMPipeline.from_pretrained(teacher.pipeline_path("raw"))
         unet = pipeline.unet.config
-        source = teacher.read_record().data.replace(train_subset=g.empirical_subset)
+        source = training_config(teacher).data.replace(train_subset=g.empirical_subset)
         real = load_real_images(source, unet.sample_size, unet.in_channels)
         fid = None
         if "fid" in plan.settings.metrics:
@@ -462,7 +463,7 @@ class StudyRunner:
             args = self._training_flags(run.flags, f"the {run.name} training's flags")
             if args.max_train_steps is None:
                 raise self._error("set --max_train_steps in its training flags to cost it")
-            steps[args.sam_rho > 0] += args.max_train_steps
+            steps[args.uses_sam] += args.max_train_steps
         pipelines = len(self.study.variants)
         evaluations = [(self.plans[v], len(teachers) + len(grid)) for v in self.study.variants]
         if self.tuning_evaluation:

@@ -1,6 +1,6 @@
-"""The training script's flags: one parser for train_flat_ddpm.py and for a study file's `training:` lists, so that
-a study's trainings are checked the way the script checks them, before any starts. Flags that exist in diffusers'
-`train_unconditional.py` keep their names and meanings."""
+"""The training script's flags, made from `TrainingConfig`'s fields: one parser for train_flat_ddpm.py and for a
+study file's `training:` lists, so that a study's trainings are checked the way the script checks them, before any
+starts."""
 
 from __future__ import annotations
 
@@ -10,238 +10,29 @@ from pathlib import Path
 
 import huggingface_hub
 
-from diffusers_flat.methods.sam import ASAM_ETA, check_rho
-from diffusers_flat.methods.sam_modes import LOOKSAM_ALPHA, SAM_MODES
-from diffusers_flat.methods.timestep_sampler import TIMESTEP_SAMPLERS
-from diffusers_flat.training.models import PRESETS
-from diffusers_flat.training.step import SAM_ASCENT_MODES
-from diffusers_flat.utils.cli import OneLineArgumentParser, UsageError, parse_flags
+from diffusers_flat.methods.sam import check_rho
+from diffusers_flat.methods.sam_modes import LOOKSAM_ALPHA
+from diffusers_flat.training.config import TrainingConfig
+from diffusers_flat.utils.cli import OneLineArgumentParser, UsageError, add_dataclass_flags, parse_flags
 
 
 def training_parser(description: str | None = None) -> OneLineArgumentParser:
-    """The parser of every training flag; `@file` reads flags from a file (recipes/)."""
+    """The parser of every training flag, one for each field of `TrainingConfig`; `@file` reads flags from a file
+    (recipes/)."""
     parser = OneLineArgumentParser(description=description, fromfile_prefix_chars="@")
-    # Data
-    parser.add_argument(
-        "--dataset_name",
-        type=str,
-        default=None,
-        help="A dataset on the Hub, or a local dataset directory. With neither this nor --train_data_dir: the "
-        "embedded scikit-learn digits.",
-    )
-    parser.add_argument(
-        "--dataset_config_name", type=str, default=None, help="The dataset's config, if it has several."
-    )
-    parser.add_argument(
-        "--train_data_dir",
-        type=str,
-        default=None,
-        help="A folder of images (imagefolder layout). Ignored if --dataset_name is given.",
-    )
-    parser.add_argument("--image_column", type=str, default="image", help="The dataset column holding the images.")
-    parser.add_argument(
-        "--dataset_split",
-        type=str,
-        default="train",
-        help="The split to train on (fashion_mnist: train or test; its FID compares with the test split).",
-    )
-    parser.add_argument(
-        "--train_subset",
-        type=int,
-        default=None,
-        help="Train on this many images of the dataset, a fixed random subset (nested: the 32 are among the 128).",
-    )
-    parser.add_argument("--train_subset_seed", type=int, default=0, help="Which random subset --train_subset takes.")
-    parser.add_argument("--cache_dir", type=str, default=None, help="Where downloaded datasets are stored.")
-    parser.add_argument("--resolution", type=int, default=16, help="Images are resized and cropped to this size.")
-    parser.add_argument("--center_crop", action="store_true", help="Crop at the centre instead of at random.")
-    parser.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
-    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="Subprocesses for loading data.")
-    # Model and diffusion
-    parser.add_argument(
-        "--model_config_name_or_path",
-        type=str,
-        default="tiny",
-        help=f"A UNet2DModel config file or directory, or a preset: {', '.join(PRESETS)}.",
-    )
-    parser.add_argument(
-        "--noise_unconditional",
-        action="store_true",
-        help="Train a UNet blind to the noise level (its time embedding a learned constant), the learned counterpart "
-        "of the empirical denoiser's noise-unconditional variant.",
-    )
-    parser.add_argument("--ddpm_num_steps", type=int, default=1000, help="Diffusion steps T of training.")
-    parser.add_argument(
-        "--ddpm_num_inference_steps", type=int, default=100, help="Respaced DDPM steps for the sample grids."
-    )
-    parser.add_argument(
-        "--ddpm_beta_schedule",
-        type=str,
-        default="linear",
-        choices=["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"],
-    )
-    parser.add_argument(
-        "--prediction_type", type=str, default="epsilon", choices=["epsilon", "sample", "v_prediction"]
-    )
-    parser.add_argument(
-        "--learn_sigma",
-        action="store_true",
-        help="Learn the variance (twice the channels out) with the hybrid loss L_simple + L_vlb (Nichol & Dhariwal; "
-        "the paper's ADM); plain diffusers samples it through the scheduler's variance_type learned_range.",
-    )
-    parser.add_argument(
-        "--timestep_sampler",
-        type=str,
-        default="uniform",
-        choices=TIMESTEP_SAMPLERS,
-        help="How training draws t: uniform, or loss-second-moment importance sampling (ADM, with --learn_sigma).",
-    )
-    parser.add_argument(
-        "--timestep_spacing",
-        type=str,
-        default="linspace",
-        choices=["linspace", "leading", "trailing"],
-        help="Which timesteps respaced sampling keeps, saved in the pipeline's scheduler. linspace: 999, ..., 0 as "
-        "guided-diffusion's respacing (the paper's sampler); leading is diffusers' default.",
-    )
-    # Optimisation
-    parser.add_argument("--train_batch_size", type=int, default=32, help="Batch size per process.")
-    parser.add_argument("--eval_batch_size", type=int, default=64, help="Images in each sample grid.")
-    parser.add_argument("--num_epochs", type=int, default=15, help="Ignored if --max_train_steps is set.")
-    parser.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides --num_epochs.")
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    parser.add_argument("--learning_rate", type=float, default=2e-3)
-    parser.add_argument(
-        "--lr_scheduler",
-        type=str,
-        default="cosine",
-        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
-    )
-    parser.add_argument("--lr_warmup_steps", type=int, default=50)
-    parser.add_argument("--adam_beta1", type=float, default=0.95)
-    parser.add_argument("--adam_beta2", type=float, default=0.999)
-    parser.add_argument("--adam_weight_decay", type=float, default=1e-6)
-    parser.add_argument("--adam_epsilon", type=float, default=1e-08)
-    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping bound; 0 turns it off.")
-    parser.add_argument("--seed", type=int, default=0, help="Seeds the model, the data order and the noise.")
-    parser.add_argument(
-        "--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"], help="bf16 works with SAM."
-    )
-    parser.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
-    parser.add_argument(
-        "--num_cpu_threads",
-        type=int,
-        default=None,
-        help="Torch threads per process when training on CPU (default: the cores divided among the processes; "
-        "`accelerate launch` would otherwise leave one).",
-    )
-    # Flat-minima methods
-    parser.add_argument("--sam_rho", type=float, default=0.0, help="SAM neighbourhood radius rho; 0 turns SAM off.")
-    parser.add_argument(
-        "--sam_adaptive", action="store_true", help="Adaptive SAM (ASAM): scale e by |w| + eta on the weights."
-    )
-    parser.add_argument(
-        "--asam_eta", type=float, default=None, help=f"ASAM's offset eta of |w| (default {ASAM_ETA}, ASAM's)."
-    )
-    parser.add_argument(
-        "--sam_ascent",
-        type=str,
-        default="global",
-        choices=SAM_ASCENT_MODES,
-        help="Across processes, perturb along the all-reduced gradient (global) or each process's own (local, "
-        "m-sharpness, no extra all-reduce).",
-    )
-    parser.add_argument(
-        "--sam_mode",
-        type=str,
-        default="full",
-        choices=SAM_MODES,
-        help="full: SAM every step (2 passes). Cheaper: every (SAM every --sam_every steps, plain between), looksam "
-        "(SAM every --sam_every steps, its orthogonal component reused between), momentum (one pass at w - rho "
-        "m/||m||, m Adam's first moment), late (plain until --sam_start, then full), random (one pass at Gaussian "
-        "weight noise scaled as LPF's, --sam_rho its sigma).",
-    )
-    parser.add_argument(
-        "--sam_every", type=int, default=None, help="K of --sam_mode every and looksam (default 5, LookSAM's k)."
-    )
-    parser.add_argument(
-        "--looksam_alpha", type=float, default=None, help=f"LookSAM's alpha (default {LOOKSAM_ALPHA})."
-    )
-    parser.add_argument(
-        "--sam_start",
-        type=float,
-        default=None,
-        help="--sam_mode late: the fraction of training, in [0, 1), after which SAM starts (default 0.75).",
-    )
-    parser.add_argument("--use_ema", action="store_true", help="Keep an EMA of the weights, saved in output_dir/ema.")
-    parser.add_argument("--ema_inv_gamma", type=float, default=1.0, help="The inverse gamma of the EMA warm-up.")
-    parser.add_argument("--ema_power", type=float, default=3 / 4, help="The power of the EMA warm-up.")
-    parser.add_argument("--ema_max_decay", type=float, default=0.9999, help="The maximum EMA decay.")
-    parser.add_argument(
-        "--ema_constant_decay",
-        action="store_true",
-        help="EMA at --ema_max_decay from the start, without warm-up (guided-diffusion's ema_rate, the paper's).",
-    )
-    parser.add_argument("--use_swa", action="store_true", help="Keep an SWA average, saved in output_dir/swa.")
-    parser.add_argument(
-        "--swa_start",
-        type=float,
-        default=0.9,
-        help="First SWA step: a step number, or a fraction of training if below 1 (paper: 180K of 200K).",
-    )
-    parser.add_argument("--swa_cycle", type=int, default=100, help="Average every this many steps (paper: 100).")
-    parser.add_argument(
-        "--input_perturbation", type=float, default=0.0, help="DDPM-IP gamma: train on eps + gamma*xi (paper: 0.1)."
-    )
-    # Flatness during training
-    parser.add_argument(
-        "--flatness_every",
-        type=int,
-        default=0,
-        help="Every N steps, log a cheap LPF estimate (flatness/lpf, flatness.json); 0 turns it off.",
-    )
-    parser.add_argument("--flatness_draws", type=int, default=8, help="LPF draws of each estimate.")
-    parser.add_argument(
-        "--flatness_samples", type=int, default=64, help="The first N training images: the estimate's fixed triples."
-    )
-    # Output, logging, checkpoints
-    parser.add_argument("--output_dir", type=str, default="ddpm-flat-digits")
-    parser.add_argument(
-        "--overwrite_output_dir", action="store_true", help="Start afresh in an output dir that holds a run."
-    )
-    parser.add_argument("--save_images_epochs", type=int, default=10, help="Sample grid every this many epochs.")
-    parser.add_argument("--save_model_epochs", type=int, default=10, help="Save the pipeline every this many epochs.")
-    parser.add_argument("--checkpointing_steps", type=int, default=500)
-    parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many.")
-    parser.add_argument(
-        "--resume_from_checkpoint", type=str, default=None, help='A checkpoint name or path, or "latest".'
-    )
-    parser.add_argument("--logger", type=str, default="tensorboard", choices=["tensorboard", "wandb"])
-    parser.add_argument("--logging_dir", type=str, default="logs", help="Relative to --output_dir.")
-    parser.add_argument("--local_rank", type=int, default=-1, help="Set by the launcher.")
-    # The Hub
-    parser.add_argument("--push_to_hub", action="store_true", help="Push the pipeline(s) and card at the end.")
-    parser.add_argument("--hub_model_id", type=str, default=None, help="Repo to push to; default: output dir name.")
-    parser.add_argument("--hub_private_repo", action="store_true", help="Create the repo private.")
-    parser.add_argument("--hub_token", type=str, default=None, help="Write token; default: stored login or HF_TOKEN.")
-    parser.add_argument(
-        "--model_card_template",
-        type=str,
-        default=None,
-        help="A Jinja model card template of your own (see model_cards/); default: the one diffusers_flat ships.",
-    )
+    add_dataclass_flags(parser, TrainingConfig)
     return parser
 
 
-def parse_training_flags(flags: Sequence[str]) -> argparse.Namespace:
-    """A flag list (a study file's `training:` and method flags) parsed as the script parses its command line; the
-    parser's complaint is raised as a UsageError.
+def parse_training_flags(flags: Sequence[str]) -> TrainingConfig:
+    """A flag list (a study file's `training:` and method flags) parsed as the script parses its command line, as the
+    configuration it asks for; the parser's complaint is raised as a UsageError.
 
     Example:
         >>> parse_training_flags(["--sam_rho", "0.01"]).sam_rho
         0.01
     """
-    return parse_flags(training_parser(), flags)
+    return TrainingConfig(**vars(parse_flags(training_parser(), flags)))
 
 
 SAM_MODE_FLAGS = {"sam_every": ("every", "looksam"), "looksam_alpha": ("looksam",), "sam_start": ("late",)}

@@ -5,6 +5,7 @@ their sample grids, and the run's record."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from diffusers_flat.errors import FlatError
 from diffusers_flat.methods.averaging import averaged_unet
 from diffusers_flat.run_directory import CHECKPOINT_STATE, RunDirectory, remove_entry, write_atomically, write_json
 from diffusers_flat.sampling import image_grid, sample_images
+from diffusers_flat.training.config import TrainingConfig, TrainingRecord
 
 logger = logging.getLogger(__name__)
 
@@ -138,20 +140,20 @@ def save_outputs(
 
 
 def run_record(args: argparse.Namespace, accelerator: Accelerator, unet: UNet2DModel, **resolved: Any) -> dict:
-    """What `training_args.json` records: every flag (the Hub token left out: a secret is never on disk, never pushed),
-    the values the run resolved (`resolved`: steps, SWA start, batch, dataset size), the processes, the precision,
-    the model's size and the versions."""
-    return {
-        **{k: v for k, v in vars(args).items() if k != "hub_token"},
-        # an absolute path: the card is refreshed later from wherever the evaluation runs
-        "model_card_template": args.model_card_template and str(Path(args.model_card_template).resolve()),
-        **resolved,
+    """What `training_args.json` records (`TrainingRecord`): the configuration the flags make (the Hub token left out:
+    a secret is never on disk, never pushed), the values the run resolved (`resolved`: steps, SWA start, batch,
+    dataset size), the processes, the precision, the model's size and the versions."""
+    config = TrainingConfig(**vars(args))
+    if config.model_card_template:  # an absolute path: the card is refreshed later from wherever the evaluation runs
+        config = dataclasses.replace(config, model_card_template=str(Path(config.model_card_template).resolve()))
+    resolved |= {
         "num_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
         "num_parameters": sum(p.numel() for p in unet.parameters()),
         "versions": {"diffusers_flat": __version__, "diffusers": diffusers.__version__, "torch": torch.__version__},
         "python": platform.python_version(),
     }
+    return TrainingRecord(config, resolved).to_json()
 
 
 def start_run(

@@ -19,11 +19,10 @@ from diffusers import DDPMScheduler
 from diffusers_flat.errors import FlatError
 from diffusers_flat.methods.input_perturbation import noisy_input_and_target
 from diffusers_flat.methods.learned_variance import hybrid_loss
+from diffusers_flat.methods.sam import SAM_ASCENT_MODES
 from diffusers_flat.methods.sam_modes import SAMMode
 from diffusers_flat.run_directory import RunDirectory
 from diffusers_flat.utils.seeding import dropout_seed, step_noise_generator
-
-SAM_ASCENT_MODES = ("global", "local")
 
 
 @dataclass
