@@ -33,7 +33,7 @@ from diffusers_flat.metrics.fid import InceptionFeatures, default_fid_batch_size
 from diffusers_flat.sampling import sample_images
 from diffusers_flat.studies.config import Study
 from diffusers_flat.studies.directory import StudyDirectory
-from diffusers_flat.studies.runner import StudyRunner
+from diffusers_flat.studies.plan import StudyPlan
 from diffusers_flat.training.arguments import parse_training_flags
 from diffusers_flat.training.models import build_unet
 from diffusers_flat.training.step import MicroBatch, train_step
@@ -81,10 +81,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="Timed optimizer steps, plain and SAM.")
     args = parser.parse_args()
     study = Study.load(args.study)
-    runner = StudyRunner(study, StudyDirectory("unused"), Path("unused"))  # checks every flag of the study
+    plan = StudyPlan(study, StudyDirectory("unused"))  # checks every flag of the study
     grid = study.runs(study.tuning.values[0] if study.tuning else None)
     flags = parse_training_flags(grid[0].flags)
-    settings, options = runner.evaluation.settings, runner.evaluation.options
+    settings, options = plan.evaluation.settings, plan.evaluation.options
     device = resolve_device(args.device)
     where = f"{device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
 
@@ -127,7 +127,7 @@ def main() -> None:
         "inception_images_per_s": features,
     }
     Path(args.output).write_text(json.dumps(rates, indent=2) + "\n")
-    work = runner.workload(study.tuning_runs(), study.teacher_runs(), grid, sweep=True)
+    work = plan.workload(study.tuning_runs(), study.teacher_runs(), grid, sweep=True)
     print(work.describe())
     print(work.projection(rates))
     print(f"rates written to {args.output}")

@@ -27,8 +27,9 @@ from diffusers_flat.studies.claims import (
 )
 from diffusers_flat.studies.config import Study, Tuning, Work, shard_of
 from diffusers_flat.studies.directory import StudyDirectory
+from diffusers_flat.studies.plan import StudyPlan
 from diffusers_flat.studies.report import write_report
-from diffusers_flat.studies.runner import StudyRunner
+from diffusers_flat.studies.results import StudyResults
 
 T_975_2 = 4.302652729911275  # Student's t, 97.5% quantile, 2 degrees of freedom (from a table)
 
@@ -361,13 +362,13 @@ def test_reused_runs_are_read_from_the_other_studys_report_and_never_trained(tmp
     assert len(study.runs()) == 6
     shards = [{run.name for run in shard_of(study.to_train(), i, 2)} for i in (1, 2)]
     assert shards == [{"adm-seed1", "sam-seed2"}, {"sam-seed1", "sam-seed3"}]
-    runner = StudyRunner(study, StudyDirectory(tmp_path / "out"), REPO / "training_scripts" / "train_flat_ddpm.py")
+    results = StudyResults(StudyPlan(study, StudyDirectory(tmp_path / "out")))
     # nothing trained here yet: the grid holds only the reused runs, read from the report
-    assert runner.collect() == {"ADM": {2: reported["ADM"]["2"], 3: reported["ADM"]["3"]}}
-    record = runner.settings_record()["reuse"]
+    assert results.collect() == {"ADM": {2: reported["ADM"]["2"], 3: reported["ADM"]["3"]}}
+    record = results.settings_record()["reuse"]
     assert record["runs"] == {"ADM": (2, 3)}
     assert record["reproduction"] == [{"row": "ADM", "seed": 1, "here": None, "there": reported["ADM"]["1"]}]
-    markdown = write_report(runner.collect(), runner.settings_record(), tmp_path / "report")
+    markdown = write_report(results.collect(), results.settings_record(), tmp_path / "report")
     # the check row: seed 1 not yet trained here; there loss 0.04 + 1/1000 and LPF 0.06 + 1/100, no FID measured
     assert "| ADM | 1 | not finished | 0.041 | not finished | 0.07 | not finished | - |" in markdown
     run_study.main(run_study.parse_args(["--study", str(path), "--output_dir", str(tmp_path / "out"), "--dry_run"]))
@@ -496,3 +497,25 @@ def test_a_micro_study_survives_a_kill_and_reports_every_table(tmp_path, monkeyp
     assert "## Claims" in report and "SAM loses less FID (T'=20) under 8-bit weights" in report
     for figure in ("perturbation.png", "exposure_bias.png"):
         assert (tmp_path / "full" / figure).stat().st_size > 1000
+
+
+def test_the_deployment_studys_plan_is_its_runs_and_evaluations_in_file_order(tmp_path):
+    """The plan alone, nothing run: 24 one-run shards in the file's order (seed by seed), each a training, then its
+    raw pipeline evaluated with the raw variant's own flags and its EMA pipeline with the study's."""
+    study = Study.load(REPO / "studies" / "fashion-mnist-deployment.yaml")
+    plan = StudyPlan(study, StudyDirectory(tmp_path / "out"))
+    rows = ["adm", "sam-rho0.01", "sam-momentum"]
+    names = [f"{row}-seed{seed}" for seed in range(1, 9) for row in rows]  # counted by hand from the file
+    for k, name in enumerate(names, start=1):
+        assert plan.tuning_tasks(k, 24) == []
+        tasks, waiting = plan.grid_tasks(k, 24, tuned=None)
+        assert waiting == [] and [(t.kind, t.run.name, t.variant) for t in tasks] == [
+            ("train", name, None),
+            ("evaluate", name, "raw"),
+            ("evaluate", name, "ema"),
+        ]
+        raw, ema = tasks[1].plan, tasks[2].plan
+        assert raw.flags == study.variant_evaluation["raw"] and ema.flags == study.evaluation
+    assert raw.settings.quantize == ("4:per_channel",) and len(ema.settings.quantize) == 3
+    everything, _ = plan.grid_tasks(1, 1, tuned=None)
+    assert len(everything) == 24 * 3 and not list(tmp_path.iterdir())  # and the plan wrote nothing

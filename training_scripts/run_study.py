@@ -17,7 +17,8 @@ the tuning seed, evaluates the pipeline the selection reads, and gives the grid'
 the lowest selection metric (the tuning table is in the report). A study with `generalization` trains every method
 and seed on nested random subsets of the data, and a teacher on all of it; each student is also evaluated against
 the teacher (E_gen, PFD), and the empirical denoiser of one subset is evaluated at each temperature
-(studies/digits-generalization.yaml). The work itself is the library's `StudyRunner`.
+(studies/digits-generalization.yaml). The library's `StudyPlan` lists the work, `StudyRunner` does it and
+`StudyResults` reports it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from pathlib import Path
 
 from diffusers_flat.studies.config import Study, parse_shard
 from diffusers_flat.studies.directory import StudyDirectory
-from diffusers_flat.studies.runner import StudyRunner, read_rates, report_from_json
+from diffusers_flat.studies.plan import StudyPlan, read_rates
+from diffusers_flat.studies.results import StudyResults, report_from_json
+from diffusers_flat.studies.runner import StudyRunner
 from diffusers_flat.utils.cli import OneLineArgumentParser, UsageError, run_main
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train_flat_ddpm.py"
@@ -62,17 +65,18 @@ def main(args: argparse.Namespace) -> None:
         print(report_from_json(args.from_report, study, args.output_dir))
         return
     index, count = parse_shard(args.shard)
-    runner = StudyRunner(study, StudyDirectory(args.output_dir), TRAIN_SCRIPT)
+    plan = StudyPlan(study, StudyDirectory(args.output_dir))
     if args.rates and not args.dry_run:
         raise UsageError("--rates projects the cost of a --dry_run: add --dry_run")
     if args.dry_run:
-        print(runner.dry_run(index, count, read_rates(args.rates, study) if args.rates else None))
+        tuned, _ = StudyResults(plan).tuning_table()
+        print(plan.dry_run(index, count, tuned, read_rates(args.rates, study) if args.rates else None))
         return
     if not args.report_only:
-        runner.run(index, count)
+        StudyRunner(plan, TRAIN_SCRIPT).run(index, count)
     if args.export:
-        runner = StudyRunner(study, runner.directory.export(args.export), TRAIN_SCRIPT)
-    print(runner.report())
+        plan = StudyPlan(study, plan.directory.export(args.export))
+    print(StudyResults(plan).report())
 
 
 def cli(argv: list[str] | None = None) -> None:

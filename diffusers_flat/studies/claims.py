@@ -48,7 +48,7 @@ def detectable_effect(sd: float, n: int, confidence: float = 0.95, power: float 
     the design was blind to it; nan with fewer than two pairs.
 
     Example:
-        >>> round(detectable_effect(sd=1.0, n=3), 3)  # (4.303 + 1.061) / sqrt(3)
+        >>> round(float(detectable_effect(sd=1.0, n=3)), 3)  # (4.303 + 1.061) / sqrt(3)
         3.097
     """
     if n < 2:
@@ -125,7 +125,7 @@ def fraction_kept(
 
     Example:
         >>> kept = fraction_kept([1.0, 1.2, 0.9], [0.5, 0.7, 0.4], [0.6, 0.8, 0.5])  # full -0.5 each, mode -0.4
-        >>> round(kept["estimate"], 3), round(kept["low"], 3), round(kept["high"], 3)
+        >>> tuple(round(float(kept[key]), 3) for key in ("estimate", "low", "high"))
         (0.8, 0.8, 0.8)
     """
     numerator = np.asarray(base, dtype=float) - np.asarray(mode, dtype=float)

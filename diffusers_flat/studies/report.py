@@ -535,7 +535,7 @@ def write_report(
     `settings["tuning"]`, `tuning_rows` are its runs: {"run", "value" (None: the baseline), "result", "selected"}.
     `loss_curves`: run name -> (steps, training losses), drawn as the evidence of training length. `figure`: the
     Figure 2 kind of picture already written into `out` ({"path", "seed", "granularity", "bits", "displacement"}).
-    `deployment`: the deployment check at the primary endpoint's level (`StudyRunner.deployment`), one line."""
+    `deployment`: the deployment check at the primary endpoint's level (`StudyResults.deployment`), one line."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     any_result = next((r for seeds in results.values() for r in seeds.values()), {})
