@@ -100,7 +100,8 @@ def main() -> None:
     )
     print(f"{'mode':<10} {'ms/step':>8} {'x plain':>8} {'held (param copies)':>20} {'CUDA peak - plain':>18}")
     for name, values in times.items():
-        held = 0 if modes[name] is None else tensor_bytes(sam._backup) + tensor_bytes(modes[name].state_dict()["g_v"])
+        mode = modes[name]
+        held = 0 if mode is None else tensor_bytes(sam._backup) + sum(map(tensor_bytes, mode.state_dict().values()))
         peak = f"{(peaks[name] - peaks['plain']) / param_bytes:.2f}" if peaks else "-"
         median = statistics.median(values)
         print(f"{name:<10} {median * 1000:>8.1f} {median / plain:>8.3f} {held / param_bytes:>20.2f} {peak:>18}")
