@@ -20,6 +20,7 @@ _EXPORTS = {
     "training.sample_stream": ["StepBatchSampler", "TrainingImages"],
     "errors": ["FlatError"],
     "evaluation.evaluate": ["evaluate", "set_fid_reference"],
+    "evaluation.measurements": ["Level", "Measurements", "read_results"],
     "evaluation.real_images": ["RealImages", "load_real_images"],
     "evaluation.registry": ["METRICS", "Evaluation", "EvaluationResult"],
     "evaluation.settings": ["EvaluationSettings"],

@@ -11,6 +11,7 @@ import run_study
 from conftest import REPO, run_cli
 from scipy import stats
 
+from diffusers_flat.evaluation.measurements import Measurements
 from diffusers_flat.studies.claims import (
     DOES_NOT_HOLD,
     HOLDS,
@@ -116,8 +117,8 @@ def test_an_undefined_log_ratio_has_no_p_and_no_detectable_ratio(tmp_path):
     assert c["verdict"].startswith("undefined") and math.isnan(c["p"]) and c["p_holm"] == 1.0
 
 
-def kid_result(kid: float, increase: float, kept: float, moved: float, lpf: float) -> dict:
-    """An evaluation with fp32 KID and one quantized level, as evaluate_flat.py writes it."""
+def kid_result(kid: float, increase: float, kept: float, moved: float, lpf: float) -> Measurements:
+    """An evaluation with fp32 KID and one quantized level, as evaluate_flat.py writes it, read back."""
     level = {
         "bits": 4,
         "granularity": "per_channel",
@@ -126,7 +127,8 @@ def kid_result(kid: float, increase: float, kept: float, moved: float, lpf: floa
         "pixel_displacement": {"50": moved},
         "class_fidelity": {"50": {"kept": kept}},
     }
-    return {"kid": {"50": {"mean": kid}}, "lpf": {"lpf": lpf}, "quantization": {"levels": {"4:per_channel": level}}}
+    written = {"kid": {"50": {"mean": kid}}, "lpf": {"lpf": lpf}, "quantization": {"levels": {"4:per_channel": level}}}
+    return Measurements.from_json(written)
 
 
 def test_declared_claims_read_their_measure_at_their_level():

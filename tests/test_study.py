@@ -17,6 +17,7 @@ from helpers import tuning, write_study
 from scipy import stats
 
 from diffusers_flat.errors import FlatError
+from diffusers_flat.evaluation.measurements import Measurements, json_results
 from diffusers_flat.studies.claims import (
     DOES_NOT_HOLD,
     HOLDS,
@@ -77,7 +78,7 @@ def test_tuning_selects_the_lowest_score_and_the_first_of_a_tie():
     assert tuning.select({"0.1": 0.030, "0.01": 0.012, "0.001": 0.020}) == "0.01"
     assert tuning.select({"0.1": 0.030, "0.01": 0.040, "0.001": 0.020}) == "0.001"  # the data move, the choice does
     assert tuning.select({"0.1": 0.02, "0.01": 0.03, "0.001": 0.02}) == "0.1"
-    result = {"fid": {"20": 31.5, "100": 20.0}, "kid": {"20": {"mean": 0.017, "std": 0.002}}}
+    result = Measurements.from_json({"fid": {"20": 31.5, "100": 20.0}, "kid": {"20": {"mean": 0.017, "std": 0.002}}})
     assert tuning.score(result) == 0.017
     assert Tuning("SAM", "--sam_rho", ("0.1",), 0, "fid", 100, "ema").score(result) == 20.0
     assert tuning.tag("0.001") == "rho0.001"
@@ -364,7 +365,7 @@ def test_reused_runs_are_read_from_the_other_studys_report_and_never_trained(tmp
     assert shards == [{"adm-seed1", "sam-seed2"}, {"sam-seed1", "sam-seed3"}]
     results = StudyResults(StudyPlan(study, StudyDirectory(tmp_path / "out")))
     # nothing trained here yet: the grid holds only the reused runs, read from the report
-    assert results.collect() == {"ADM": {2: reported["ADM"]["2"], 3: reported["ADM"]["3"]}}
+    assert json_results(results.collect()) == {"ADM": {2: reported["ADM"]["2"], 3: reported["ADM"]["3"]}}
     record = results.settings_record()["reuse"]
     assert record["runs"] == {"ADM": (2, 3)}
     assert record["reproduction"] == [{"row": "ADM", "seed": 1, "here": None, "there": reported["ADM"]["1"]}]

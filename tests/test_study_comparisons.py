@@ -16,14 +16,16 @@ from helpers import write_study
 from scipy import stats
 
 from diffusers_flat.data.fashion_mnist import local_files
+from diffusers_flat.evaluation.measurements import Measurements
 from diffusers_flat.studies.claims import HOLDS, Claim, fraction_kept, lpf
 from diffusers_flat.studies.report import claim_results, fractions_kept, study_claims, write_report
 
 LEVELS = {"per_tensor": ("8", "4"), "per_channel": ("8", "4")}
 
 
-def result(kid: float, loss_increase: float, moved: float, lpf_value: float = 0.05) -> dict:
-    """A pipeline's evaluation with every measure the report reads; the ladder scales with the given damage."""
+def result(kid: float, loss_increase: float, moved: float, lpf_value: float = 0.05) -> Measurements:
+    """A pipeline's evaluation with every measure the report reads, read back; the ladder scales with the given
+    damage."""
     curves = {
         g: {
             b: {"loss_increase": loss_increase * (9 - int(b)), "ddim_displacement": moved * (9 - int(b))} for b in bits
@@ -31,7 +33,7 @@ def result(kid: float, loss_increase: float, moved: float, lpf_value: float = 0.
         for g, bits in LEVELS.items()
     }
     curves["per_tensor"]["8"]["ancestral_displacement"] = 1.0
-    return {
+    written = {
         "fid": {"20": 1000 * kid},
         "kid": {"20": {"mean": kid}},
         "loss": 0.04,
@@ -46,6 +48,7 @@ def result(kid: float, loss_increase: float, moved: float, lpf_value: float = 0.
         },
         "sensitivity": {"curves": curves, "num_samples": 4, "steps": 2},
     }
+    return Measurements.from_json(written)
 
 
 def test_a_log_ratio_claim_is_the_t_interval_of_the_log_ratios():
@@ -72,9 +75,10 @@ def test_a_log_ratio_claim_is_the_t_interval_of_the_log_ratios():
 
 
 def test_the_papers_effect_is_scaled_to_the_base_rows_mean():
+    lpfs = {"ADM": (0.10, 0.14), "+SAM": (0.08, 0.10)}
     results = {
-        "ADM": {1: {"lpf": {"lpf": 0.10}}, 2: {"lpf": {"lpf": 0.14}}},
-        "+SAM": {1: {"lpf": {"lpf": 0.08}}, 2: {"lpf": {"lpf": 0.10}}},
+        row: {seed: Measurements.from_json({"lpf": {"lpf": value}}) for seed, value in enumerate(values, 1)}
+        for row, values in lpfs.items()
     }
     claim = Claim("SAM lowers LPF", "ADM", "+SAM", lpf, -1, "0.097 -> 0.063", paper_relative=-0.35)
     (c,) = claim_results(results, [claim])
@@ -170,7 +174,7 @@ def test_a_comparison_study_reports_its_claims_ladder_and_pick(tmp_path):
     cells = {(c["rows"], c["ladder"]["level"], c["ladder"]["what"]) for c in data["claims"] if c["ladder"]}
     assert len([c for c in data["claims"] if c["ladder"]]) == 32 and len(cells) == 16
     assert ("+SAM-rho0.01 vs ADM", "4-bit per_channel", "fixed-loss increase") in cells
-    kid = {t: np.mean([r["kid"]["20"]["mean"] for r in results[t].values()]) for _, t in comparisons}
+    kid = {t: np.mean([r.kid[20]["mean"] for r in results[t].values()]) for _, t in comparisons}
     assert f"it picks **{min(kid, key=kid.get)}**" in markdown
     for section in (
         "## Quantization-sensitivity curves",

@@ -18,13 +18,3 @@ def quantization_levels(result: dict) -> dict[str, dict]:
         | {m: q[m][bits] for m in measures if m in q}
         for bits in q["fid"]
     }
-
-
-def quantization_by_bits(result: dict) -> dict[str, dict]:
-    """The quantized levels by bits ("5"), for results whose levels share one granularity (a study's, whose claims
-    name the bits); a result with several granularities raises."""
-    levels = quantization_levels(result)
-    granularities = {level["granularity"] for level in levels.values()}
-    if len(granularities) > 1:
-        raise ValueError(f"these results mix granularities ({', '.join(sorted(granularities))}): name the level")
-    return {str(level["bits"]): level for level in levels.values()}

@@ -5,6 +5,7 @@ images."""
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.figure import Figure  # figures without pyplot: no backend switch, no global state
@@ -12,6 +13,9 @@ from PIL import Image
 
 from diffusers_flat.evaluation.levels import quantization_levels
 from diffusers_flat.quantization import GRANULARITIES
+
+if TYPE_CHECKING:  # the studies' plots read typed results; importing them here would pull in torch for every plot
+    from diffusers_flat.evaluation.measurements import Measurements, Results
 
 
 def _figure(figsize: tuple[float, float], rows: int = 1, cols: int = 1):
@@ -137,15 +141,13 @@ def plot_sensitivity(results: dict[str, dict], path: str | os.PathLike) -> None:
     _save(fig, path)
 
 
-def plot_bands(
-    results: dict[str, dict[int, dict]], order: tuple[str, ...], kind: str, path: str | os.PathLike
-) -> None:
+def plot_bands(results: Results, order: tuple[str, ...] | list[str], kind: str, path: str | os.PathLike) -> None:
     """A study's curves, one band (mean ± standard deviation over seeds) per row: the loss under perturbation
     against gamma (`kind="perturbation"`, the paper's Fig. 5) or the exposure-bias gap of the norms per timestep
     (`kind="exposure_bias"`, Fig. 6)."""
     fig, ((ax,),) = _figure((5.5, 4))
     for i, row in enumerate(r for r in order if r in results):
-        runs = [r[kind] for r in results[row].values() if kind in r]
+        runs = [getattr(r, kind) for r in results[row].values() if getattr(r, kind)]
         if not runs:
             continue
         x = runs[0]["gamma"] if kind == "perturbation" else runs[0]["timesteps"]
@@ -186,13 +188,13 @@ def plot_generalization(series: dict[str, dict[str, dict[int, list[float]]]], pa
     _save(fig, path)
 
 
-def plot_temperature_sweep(sweep: list[dict], measures: dict, path: str | os.PathLike) -> None:
+def plot_temperature_sweep(sweep: list[Measurements], measures: dict, path: str | os.PathLike) -> None:
     """The empirical denoiser's measures against its softmax temperature T (log scale); the noise-unconditional
-    variant as a separate marker. `sweep`: evaluation results with "temperature" and "noise_unconditional"."""
+    variant as a separate marker. `sweep`: its evaluations (each with `temperature` and `noise_unconditional`)."""
     fig, axes = _figure((4.2 * len(measures), 3.6), 1, len(measures))
     for ax, (title, measure) in zip(axes[0], measures.items()):
         for unconditional, style in ((False, "o-"), (True, "s")):
-            points = sorted((r["temperature"], measure(r)) for r in sweep if r["noise_unconditional"] == unconditional)
+            points = sorted((r.temperature, measure(r)) for r in sweep if r.noise_unconditional == unconditional)
             if points:
                 label = "noise-unconditional" if unconditional else "conditional on t"
                 ax.plot(*zip(*points), style, color=f"C{int(unconditional)}", label=label)
@@ -203,24 +205,20 @@ def plot_temperature_sweep(sweep: list[dict], measures: dict, path: str | os.Pat
     _save(fig, path)
 
 
-def plot_study_sensitivity(results: dict[str, dict[int, dict]], order: list[str], path: str | os.PathLike) -> None:
+def plot_study_sensitivity(results: Results, order: list[str], path: str | os.PathLike) -> None:
     """A study's quantization-sensitivity curves: the fixed loss's increase (symmetric-log scale: 8-bit weights can
     lower it) and the DDIM displacement against bits (fewer to the right), one panel per granularity, one line per
     row (the mean over seeds) with a band of ± one standard deviation."""
-    any_result = next(r for seeds in results.values() for r in seeds.values() if "sensitivity" in r)
-    granularities = sorted(any_result["sensitivity"]["curves"], key=GRANULARITIES.index)
+    curves = next(r.sensitivity.curves for seeds in results.values() for r in seeds.values() if r.sensitivity)
+    granularities = sorted(curves, key=GRANULARITIES.index)
     measures = {"loss_increase": "fixed-loss increase", "ddim_displacement": "DDIM pixel displacement (0-255)"}
     fig, axes = _figure((4.6 * len(granularities), 7), len(measures), len(granularities))
     for col, granularity in enumerate(granularities):
-        bits = sorted(any_result["sensitivity"]["curves"][granularity], key=int, reverse=True)
+        bits = sorted(curves[granularity], reverse=True)
         for row_index, (measure, label) in enumerate(measures.items()):
             ax = axes[row_index][col]
             for i, row in enumerate(order):
-                runs = [
-                    r["sensitivity"]["curves"][granularity]
-                    for r in results.get(row, {}).values()
-                    if "sensitivity" in r
-                ]
+                runs = [r.sensitivity.curves[granularity] for r in results.get(row, {}).values() if r.sensitivity]
                 if not runs:
                     continue
                 y = np.asarray([[curve[b][measure] for b in bits] for curve in runs])
@@ -236,14 +234,12 @@ def plot_study_sensitivity(results: dict[str, dict[int, dict]], order: list[str]
     _save(fig, path)
 
 
-def plot_flatness_during_training(
-    results: dict[str, dict[int, dict]], order: list[str], path: str | os.PathLike
-) -> None:
+def plot_flatness_during_training(results: Results, order: list[str], path: str | os.PathLike) -> None:
     """LPF estimated during training against steps (`--flatness_every`), one line per row (the mean over seeds) with
     a band of ± one standard deviation."""
     fig, ((ax,),) = _figure((6, 4))
     for i, row in enumerate(order):
-        series = [r["flatness_series"] for r in results.get(row, {}).values() if "flatness_series" in r]
+        series = [r.flatness_series for r in results.get(row, {}).values() if r.flatness_series]
         if not series:
             continue
         steps = sorted(set.intersection(*({e["step"] for e in s} for s in series)))

@@ -17,7 +17,7 @@ import numpy as np
 from scipy import stats
 
 from diffusers_flat.errors import FlatError
-from diffusers_flat.evaluation.levels import quantization_by_bits, quantization_levels
+from diffusers_flat.evaluation.measurements import Level, Measurements
 
 HOLDS, DOES_NOT_HOLD, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
 ALPHA = 0.05  # the level of every verdict: a claim holds when its (adjusted) p is at most this
@@ -181,7 +181,7 @@ class Claim:
     statement: str
     base: str
     treated: str
-    measure: Callable[[dict], float]
+    measure: Callable[[Measurements], float]
     expected_sign: int
     paper: str
     log_ratio: bool = False
@@ -190,40 +190,41 @@ class Claim:
     ladder: tuple[str, str] | None = None  # a ladder cell (level, what): ("3-bit per_channel", "fixed-loss increase")
 
 
-def lpf(result: dict) -> float:
+def lpf(result: Measurements) -> float:
     """The raw LPF, the paper's Table 3 number."""
-    return result["lpf"]["lpf"]
+    return result.lpf["lpf"]
 
 
-def sharpness_excess(result: dict) -> float:
+def sharpness_excess(result: Measurements) -> float:
     """LPF - L(w): what LPF adds to the model's own loss, which a model that merely underfits cannot lower."""
-    return result["lpf"]["lpf"] - result["loss"]
+    return result.lpf["lpf"] - result.loss
 
 
-def perturbation_slope(result: dict) -> float:
+def perturbation_slope(result: Measurements) -> float:
     """The least-squares slope of the loss-under-perturbation curve against gamma."""
-    return float(np.polyfit(result["perturbation"]["gamma"], result["perturbation"]["loss"], 1)[0])
+    return float(np.polyfit(result.perturbation["gamma"], result.perturbation["loss"], 1)[0])
 
 
-def exposure_gap(result: dict) -> float:
+def exposure_gap(result: Measurements) -> float:
     """The exposure-bias gap of the squared noise norm, the paper's Table 1 number."""
-    return result["exposure_bias"]["squared_norm_gap"]
+    return result.exposure_bias["squared_norm_gap"]
 
 
-def _quantization_increase(measure: str, bits: str) -> Callable[[dict], float]:
+def _quantization_increase(measure: str, bits: int) -> Callable[[Measurements], float]:
     """What b-bit weights add to FID or KID at T'=20 (same sampling noise), or to the fixed diffusion loss."""
 
-    def increase(result: dict) -> float:
-        level = quantization_by_bits(result)[bits]
+    def increase(result: Measurements) -> float:
+        level = result.by_bits()[bits]
         if measure == "loss":
-            return level["loss_increase"]
-        quantized, fp32 = level[measure]["20"], result[measure]["20"]
-        return quantized - fp32 if measure == "fid" else quantized["mean"] - fp32["mean"]
+            return level.loss_increase
+        if measure == "fid":
+            return level.fid[20] - result.fid[20]
+        return level.kid[20]["mean"] - result.kid[20]["mean"]
 
     return increase
 
 
-def _quantization_claims(bits: str, paper: str) -> tuple[Claim, ...]:
+def _quantization_claims(bits: int, paper: str) -> tuple[Claim, ...]:
     """Claim 4 at b bits, three ways: FID (the paper's), KID, and the fixed diffusion loss."""
     return tuple(
         Claim(f"SAM loses less {what} under {bits}-bit weights", "ADM", "+SAM", _quantization_increase(m, bits), -1, p)
@@ -243,18 +244,18 @@ CLAIMS = (
     Claim("EMA does not lower LPF relative to ADM", "ADM", "+EMA", lpf, 1, "0.097 -> 0.099"),
     Claim("SWA does not lower LPF relative to ADM", "ADM", "+SWA", lpf, 1, "0.097 -> 0.099"),
     Claim("SAM shrinks the exposure-bias gap relative to ADM", "ADM", "+SAM", exposure_gap, -1, "+11.39 -> +3.32"),
-    *_quantization_claims("8", "+13.65 vs -0.07"),
+    *_quantization_claims(8, "+13.65 vs -0.07"),
     # 8 bits moves neither model at the digits' scale: the same claim where quantization bites
-    *_quantization_claims("6", "(not reported)"),
-    *_quantization_claims("4", "(not reported)"),
-    Claim("SAM improves FID at T'=20 over ADM", "ADM", "+SAM", lambda r: r["fid"]["20"], -1, "34.47 -> 9.01"),
-    Claim("SAM improves KID at T'=20 over ADM", "ADM", "+SAM", lambda r: r["kid"]["20"]["mean"], -1, "(not reported)"),
+    *_quantization_claims(6, "(not reported)"),
+    *_quantization_claims(4, "(not reported)"),
+    Claim("SAM improves FID at T'=20 over ADM", "ADM", "+SAM", lambda r: r.fid[20], -1, "34.47 -> 9.01"),
+    Claim("SAM improves KID at T'=20 over ADM", "ADM", "+SAM", lambda r: r.kid[20]["mean"], -1, "(not reported)"),
 )
 
 
-def ladder_point(granularity: str, bits: str, name: str) -> Callable[[dict], float]:
+def ladder_point(granularity: str, bits: int, name: str) -> Callable[[Measurements], float]:
     """One measure of the quantization-sensitivity curve at one level."""
-    return lambda result: result["sensitivity"]["curves"][granularity][bits][name]
+    return lambda result: result.sensitivity.curves[granularity][bits][name]
 
 
 LADDER_MEASURES = {"loss_increase": "fixed-loss increase", "ddim_displacement": "DDIM pixel displacement"}
@@ -263,9 +264,9 @@ LADDER_MEASURES = {"loss_increase": "fixed-loss increase", "ddim_displacement": 
 def comparison_claims(
     base: str,
     treated: str,
-    fid_steps: Sequence[str] = (),
-    quantized_bits: Sequence[str] = (),
-    ladder: dict[str, Sequence[str]] | None = None,
+    fid_steps: Sequence[int] = (),
+    quantized_bits: Sequence[int] = (),
+    ladder: dict[str, Sequence[int]] | None = None,
 ) -> list[Claim]:
     """The pre-registered claims of one comparison of a study whose rows are not the paper's grid (e.g. SAM at two
     rho against ADM): flatness, quality at each FID column, KID/FID under the named quantization levels, the
@@ -282,14 +283,14 @@ def comparison_claims(
         Claim(f"{t} lowers the sharpness excess LPF - L(w)", base, t, sharpness_excess, -1, "(not reported)"),
     ]
     for steps in fid_steps:
-        kid = lambda r, s=steps: r["kid"][s]["mean"]  # noqa: E731
+        kid = lambda r, s=steps: r.kid[s]["mean"]  # noqa: E731
         claims.append(Claim(f"{t} improves KID at T'={steps}", base, t, kid, -1, "(not reported)"))
-        paper, relative = ("34.47 -> 9.01", -0.74) if steps == "20" else ("(other T')", None)
-        fid = lambda r, s=steps: r["fid"][s]  # noqa: E731
+        paper, relative = ("34.47 -> 9.01", -0.74) if steps == 20 else ("(other T')", None)
+        fid = lambda r, s=steps: r.fid[s]  # noqa: E731
         claims.append(Claim(f"{t} improves FID at T'={steps}", base, t, fid, -1, paper, paper_relative=relative))
     for bits in quantized_bits:
         for what, m in (("KID", "kid"), ("FID", "fid")):
-            paper, relative = ("+13.65 vs -0.07", -1.0) if (bits, m) == ("8", "fid") else ("(not reported)", None)
+            paper, relative = ("+13.65 vs -0.07", -1.0) if (bits, m) == (8, "fid") else ("(not reported)", None)
             increase = _quantization_increase(m, bits)
             statement = f"{t} loses less {what} (T'=20) under {bits}-bit weights"
             claims.append(Claim(statement, base, t, increase, -1, paper, paper_relative=relative))
@@ -307,41 +308,31 @@ def comparison_claims(
     return claims
 
 
-def level_words(level: str) -> str:
-    """ "4:per_channel" -> "4-bit per channel"."""
-    bits, granularity = level.split(":")
-    return f"{bits}-bit {granularity.replace('_', ' ')}"
-
-
 @dataclass(frozen=True)
 class Measure:
     """A measurement a study file's declared claims name (`MEASURES`): its words in a claim, its value in one
-    evaluation result at a quantized level ("B:granularity", or None: fp32) and T' (None: the result's first), the
+    evaluation's measurements at a quantized level (None: fp32) and T' (None: the result's first), the
     direction a flat model is expected to move it, and whether it is tested as a log ratio (damage varies
     multiplicatively between seeds)."""
 
     words: str  # "{treated} <words> than {base}"; {level} is where it is measured
-    value: Callable[[dict, str | None, str | None], float]
+    value: Callable[[Measurements, Level | None, int | None], float]
     expected_sign: int
     log_ratio: bool
     level: str  # "required", "optional" (None: fp32) or "none"
 
 
-def _steps(result: dict, steps: str | None) -> str:
-    return steps or min(result["kid"], key=int)
+def _kid(result: Measurements, level: Level | None, steps: int | None) -> float:
+    measured = result.at(level) if level else result
+    return 1e3 * measured.kid[steps or result.first_steps]["mean"]
 
 
-def _kid(result: dict, level: str | None, steps: str | None) -> float:
-    measured = quantization_levels(result)[level] if level else result
-    return 1e3 * measured["kid"][_steps(result, steps)]["mean"]
-
-
-def _at_level(name: str, field: str | None = None) -> Callable[[dict, str | None, str | None], float]:
+def _at_level(name: str, field: str | None = None) -> Callable[[Measurements, Level | None, int | None], float]:
     """A per-T' measure of a quantized level, e.g. its pixel displacement (or a field of it, e.g. class fidelity's
     "kept")."""
 
-    def value(result: dict, level: str | None, steps: str | None) -> float:
-        measured = quantization_levels(result)[level][name][_steps(result, steps)]
+    def value(result: Measurements, level: Level | None, steps: int | None) -> float:
+        measured = getattr(result.at(level), name)[steps or result.first_steps]
         return measured[field] if field else measured
 
     return value
@@ -367,7 +358,7 @@ MEASURES = {
 
 
 def declared_claim(
-    measure: str, base: str, treated: str, level: str | None = None, steps: str | None = None, role: str = SECONDARY
+    measure: str, base: str, treated: str, level: str | None = None, steps: int | None = None, role: str = SECONDARY
 ) -> Claim:
     """A claim a study file declares: `MEASURES[measure]` of row `treated` against row `base` at `level`
     ("B:granularity"; None: fp32) and T' `steps` (None: the result's first T').
@@ -377,13 +368,13 @@ def declared_claim(
         >>> claim.statement, claim.log_ratio
         ('+SAM-rho0.01+EMA loses less KID x10³ from fp32 to 4-bit per channel than +EMA', True)
     """
-    m = MEASURES[measure]
+    m, at = MEASURES[measure], None if level is None else Level.parse(level)
     if m.level == "none":
         where = ""
     elif m.level == "required":
-        where = level_words(level)
+        where = at.words
     else:  # optional: a level, or fp32
-        where = f"at {level_words(level)}" if level else "at fp32"
+        where = f"at {at.words}" if at else "at fp32"
     statement = f"{treated} {m.words.format(level=where)} than {base}"
-    value = lambda result: m.value(result, level, steps)  # noqa: E731
+    value = lambda result: m.value(result, at, steps)  # noqa: E731
     return Claim(statement, base, treated, value, m.expected_sign, "(not reported)", log_ratio=m.log_ratio, role=role)

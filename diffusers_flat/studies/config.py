@@ -57,6 +57,7 @@ from pathlib import Path
 import yaml
 
 from diffusers_flat.errors import FlatError
+from diffusers_flat.evaluation.measurements import Measurements, Results, read_results
 from diffusers_flat.studies.claims import MEASURES, SECONDARY, Claim, declared_claim
 
 METHODS = ("ADM", "IP", "SAM")
@@ -162,9 +163,9 @@ class Tuning:
         """ "--sam_rho", "0.01" -> "rho0.01": the run name's mark of a tuning value."""
         return f"{self.flag.lstrip('-').split('_')[-1]}{value}"
 
-    def score(self, result: dict) -> float:
-        """The selection metric of one evaluation result (eval_results.json's content)."""
-        score = result[self.metric][str(self.inference_steps)]
+    def score(self, result: Measurements) -> float:
+        """The selection metric of one evaluation's measurements."""
+        score = getattr(result, self.metric)[self.inference_steps]
         return score["mean"] if self.metric == "kid" else score
 
     def select(self, scores: dict[str, float]) -> str:
@@ -236,7 +237,7 @@ class Reuse:
     study: Path
     report: Path
     runs: dict[str, tuple[int, ...]]
-    results: dict[str, dict[int, dict]]
+    results: Results
 
     def covers(self, run: Run) -> bool:
         """Whether `run` is one of the reused runs (never a tuning or teacher run)."""
@@ -295,8 +296,7 @@ class ClaimSpec:
         return row_name(self.base, self.variant), row_name(self.treated, self.variant)
 
     def claim(self, role: str = SECONDARY) -> Claim:
-        steps = None if self.steps is None else str(self.steps)
-        return declared_claim(self.measure, *self.rows, self.level, steps, role)
+        return declared_claim(self.measure, *self.rows, self.level, self.steps, role)
 
 
 @dataclass(frozen=True)
@@ -668,8 +668,7 @@ def _load_reuse(study: Study, data) -> Reuse | None:
             missing = [seed for seed in seeds if str(seed) not in results.get(row, {})]
             if missing:
                 raise fail(f"report {report} has no result of row {row} at seed {missing[0]}")
-    results = {row: {int(seed): result for seed, result in seeds.items()} for row, seeds in results.items()}
-    return Reuse(other.path, report, {method: tuple(seeds) for method, seeds in runs.items()}, results)
+    return Reuse(other.path, report, {method: tuple(seeds) for method, seeds in runs.items()}, read_results(results))
 
 
 def _load_fraction_kept(path: Path, data, methods: dict) -> FractionKept | None:

@@ -9,13 +9,14 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from diffusers_flat.evaluation.measurements import NOT_MEASURED, Measurements
 from diffusers_flat.evaluation.plots import plot_generalization, plot_temperature_sweep
 from diffusers_flat.run_directory import write_atomically, write_json
 from diffusers_flat.studies.claims import ALPHA, detectable_cell, holm, paired_interval, verdict
 from diffusers_flat.studies.report import family_summary, format_p, mean_std
 
-# row -> training-set size -> seed -> evaluation result (E_mem in "pfd", E_gen in "pfd_teacher")
-Students = dict[str, dict[int, dict[int, dict]]]
+# row -> training-set size -> seed -> the evaluation's measurements (E_mem in `pfd`, E_gen in `pfd_teacher`)
+Students = dict[str, dict[int, dict[int, Measurements]]]
 
 # (statement, measure name, expected sign of treated - base)
 CLAIMS = (
@@ -25,30 +26,30 @@ CLAIMS = (
 )
 
 
-def _measures(steps: str | None) -> dict[str, Callable[[dict], float]]:
+def _measures(steps: int | None) -> dict[str, Callable[[Measurements], float]]:
     measures = {
-        "E_gen": lambda r: r["pfd_teacher"]["pfd"],
-        "E_mem": lambda r: r["pfd"]["pfd"],
-        "memorization": lambda r: r["memorization"]["memorization_ratio"],
-        "held-out data's memorization": lambda r: r["memorization"]["held_out_ratio"],
+        "E_gen": lambda r: r.pfd_teacher["pfd"],
+        "E_mem": lambda r: r.pfd["pfd"],
+        "memorization": lambda r: r.memorization["memorization_ratio"],
+        "held-out data's memorization": lambda r: r.memorization["held_out_ratio"],
     }
     if steps is not None:
-        measures[f"KID x10³ (T'={steps})"] = lambda r: 1e3 * r["kid"][steps]["mean"]
-        measures[f"FID (T'={steps})"] = lambda r: r["fid"][steps]
+        measures[f"KID x10³ (T'={steps})"] = lambda r: 1e3 * r.kid[steps]["mean"]
+        measures[f"FID (T'={steps})"] = lambda r: r.fid[steps]
     return measures
 
 
-def _values(results: dict[int, dict], measure: Callable[[dict], float]) -> dict[int, float]:
+def _values(results: dict[int, Measurements], measure: Callable[[Measurements], float]) -> dict[int, float]:
     values = {}
     for seed, result in results.items():
         try:
             values[seed] = float(measure(result))
-        except (KeyError, TypeError):
+        except NOT_MEASURED:
             continue  # not measured
     return values
 
 
-def _cell(result: dict | None, measure: Callable[[dict], float]) -> str:
+def _cell(result: Measurements | None, measure: Callable[[Measurements], float]) -> str:
     values = _values({0: result} if result else {}, measure)
     return f"{values[0]:.4g}" if values else "-"
 
@@ -107,7 +108,8 @@ def write_generalization_report(collected: dict, settings: dict, out: str | os.P
     """Write report.md, report.json and the figures of a generalization study into `out`; returns the Markdown.
 
     Args:
-        collected: {"students": Students, "teacher": its result or None, "noise_unconditional": the
+        collected: what report.json stores, as evaluation results (eval_results.json entries): {"students": row ->
+            training-set size -> seed -> result, "teacher": its result or None, "noise_unconditional": the
             noise-unconditional student's result or None, "empirical": the sweep's results (each with "temperature"
             and "noise_unconditional")}.
         settings: the study's settings; "comparisons" lists (base row, treated row) pairs for the claims.
@@ -115,9 +117,17 @@ def write_generalization_report(collected: dict, settings: dict, out: str | os.P
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    students: Students = collected["students"]
-    any_result = next((r for sizes in students.values() for seeds in sizes.values() for r in seeds.values()), {})
-    steps = min(any_result.get("kid", {}), key=int, default=None)
+    students: Students = {
+        row: {size: {seed: Measurements.from_json(r) for seed, r in seeds.items()} for size, seeds in sizes.items()}
+        for row, sizes in collected["students"].items()
+    }
+    teacher, unconditional = (
+        None if collected.get(key) is None else Measurements.from_json(collected[key])
+        for key in ("teacher", "noise_unconditional")
+    )
+    sweep = [Measurements.from_json(r) for r in collected.get("empirical") or []]
+    any_result = next((r for sizes in students.values() for seeds in sizes.values() for r in seeds.values()), None)
+    steps = min(any_result.kid, default=None) if any_result else None
     measures = _measures(steps)
     g = settings.get("generalization", {})
     lines = ["| row | training images | " + " | ".join(measures) + " |", "|---" * (len(measures) + 2) + "|"]
@@ -139,7 +149,6 @@ def write_generalization_report(collected: dict, settings: dict, out: str | os.P
             cells = [c["claim"], c["rows"], str(c["training_images"]), _effect(c["interval"])]
             cells += [detectable_cell(c["interval"]), format_p(c["p"]), format_p(c["p_holm"]), f"**{c['verdict']}**"]
             claim_lines.append("| " + " | ".join(cells) + " |")
-    teacher = collected.get("teacher")
     flags = settings.get("evaluation", [])
     smoothed = ("--pfd_reference", "smoothed") in zip(flags, flags[1:])
     e_mem = (
@@ -172,23 +181,21 @@ def write_generalization_report(collected: dict, settings: dict, out: str | os.P
         "the design finds with 80% power (uncorrected).",
         "\n".join(claim_lines),
     ]
-    sweep = collected.get("empirical") or []
     if sweep:
         # the sweep has no PFD: memorization, and KID and FID at its own first T'
-        by_name = _measures(min(sweep[0]["kid"], key=int) if steps is not None and "kid" in sweep[0] else None).items()
+        by_name = _measures(min(sweep[0].kid) if steps is not None and sweep[0].kid else None).items()
         sweep_measures = {name: measure for name, measure in by_name if not name.startswith("E_")}
         table = ["| T | variant | " + " | ".join(sweep_measures) + " |", "|---" * (len(sweep_measures) + 2) + "|"]
-        for r in sorted(sweep, key=lambda r: (r["noise_unconditional"], r["temperature"])):
-            variant = "noise-unconditional" if r["noise_unconditional"] else "conditional on t"
+        for r in sorted(sweep, key=lambda r: (r.noise_unconditional, r.temperature)):
+            variant = "noise-unconditional" if r.noise_unconditional else "conditional on t"
             cells = [_cell(r, m) for m in sweep_measures.values()]
-            table.append(f"| {r['temperature']:g} | {variant} | " + " | ".join(cells) + " |")
+            table.append(f"| {r.temperature:g} | {variant} | " + " | ".join(cells) + " |")
         sections += [
             f"## The empirical denoiser of {g.get('empirical_subset')} training images against its temperature",
             "\n".join(table),
             "![memorization and quality against the temperature](temperature.png)",
         ]
         plot_temperature_sweep(sweep, sweep_measures, out / "temperature.png")
-    unconditional = collected.get("noise_unconditional")
     if unconditional:
         sections += [
             "## Noise unconditioning: the learned UNet blind to the noise level against its closed form",

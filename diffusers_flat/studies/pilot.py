@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from diffusers_flat.errors import FlatError
 from diffusers_flat.evaluation.arguments import parse_evaluation_flags
+from diffusers_flat.evaluation.measurements import Measurements
 from diffusers_flat.evaluation.plots import plot_kid_by_length
 from diffusers_flat.evaluation.runs import evaluate_runs
 from diffusers_flat.run_directory import RunDirectory, write_atomically, write_json
@@ -203,15 +204,15 @@ def run_pilot(pilot: Pilot, out: str | Path, train_script: Path) -> dict:
         target = stage_dir(out, length)
         results = evaluate_runs([run.path], pilot.variant, settings, target, cache_dir=out / "fid_cache", **options)
         evaluated = time.perf_counter() - began
-        (result,) = results.values()
-        steps = str(min(result["kid"], key=int))
+        (result,) = map(Measurements.from_json, results.values())
+        steps = result.first_steps
         record["stages"][str(length)] = {
             "steps_trained": length - start,
             "training_seconds": trained,
             "evaluation_seconds": evaluated,
-            "kid": result["kid"][steps]["mean"],
-            "fid": result["fid"][steps],
-            "inference_steps": int(steps),
+            "kid": result.kid[steps]["mean"],
+            "fid": result.fid[steps],
+            "inference_steps": steps,
         }
         write_json(record_path, record)
     return record

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffusers_flat.evaluation.levels import quantization_by_bits
+from diffusers_flat.evaluation.measurements import NOT_MEASURED, Level, Measurements, Results, json_results
 from diffusers_flat.evaluation.plots import (
     plot_bands,
     plot_flatness_during_training,
@@ -38,7 +38,6 @@ from diffusers_flat.studies.claims import (
     fraction_kept,
     holm,
     ladder_point,
-    level_words,
     lpf,
     paired_interval,
     perturbation_slope,
@@ -47,8 +46,6 @@ from diffusers_flat.studies.claims import (
 )
 from diffusers_flat.studies.config import ClaimSpec, row_name
 
-# row -> seed -> the evaluation result of that row's pipeline at that seed
-Results = dict[str, dict[int, dict]]
 ROW_ORDER = ("ADM", "+EMA", "+SWA", "+IP", "+IP+EMA", "+IP+SWA", "+SAM", "+SAM+EMA", "+SAM+SWA")
 
 
@@ -60,12 +57,12 @@ def mean_std(values: list[float]) -> str:
     return f"{np.mean(values):.4g}{std} (n={len(values)})"
 
 
-def _column(results: Results, row: str, measure: Callable[[dict], float]) -> list[float]:
+def _column(results: Results, row: str, measure: Callable[[Measurements], float]) -> list[float]:
     values = []
     for result in results.get(row, {}).values():
         try:
             values.append(float(measure(result)))
-        except (KeyError, TypeError):
+        except NOT_MEASURED:
             continue  # not measured in this study
     return values
 
@@ -75,7 +72,7 @@ def row_order(results: Results) -> list[str]:
     return [row for row in ROW_ORDER if row in results] + [row for row in results if row not in ROW_ORDER]
 
 
-def _table(results: Results, columns: dict[str, Callable[[dict], float]]) -> str:
+def _table(results: Results, columns: dict[str, Callable[[Measurements], float]]) -> str:
     rows = row_order(results)
     lines = ["| row | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for row in rows:
@@ -100,7 +97,7 @@ def claim_results(results: Results, claims: tuple[Claim, ...] | list[Claim] = CL
         for seed in sorted(set(base) & set(treated)):
             try:
                 pairs.append((float(claim.measure(base[seed])), float(claim.measure(treated[seed]))))
-            except (KeyError, TypeError):
+            except NOT_MEASURED:
                 continue
         a, b = np.asarray([p[0] for p in pairs]), np.asarray([p[1] for p in pairs])
         undefined = claim.log_ratio and bool(pairs) and bool((a <= 0).any() or (b <= 0).any())
@@ -250,11 +247,11 @@ def study_claims(results: Results, settings: dict) -> list[Claim]:
         return [ClaimSpec(**spec).claim(role) for role, spec in declared]
     if not settings.get("comparisons"):
         return list(CLAIMS)
-    any_result = next((r for seeds in results.values() for r in seeds.values()), {})
-    steps = sorted(any_result.get("fid", {}), key=int)
-    quantized = sorted(quantization_by_bits(any_result), key=int, reverse=True)
-    curves = any_result.get("sensitivity", {}).get("curves", {})
-    ladder = {g: sorted(curves[g], key=int, reverse=True) for g in sorted(curves, key=GRANULARITIES.index)}
+    any_result = _any(results)
+    steps = sorted(any_result.fid)
+    quantized = sorted(any_result.by_bits(), reverse=True)
+    curves = any_result.sensitivity.curves if any_result.sensitivity else {}
+    ladder = {g: sorted(curves[g], reverse=True) for g in sorted(curves, key=GRANULARITIES.index)}
     return [
         claim
         for base, treated in settings["comparisons"]
@@ -262,8 +259,9 @@ def study_claims(results: Results, settings: dict) -> list[Claim]:
     ]
 
 
-def _moved(result: dict, bits: str, steps: str) -> float:
-    return quantization_by_bits(result)[bits]["pixel_displacement"][steps]
+def _any(results: Results) -> Measurements:
+    """One result of the study (empty measurements where there is none): what its tables' columns are read from."""
+    return next((r for seeds in results.values() for r in seeds.values()), Measurements())
 
 
 def _figure_sampler(figure: dict) -> str:
@@ -278,9 +276,10 @@ def _deployment_line(deployment: dict | None) -> list[str]:
     if not deployment:
         return []
     same = "the same" if deployment["identical"] else f"other (up to {deployment['max_difference']} of 255)"
+    level = Level.parse(deployment["level"]).words
     return [
         f"**Deployment check**: {deployment['row']}, seed {deployment['seed']}: the int{deployment['bits']} model "
-        f"(torchao), saved and reloaded, draws {same} samples as the direct {level_words(deployment['level'])} model "
+        f"(torchao), saved and reloaded, draws {same} samples as the direct {level} model "
         f"from {deployment['num_images']} noises"
         + (", so the same KID." if deployment["identical"] else ": the study's numbers are not the deployed model's.")
     ]
@@ -297,9 +296,9 @@ def _figure_section(figure: dict | None) -> list[str]:
             "## The study's picture",
             f"Named in the study file before any run: seeds {', '.join(map(str, figure['seeds']))}, the "
             f"{figure['variant']} pipelines of {', '.join(figure['rows'])}, {figure['noises']} samples each from the "
-            f"same noises at fp32 and with {level_words(figure['level'])} weights ({_figure_sampler(figure)}). "
+            f"same noises at fp32 and with {Level.parse(figure['level']).words} weights ({_figure_sampler(figure)}). "
             f"Pixels moved (mean absolute change, 0-255): {moved}.",
-            f"![the same noises at fp32 and {level_words(figure['level'])}]({figure['path']})",
+            f"![the same noises at fp32 and {Level.parse(figure['level']).words}]({figure['path']})",
         ]
     return [
         "## The answer in one picture (picked after the results)",
@@ -313,7 +312,7 @@ def _figure_section(figure: dict | None) -> list[str]:
 
 def _tuning_section(tuning: dict, rows: list[dict]) -> list[str]:
     """The tuning table: the selection metric (and its companion) of each candidate value, and the baseline."""
-    steps = str(tuning["inference_steps"])
+    steps = tuning["inference_steps"]
     title = (
         f"## Tuning of {tuning['flag']} ({tuning['method']}, seed {tuning['seed']}, excluded from the claims)\n\n"
         f"Selected by the lowest {tuning['metric'].upper()} at T'={steps} of the {tuning['variant']} pipeline, a "
@@ -323,10 +322,8 @@ def _tuning_section(tuning: dict, rows: list[dict]) -> list[str]:
     lines = [f"| {tuning['flag']} | FID (T'={steps}) | KID x10³ (T'={steps}) | selected |", "|---|---|---|---|"]
     for row in rows:
         label = row["value"] if row["value"] is not None else f"{row['run']} (reference)"
-        r = row["result"]
-        cells = (
-            ["not finished"] * 2 if r is None else [f"{r['fid'][steps]:.2f}", f"{1e3 * r['kid'][steps]['mean']:.2f}"]
-        )
+        r = None if row["result"] is None else Measurements.from_json(row["result"])
+        cells = ["not finished"] * 2 if r is None else [f"{r.fid[steps]:.2f}", f"{1e3 * r.kid[steps]['mean']:.2f}"]
         mark = "**yes**" if row.get("selected") else ""
         lines.append(f"| {label} | {cells[0]} | {cells[1]} | {mark} |")
     return [title, "\n".join(lines)]
@@ -335,13 +332,11 @@ def _tuning_section(tuning: dict, rows: list[dict]) -> list[str]:
 def _ladder_section(results: Results, claims: list[dict]) -> list[str]:
     """The quantization-sensitivity curves: each row's mean ± sd per level, the figure, and per comparison the
     ladder claims (log ratio, the plain difference beside)."""
-    any_result = next((r for seeds in results.values() for r in seeds.values() if "sensitivity" in r), None)
-    if any_result is None:
+    sensitivity = next((r.sensitivity for seeds in results.values() for r in seeds.values() if r.sensitivity), None)
+    if sensitivity is None:
         return []
-    curves = any_result["sensitivity"]["curves"]
-    levels = [
-        (g, b) for g in sorted(curves, key=GRANULARITIES.index) for b in sorted(curves[g], key=int, reverse=True)
-    ]
+    curves = sensitivity.curves
+    levels = [(g, b) for g in sorted(curves, key=GRANULARITIES.index) for b in sorted(curves[g], reverse=True)]
     rows = row_order(results)
     tables = []
     for name, what in LADDER_MEASURES.items():
@@ -353,8 +348,8 @@ def _ladder_section(results: Results, claims: list[dict]) -> list[str]:
     sections = [
         "## Quantization-sensitivity curves",
         f"Paired with fp32, at each level of the ladder: the increase of the fixed diffusion loss and the mean pixel "
-        f"displacement (0-255) of {any_result['sensitivity']['num_samples']} DDIM (eta = 0) samples from the same "
-        f"noises, {any_result['sensitivity']['steps']} steps (ancestral displacements in report.json). Per tensor: "
+        f"displacement (0-255) of {sensitivity.num_samples} DDIM (eta = 0) samples from the same "
+        f"noises, {sensitivity.steps} steps (ancestral displacements in report.json). Per tensor: "
         "our symmetric grid, codes ±(2^(b-1) - 1); per channel: torchao's, codes -2^(b-1) .. 2^(b-1) - 1.",
         *tables,
         "![quantization sensitivity](sensitivity.png)",
@@ -387,19 +382,18 @@ def _quality_rule_section(results: Results, settings: dict) -> list[str]:
     """Which of several treated rows the digits study's quality-tuning rule (lowest mean KID at the first T' of the
     raw pipeline) would pick, and whether the two best differ beyond their paired interval."""
     treated = [t for b, t in settings.get("comparisons", []) if b == "ADM"]
-    any_result = next((r for seeds in results.values() for r in seeds.values()), {})
-    steps = sorted(any_result.get("kid", {}), key=int)
+    steps = sorted(_any(results).kid)
     if len(treated) < 2 or not steps:
         return []
-    kid = {row: _column(results, row, lambda r: 1e3 * r["kid"][steps[0]]["mean"]) for row in treated}
+    kid = {row: _column(results, row, lambda r: 1e3 * r.kid[steps[0]]["mean"]) for row in treated}
     ranked = sorted((row for row in treated if kid[row]), key=lambda row: np.mean(kid[row]))
     if len(ranked) < 2:
         return []
     best, second = ranked[:2]
     seeds = sorted(set(results[best]) & set(results[second]))
     pair = paired_interval(
-        [1e3 * results[second][s]["kid"][steps[0]]["mean"] for s in seeds],
-        [1e3 * results[best][s]["kid"][steps[0]]["mean"] for s in seeds],
+        [1e3 * results[second][s].kid[steps[0]]["mean"] for s in seeds],
+        [1e3 * results[best][s].kid[steps[0]]["mean"] for s in seeds],
     )
     means = ", ".join(f"{row} {np.mean(kid[row]):.4g}" for row in ranked)
     difference = _effect({"form": "difference", "interval": pair})
@@ -420,7 +414,7 @@ def fractions_kept(results: Results, fraction: dict, variants: list[str]) -> lis
     ADM it keeps (`fraction_kept`, paired over the seeds all three rows have) on LPF, and at the ladder level on the
     fixed-loss increase and the DDIM displacement (on their logs: damage varies multiplicatively between seeds), and
     whether it keeps at least GOAL of each: "yes" (every interval above GOAL), "no" (one below), else "undecided"."""
-    g, bits = fraction["granularity"], str(fraction["bits"])
+    g, bits = fraction["granularity"], int(fraction["bits"])
     level = f"{bits}-bit {g}"
     measures = {
         "LPF": (lpf, False),
@@ -436,7 +430,7 @@ def fractions_kept(results: Results, fraction: dict, variants: list[str]) -> lis
                 seeds = sorted(set(results.get(base, {})) & set(results.get(full, {})) & set(results.get(row, {})))
                 try:
                     values = np.array([[measure(results[r][s]) for r in (base, full, row)] for s in seeds], float)
-                except (KeyError, TypeError):
+                except NOT_MEASURED:
                     continue  # not measured
                 if values.size and not (log and (values <= 0).any()):
                     kept[name] = fraction_kept(*(np.log(values) if log else values).T)
@@ -480,9 +474,9 @@ def _reuse_section(reuse: dict) -> list[str]:
     again here, beside the other study's run of the same flags."""
     runs = "; ".join(f"{method} seeds {', '.join(map(str, seeds))}" for method, seeds in reuse["runs"].items())
     measures = {
-        "loss L(w)": lambda r: r["loss"],
+        "loss L(w)": lambda r: r.loss,
         "LPF": lpf,
-        "FID (first T')": lambda r: r["fid"][min(r["fid"], key=int)],
+        "FID (first T')": lambda r: r.fid[min(r.fid, default=None)],
     }
     lines = ["| row | seed | " + " | ".join(f"{m} here | {m} there" for m in measures) + " |"]
     lines.append("|---|---|" + "---|---|" * len(measures))
@@ -491,8 +485,8 @@ def _reuse_section(reuse: dict) -> list[str]:
         for measure in measures.values():
             for result in (check["here"], check["there"]):
                 try:
-                    cells.append(f"{measure(result):.6g}")
-                except (KeyError, TypeError):
+                    cells.append(f"{measure(Measurements.from_json(result)):.6g}")
+                except NOT_MEASURED:
                     cells.append("not finished" if result is None else "-")
         lines.append(f"| {check['row']} | {check['seed']} | " + " | ".join(cells) + " |")
     return [
@@ -538,32 +532,29 @@ def write_report(
     `deployment`: the deployment check at the primary endpoint's level (`StudyResults.deployment`), one line."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    any_result = next((r for seeds in results.values() for r in seeds.values()), {})
-    steps = sorted(any_result.get("fid", {}), key=int)
+    any_result = _any(results)
     quality = {}
-    for s in steps:
-        quality[f"FID (T'={s})"] = lambda r, s=s: r["fid"][s]
-        quality[f"KID x10³ (T'={s})"] = lambda r, s=s: 1e3 * r["kid"][s]["mean"]
+    for s in sorted(any_result.fid):
+        quality[f"FID (T'={s})"] = lambda r, s=s: r.fid[s]
+        quality[f"KID x10³ (T'={s})"] = lambda r, s=s: 1e3 * r.kid[s]["mean"]
     flatness = {
-        "loss L(w)": lambda r: r["loss"],
+        "loss L(w)": lambda r: r.loss,
         "LPF": lpf,
         "LPF - L(w)": sharpness_excess,
         "perturbation slope": perturbation_slope,
         "exposure gap (sq. norm)": exposure_gap,
-        "memorization": lambda r: r["memorization"]["memorization_ratio"],
+        "memorization": lambda r: r.memorization["memorization_ratio"],
     }
-    quantized = quantization_by_bits(any_result)
+    quantized = any_result.by_bits()
     quantization = {}
-    for b in sorted(quantized, key=int, reverse=True):
-        for s in sorted(quantized[b]["fid"], key=int):
-            quantization[f"{b}-bit ΔFID (T'={s})"] = lambda r, b=b, s=s: (
-                quantization_by_bits(r)[b]["fid"][s] - r["fid"][s]
-            )
+    for b in sorted(quantized, reverse=True):
+        for s in sorted(quantized[b].fid):
+            quantization[f"{b}-bit ΔFID (T'={s})"] = lambda r, b=b, s=s: r.by_bits()[b].fid[s] - r.fid[s]
             quantization[f"{b}-bit ΔKID x10³ (T'={s})"] = lambda r, b=b, s=s: (
-                1e3 * (quantization_by_bits(r)[b]["kid"][s]["mean"] - r["kid"][s]["mean"])
+                1e3 * (r.by_bits()[b].kid[s]["mean"] - r.kid[s]["mean"])
             )
-            quantization[f"{b}-bit pixels moved (T'={s})"] = lambda r, b=b, s=s: _moved(r, b, s)
-        quantization[f"{b}-bit Δloss"] = lambda r, b=b: quantization_by_bits(r)[b]["loss_increase"]
+            quantization[f"{b}-bit pixels moved (T'={s})"] = lambda r, b=b, s=s: r.by_bits()[b].pixel_displacement[s]
+        quantization[f"{b}-bit Δloss"] = lambda r, b=b: r.by_bits()[b].loss_increase
     claims = claim_results(results, study_claims(results, settings))
     main_claims = [c for c in claims if not c["ladder"]]
     sections = [
@@ -571,9 +562,9 @@ def write_report(
         f"Seeds per row: {', '.join(f'{row} {len(seeds)}' for row, seeds in results.items())}. Study "
         f"{settings.get('study')}; evaluation flags: `{' '.join(settings.get('evaluation', [])) or '(defaults)'}`"
         + (
-            f"; FID and KID from {any_result['fid_num_generated']} generated against {any_result['fid_num_real']} "
+            f"; FID and KID from {any_result.fid_num_generated} generated against {any_result.fid_num_real} "
             "real images"
-            if "fid_num_generated" in any_result
+            if any_result.fid_num_generated is not None
             else ""
         )
         + ".",
@@ -588,7 +579,7 @@ def write_report(
         "## Flatness and exposure bias (Tables 1 and 3)",
         _table(results, flatness),
     ]
-    if any("flatness_series" in r for seeds in results.values() for r in seeds.values()):
+    if any(r.flatness_series for seeds in results.values() for r in seeds.values()):
         sections += [
             "LPF estimated during training (`--flatness_every`: a few draws on fixed triples, the same all run long):",
             "![flatness during training](flatness_during_training.png)",
@@ -619,18 +610,18 @@ def write_report(
         _claims_table(main_claims),
         "![exposure bias](exposure_bias.png)",
     ]
-    if any("perturbation" in r for seeds in results.values() for r in seeds.values()):
+    if any(r.perturbation for seeds in results.values() for r in seeds.values()):
         sections.append("![loss under perturbation](perturbation.png)")
         plot_bands(results, row_order(results), "perturbation", out / "perturbation.png")
     markdown = "\n\n".join(sections) + "\n"
     plot_bands(results, row_order(results), "exposure_bias", out / "exposure_bias.png")
-    if any("sensitivity" in r for seeds in results.values() for r in seeds.values()):
+    if any(r.sensitivity for seeds in results.values() for r in seeds.values()):
         plot_study_sensitivity(results, row_order(results), out / "sensitivity.png")
     if loss_curves:
         plot_loss_curves(loss_curves, out / "loss_curve.png")
-    if any("flatness_series" in r for seeds in results.values() for r in seeds.values()):
+    if any(r.flatness_series for seeds in results.values() for r in seeds.values()):
         plot_flatness_during_training(results, row_order(results), out / "flatness_during_training.png")
-    data = {"settings": settings, "results": results, "claims": claims, "tuning": tuning_rows or []}
+    data = {"settings": settings, "results": json_results(results), "claims": claims, "tuning": tuning_rows or []}
     data.update(loss_curves=loss_curves or {}, figure=figure, fractions=fractions, deployment=deployment)
     write_json(out / "report.json", data, indent=None)  # committed: compact
     write_atomically(out / "report.md", lambda tmp: tmp.write_text(markdown))

@@ -13,6 +13,7 @@ import numpy as np
 from diffusers import DDPMPipeline
 
 from diffusers_flat.errors import FlatError
+from diffusers_flat.evaluation.measurements import Measurements, Results, read_results
 from diffusers_flat.metrics.flatness_log import FLATNESS_LOG
 from diffusers_flat.quantization import DEPLOYMENT_BITS, deployment_check
 from diffusers_flat.run_directory import RunDirectory
@@ -20,7 +21,7 @@ from diffusers_flat.studies.config import METHODS, FigureSpec, Run, Study, row_n
 from diffusers_flat.studies.generalization_report import write_generalization_report
 from diffusers_flat.studies.plan import StudyPlan
 from diffusers_flat.studies.quantization_figure import figure_samples, write_quantization_figure
-from diffusers_flat.studies.report import Results, write_report
+from diffusers_flat.studies.report import write_report
 
 
 class StudyResults:
@@ -54,7 +55,8 @@ class StudyResults:
         candidates = [row for row in rows if row["value"] is not None]
         if any(row["result"] is None for row in candidates):
             return None, rows
-        selected = tuning.select({row["value"]: tuning.score(row["result"]) for row in candidates})
+        scores = {row["value"]: tuning.score(Measurements.from_json(row["result"])) for row in candidates}
+        selected = tuning.select(scores)
         for row in candidates:
             row["selected"] = row["value"] == selected
         return selected, rows
@@ -76,7 +78,7 @@ class StudyResults:
                 if result is not None and variant == "raw" and log.is_file():  # LPF of the trained weights by step
                     result["flatness_series"] = json.loads(log.read_text())
                 if result is not None:
-                    results.setdefault(row, {})[run.seed] = result
+                    results.setdefault(row, {})[run.seed] = Measurements.from_json(result)
         return results
 
     def collect_generalization(self) -> dict:
@@ -147,7 +149,8 @@ class StudyResults:
             for variant in study.variants:
                 here = self.directory.result(self.directory.evaluation(run, variant))
                 other = there.get(row_name(method, variant), {}).get(seed)
-                rows.append({"row": row_name(method, variant), "seed": seed, "here": here, "there": other})
+                there_json = None if other is None else other.json
+                rows.append({"row": row_name(method, variant), "seed": seed, "here": here, "there": there_json})
         return rows
 
     def figure(self) -> dict | None:
@@ -258,6 +261,6 @@ def report_from_json(report: str | Path, study: Study, out: str | Path) -> str:
         collected = {key: data.get(key) for key in ("teacher", "noise_unconditional", "empirical")}
         collected["students"] = {row: by_int(sizes, 2) for row, sizes in data["students"].items()}
         return write_generalization_report(collected, settings, out)
-    results = {row: {int(seed): result for seed, result in seeds.items()} for row, seeds in data["results"].items()}
+    results = read_results(data["results"])
     curves = {name: tuple(curve) for name, curve in (data.get("loss_curves") or {}).items()}
     return write_report(results, settings, out, data.get("tuning"), curves, data.get("figure"), data.get("deployment"))
