@@ -97,7 +97,11 @@ BAD = {
         {"subsets": [16, 5000]},
         "generalization.subsets: --train_subset must be from 2 to the dataset's 1797 images, got 5000",
     ),
-    "repeated subset": ({"subsets": [16, 64, 16]}, "generalization.subsets repeat 16"),
+    "repeated subset": (
+        {"subsets": [16, 64, 16]},
+        "generalization.subsets must be a list of training-set sizes, whole numbers >= 2, none repeated, got [16, 64, "
+        "16]",
+    ),
     "subset of one": ({"subsets": [1, 64]}, "generalization.subsets must be a list of training-set sizes"),
     "teacher seed in the grid": (
         {"teacher": {"method": "ADM", "seed": 1}},

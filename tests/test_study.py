@@ -99,7 +99,10 @@ BAD = {
     "missing": (None, "--study {path}: no file"),
     "not yaml": ("seeds: [1, 2\n", "not valid YAML"),
     "unknown method": ({"methods": {"ADM": [], "LION": []}}, "unknown method LION; choose from ADM, IP, SAM"),
-    "repeated seed": ({"seeds": [1, 2, 1]}, "seed 1 is repeated"),
+    "repeated seed": (
+        {"seeds": [1, 2, 1]},
+        "seeds must be a list of whole numbers >= 0, none repeated, got [1, 2, 1]",
+    ),
     "unknown training flag": ({"training": ["--learnig_rate", "1"]}, "unrecognized arguments: --learnig_rate 1"),
     "unknown metric": ({"evaluation": ["--metrics", "sharpness"]}, "--metrics: unknown sharpness"),
     "bad shard": ({}, "--shard 5/4: I must be from 1 to N"),

@@ -59,42 +59,10 @@ import yaml
 from diffusers_flat.errors import FlatError
 from diffusers_flat.evaluation.measurements import Measurements, Results, read_results
 from diffusers_flat.studies.claims import MEASURES, SECONDARY, Claim, declared_claim
+from diffusers_flat.studies.schema import STUDY, SchemaError, check
 
 METHODS = ("ADM", "IP", "SAM")
 VARIANT_ROWS = {"raw": "", "ema": "+EMA", "swa": "+SWA"}
-KEYS = (
-    "seeds",
-    "methods",
-    "recipe",
-    "training",
-    "evaluation",
-    "variants",
-    "tuning",
-    "generalization",
-    "reuse",
-    "fraction_kept",
-    "variant_evaluation",
-    "primary",
-    "family",
-    "exploratory",
-    "figure",
-)
-CLAIM_KEYS = ("measure", "base", "treated", "variant", "level", "steps")
-FIGURE_KEYS = ("rows", "variant", "level", "seeds", "sampler", "steps", "noises")
-REUSE_KEYS = ("study", "report", "runs")
-FRACTION_KEYS = ("of", "granularity", "bits")
-TUNING_KEYS = ("method", "flag", "values", "seed", "select", "baseline", "evaluation")
-GENERALIZATION_KEYS = (
-    "subsets",
-    "teacher",
-    "teacher_training",
-    "teacher_evaluation",
-    "empirical_subset",
-    "temperatures",
-    "empirical_evaluation",
-    "noise_unconditional",
-)
-SELECT_METRICS = ("fid", "kid")
 UNTUNED = "TUNED"  # stands for the tuned value in the flags of runs listed before the tuning has finished
 
 
@@ -379,7 +347,8 @@ class Study:
 
     @classmethod
     def load(cls, path: str | Path) -> Study:
-        """Read and check a study file; errors name the file and the key at fault."""
+        """Read and check a study file against the schema (schema.py), then what refers to the rest of it; errors
+        name the file and the key at fault."""
         path = Path(path)
         if not path.is_file():
             raise StudyError(f"study {path}: no file", "study")
@@ -387,52 +356,38 @@ class Study:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
             raise StudyError(f"study {path}: not valid YAML ({str(err).splitlines()[0]})", "study") from None
-        if not isinstance(data, dict):
-            raise StudyError(f"study {path}: must be a mapping with keys {', '.join(KEYS)}", "study")
-        unknown = sorted(set(data) - set(KEYS))
-        if unknown:
-            raise StudyError(f"study {path}: unknown key {unknown[0]}; the keys are {', '.join(KEYS)}", "study")
-        seeds = data.get("seeds")
-        if not isinstance(seeds, list) or not seeds or not all(type(s) is int and s >= 0 for s in seeds):
-            raise StudyError(f"study {path}: seeds must be a list of whole numbers >= 0", "study")
-        if len(set(seeds)) != len(seeds):
-            repeated = next(s for s in seeds if seeds.count(s) > 1)
-            raise StudyError(f"study {path}: seed {repeated} is repeated", "study")
-        methods = data.get("methods")
-        if not isinstance(methods, dict) or not methods:
-            raise StudyError(f"study {path}: methods must map {', '.join(METHODS)} to their flags", "study")
-        for method, flags in methods.items():
+        try:
+            check(data, STUDY)
+        except SchemaError as err:
+            raise StudyError(f"study {path}: {err}", "study") from None
+
+        def fail(problem: str) -> StudyError:
+            return StudyError(f"study {path}: {problem}", "study")
+
+        for method in data["methods"]:
             if not isinstance(method, str) or method_of(method) not in METHODS:
-                raise StudyError(
-                    f"study {path}: unknown method {method}; choose from {', '.join(METHODS)} (or METHOD-TAG, e.g. "
-                    "SAM-rho0.01)",
-                    "study",
+                raise fail(
+                    f"unknown method {method}; choose from {', '.join(METHODS)} (or METHOD-TAG, e.g. SAM-rho0.01)"
                 )
-            _check_flags(path, f"methods.{method}", flags)
-        for key in ("training", "evaluation"):
-            _check_flags(path, key, data.get(key) or [])
         recipe = data.get("recipe")
         if recipe is not None:
             # relative to where the study runs (the checkout), as a flags file on the command line would be
             recipe = Path(recipe)
             if not recipe.is_file():
-                raise StudyError(f"study {path}: recipe {recipe} is not a file", "study")
-        methods = {m: tuple(map(str, f or [])) for m, f in methods.items()}
-        training = tuple(map(str, data.get("training") or []))
-        tuning = _load_tuning(path, data.get("tuning"), seeds, methods, training)
-        variants = data.get("variants", list(VARIANT_ROWS))
-        if not isinstance(variants, list) or not variants or not set(variants) <= set(VARIANT_ROWS):
-            raise StudyError(f"study {path}: variants must be a list of {', '.join(VARIANT_ROWS)}", "study")
-        generalization = _load_generalization(path, data.get("generalization"), seeds, methods, training)
+                raise fail(f"recipe {recipe} is not a file")
+        seeds = tuple(data["seeds"])
+        methods = {m: _flags(f) for m, f in data["methods"].items()}
+        training = _flags(data.get("training"))
+        tuning = _tuning(data.get("tuning"), seeds, methods, training, fail)
+        generalization = _generalization(data.get("generalization"), seeds, methods, training, fail)
         if generalization and tuning:
-            raise StudyError(
-                f"study {path}: tuning and generalization cannot be combined; tune in a study of its own", "study"
-            )
-        evaluation = tuple(map(str, data.get("evaluation") or []))
-        study = cls(path, tuple(seeds), methods, recipe, training, evaluation, tuning, tuple(variants), generalization)
-        fraction = _load_fraction_kept(path, data.get("fraction_kept"), methods)
-        study = replace(study, reuse=_load_reuse(study, data.get("reuse")), fraction_kept=fraction)
-        return replace(study, **_load_declarations(study, data))
+            raise fail("tuning and generalization cannot be combined; tune in a study of its own")
+        variants = tuple(data.get("variants") or VARIANT_ROWS)
+        evaluation = _flags(data.get("evaluation"))
+        study = cls(path, seeds, methods, recipe, training, evaluation, tuning, variants, generalization)
+        fraction = _fraction_kept(data.get("fraction_kept"), methods, fail)
+        study = replace(study, reuse=_reuse(study, data.get("reuse"), fail), fraction_kept=fraction)
+        return replace(study, **_declarations(study, data, fail))
 
     def _run(self, method: str, seed: int, extra: tuple[str, ...] = (), tag: str = "") -> Run:
         common = ((f"@{self.recipe}",) if self.recipe else ()) + self.training
@@ -524,203 +479,127 @@ class Work:
         )
 
 
-def _load_tuning(path: Path, data, seeds: list[int], methods: dict, training: tuple[str, ...]) -> Tuning | None:
+def _flags(flags: list | None) -> tuple[str, ...]:
+    return tuple(map(str, flags or []))
+
+
+def _tuning(data: dict | None, seeds, methods: dict, training: tuple[str, ...], fail) -> Tuning | None:
     if data is None:
         return None
-
-    def fail(problem: str) -> StudyError:
-        return StudyError(f"study {path}: tuning.{problem}", "study")
-
-    if not isinstance(data, dict):
-        raise StudyError(f"study {path}: tuning must be a mapping with keys {', '.join(TUNING_KEYS)}", "study")
-    unknown = sorted(set(data) - set(TUNING_KEYS))
-    if unknown:
-        raise fail(f"{unknown[0]} is not a key; the keys are {', '.join(TUNING_KEYS)}")
-    method, flag, baseline = data.get("method"), data.get("flag"), data.get("baseline")
+    method, flag, baseline, select = data["method"], data["flag"], data.get("baseline"), data["select"]
     if method not in methods:
-        raise fail(f"method must be one of the study's methods ({', '.join(methods)}), got {method}")
-    if not isinstance(flag, str) or not flag.startswith("--"):
-        raise fail(f"flag must be a training flag such as --sam_rho, got {flag}")
+        raise fail(f"tuning.method must be one of the study's methods ({', '.join(methods)}), got {method}")
     if flag in methods[method] or flag in training:
-        raise fail(f"flag {flag} is also set in the study's training or methods.{method}: set it in one place")
-    values = data.get("values")
-    if not isinstance(values, list) or not values or not all(isinstance(v, (str, int, float)) for v in values):
-        raise fail("values must be a list of the flag's candidate values")
-    values = tuple(map(str, values))
-    if len(set(values)) != len(values):
-        raise fail(f"values repeat {next(v for v in values if values.count(v) > 1)}")
-    seed = data.get("seed")
-    if type(seed) is not int or seed < 0 or seed in seeds:
-        raise fail(f"seed must be a whole number >= 0 that is not one of the study's seeds, got {seed}")
-    select = data.get("select")
-    if not isinstance(select, dict) or set(select) != {"metric", "inference_steps", "variant"}:
-        raise fail(
-            "select must map metric, inference_steps and variant, e.g. {metric: kid, inference_steps: 20, "
-            "variant: raw}"
-        )
-    if select["metric"] not in SELECT_METRICS:
-        raise fail(f"select.metric must be one of {', '.join(SELECT_METRICS)}, got {select['metric']}")
-    if type(select["inference_steps"]) is not int or select["inference_steps"] < 1:
-        raise fail(f"select.inference_steps must be a whole number >= 1, got {select['inference_steps']}")
-    if select["variant"] not in VARIANT_ROWS:
-        raise fail(f"select.variant must be one of {', '.join(VARIANT_ROWS)}, got {select['variant']}")
+        raise fail(f"tuning.flag {flag} is also set in the study's training or methods.{method}: set it in one place")
+    if data["seed"] in seeds:
+        raise fail(f"tuning.seed must be a whole number >= 0 that is not one of the study's seeds, got {data['seed']}")
     if baseline is not None and (baseline not in methods or baseline == method):
-        raise fail(f"baseline must be another of the study's methods, got {baseline}")
-    _check_flags(path, "tuning.evaluation", data.get("evaluation") or [])
-    return Tuning(
-        method,
-        flag,
-        values,
-        seed,
-        select["metric"],
-        select["inference_steps"],
-        select["variant"],
-        baseline,
-        tuple(map(str, data.get("evaluation") or [])),
-    )
+        raise fail(f"tuning.baseline must be another of the study's methods, got {baseline}")
+    values = _flags(data["values"])
+    metric, steps, variant = select["metric"], select["inference_steps"], select["variant"]
+    return Tuning(method, flag, values, data["seed"], metric, steps, variant, baseline, _flags(data.get("evaluation")))
 
 
-def _load_generalization(path: Path, data, seeds: list[int], methods: dict, training: tuple[str, ...]):
+def _generalization(data: dict | None, seeds, methods: dict, training: tuple[str, ...], fail) -> Generalization | None:
     if data is None:
         return None
-
-    def fail(problem: str) -> StudyError:
-        return StudyError(f"study {path}: generalization.{problem}", "study")
-
-    if not isinstance(data, dict):
-        raise StudyError(f"study {path}: generalization must be a mapping with keys {', '.join(GENERALIZATION_KEYS)}")
-    unknown = sorted(set(data) - set(GENERALIZATION_KEYS))
-    if unknown:
-        raise fail(f"{unknown[0]} is not a key; the keys are {', '.join(GENERALIZATION_KEYS)}")
-    subsets = data.get("subsets")
-    if not isinstance(subsets, list) or not subsets or not all(type(n) is int and n >= 2 for n in subsets):
-        raise fail("subsets must be a list of training-set sizes, whole numbers >= 2")
-    if len(set(subsets)) != len(subsets):
-        raise fail(f"subsets repeat {next(n for n in subsets if subsets.count(n) > 1)}")
+    subsets, teacher = data["subsets"], data["teacher"]
     if "--train_subset" in training or any("--train_subset" in flags for flags in methods.values()):
-        raise fail("subsets set --train_subset: leave it out of training and methods")
-    teacher = data.get("teacher")
-    if not isinstance(teacher, dict) or set(teacher) != {"method", "seed"} or teacher["method"] not in methods:
-        raise fail(f"teacher must be {{method: one of {', '.join(methods)}, seed: a seed not in the grid}}")
-    if type(teacher["seed"]) is not int or teacher["seed"] < 0 or teacher["seed"] in seeds:
+        raise fail("generalization.subsets set --train_subset: leave it out of training and methods")
+    if teacher["method"] not in methods:
+        choices = ", ".join(methods)
+        raise fail(f"generalization.teacher must be {{method: one of {choices}, seed: a seed not in the grid}}")
+    if teacher["seed"] in seeds:
         raise fail(
-            f"teacher.seed must be a whole number >= 0 that is not one of the study's seeds, got {teacher['seed']}"
+            "generalization.teacher.seed must be a whole number >= 0 that is not one of the study's seeds, got "
+            f"{teacher['seed']}"
         )
-    for key in ("teacher_training", "teacher_evaluation", "empirical_evaluation"):
-        _check_flags(path, f"generalization.{key}", data.get(key) or [])
     empirical_subset, temperatures = data.get("empirical_subset"), data.get("temperatures") or []
     if empirical_subset is not None and empirical_subset not in subsets:
-        raise fail(f"empirical_subset must be one of subsets ({', '.join(map(str, subsets))}), got {empirical_subset}")
-    if not isinstance(temperatures, list) or not all(isinstance(t, (int, float)) and t > 0 for t in temperatures):
-        raise fail("temperatures must be a list of numbers > 0 (1: the exact empirical score)")
+        raise fail(
+            f"generalization.empirical_subset must be one of subsets ({', '.join(map(str, subsets))}), got "
+            f"{empirical_subset}"
+        )
     if (empirical_subset is None) != (not temperatures) or (data.get("noise_unconditional") and not temperatures):
-        raise fail("empirical_subset and temperatures come together (noise_unconditional needs both)")
+        raise fail("generalization.empirical_subset and temperatures come together (noise_unconditional needs both)")
     return Generalization(
         tuple(subsets),
         teacher["method"],
         teacher["seed"],
-        tuple(map(str, data.get("teacher_training") or [])),
-        tuple(map(str, data.get("teacher_evaluation") or [])),
+        _flags(data.get("teacher_training")),
+        _flags(data.get("teacher_evaluation")),
         empirical_subset,
         tuple(float(t) for t in temperatures),
-        tuple(map(str, data.get("empirical_evaluation") or [])),
+        _flags(data.get("empirical_evaluation")),
         bool(data.get("noise_unconditional")),
     )
 
 
-def _load_reuse(study: Study, data) -> Reuse | None:
+def _reuse(study: Study, data: dict | None, fail) -> Reuse | None:
     if data is None:
         return None
-
-    def fail(problem: str) -> StudyError:
-        return StudyError(f"study {study.path}: reuse.{problem}", "study")
-
-    if not isinstance(data, dict) or set(data) != set(REUSE_KEYS):
-        raise StudyError(f"study {study.path}: reuse must be a mapping with keys {', '.join(REUSE_KEYS)}", "study")
     other = Study.load(data["study"])  # relative to the checkout, as the recipe
-    report, runs = Path(str(data["report"])), data["runs"]
+    report, runs = Path(data["report"]), data["runs"]
     if other.evaluation != study.evaluation:
-        raise fail(f"study {other.path} evaluates with other flags: reused runs must be evaluated as this study's")
-    if not isinstance(runs, dict) or not runs:
-        raise fail("runs must map methods to the seeds read from the report, e.g. {ADM: [2, 3]}")
+        raise fail(f"reuse.study {other.path} evaluates with other flags: reused runs are evaluated as this study's")
     for method, seeds in runs.items():
         if method not in study.methods or method not in other.methods:
-            raise fail(f"runs: {method} must be a method of both this study and {other.path}")
+            raise fail(f"reuse.runs: {method} must be a method of both this study and {other.path}")
         if study.tuning and method == study.tuning.method:
-            raise fail(f"runs: {method} takes the value tuned here, which {other.path} did not tune")
-        if not isinstance(seeds, list) or not seeds or not set(seeds) <= set(study.seeds) & set(other.seeds):
-            raise fail(f"runs.{method} must list seeds of both this study and {other.path}")
+            raise fail(f"reuse.runs: {method} takes the value tuned here, which {other.path} did not tune")
+        if not set(seeds) <= set(study.seeds) & set(other.seeds):
+            raise fail(f"reuse.runs.{method} must list seeds of both this study and {other.path}")
         if study.seeds[0] in seeds:
-            raise fail(f"runs.{method}: seed {study.seeds[0]} is the first seed, trained here to check the reuse")
+            first = study.seeds[0]
+            raise fail(f"reuse.runs.{method}: seed {first} is the first seed, trained here to check the reuse")
         for seed in seeds:
             if study._run(method, seed).flags != other._run(method, seed).flags:
-                raise fail(f"runs.{method}: {other.path} trains seed {seed} with other flags than this study")
+                raise fail(f"reuse.runs.{method}: {other.path} trains seed {seed} with other flags than this study")
     try:
         recorded = json.loads(report.read_text())
         settings, results = recorded["settings"], recorded["results"]
     except (OSError, ValueError, KeyError, TypeError):
-        raise fail(f"report {report} is not the report.json of a finished study") from None
+        raise fail(f"reuse.report {report} is not the report.json of a finished study") from None
     if Path(settings.get("study", "")) != other.path or settings.get("evaluation") != list(study.evaluation):
-        raise fail(f"report {report} is not {other.path}'s report with this study's evaluation flags")
+        raise fail(f"reuse.report {report} is not {other.path}'s report with this study's evaluation flags")
     for method, seeds in runs.items():
         for variant in study.variants:
             row = row_name(method, variant)
             missing = [seed for seed in seeds if str(seed) not in results.get(row, {})]
             if missing:
-                raise fail(f"report {report} has no result of row {row} at seed {missing[0]}")
+                raise fail(f"reuse.report {report} has no result of row {row} at seed {missing[0]}")
     return Reuse(other.path, report, {method: tuple(seeds) for method, seeds in runs.items()}, read_results(results))
 
 
-def _load_fraction_kept(path: Path, data, methods: dict) -> FractionKept | None:
+def _fraction_kept(data: dict | None, methods: dict, fail) -> FractionKept | None:
     if data is None:
         return None
-    if not isinstance(data, dict) or set(data) != set(FRACTION_KEYS):
-        raise StudyError(
-            f"study {path}: fraction_kept must be a mapping with keys {', '.join(FRACTION_KEYS)}", "study"
-        )
     fraction = FractionKept(data["of"], data["granularity"], data["bits"])
     if "ADM" not in methods or fraction.of not in methods or not fraction.others(methods):
-        raise StudyError(
-            f"study {path}: fraction_kept.of must be a method of the study other than ADM, with ADM and at least one "
-            f"more method beside it, got {fraction.of}",
-            "study",
-        )
-    if fraction.granularity not in ("per_tensor", "per_channel") or type(fraction.bits) is not int:
-        raise StudyError(
-            f"study {path}: fraction_kept.granularity must be per_tensor or per_channel and bits a whole number",
-            "study",
+        raise fail(
+            "fraction_kept.of must be a method of the study other than ADM, with ADM and at least one more method "
+            f"beside it, got {fraction.of}"
         )
     return fraction
 
 
-def _load_declarations(study: Study, data: dict) -> dict:
-    """variant_evaluation, primary, family, exploratory and figure, checked against the study's methods and
-    variants (that each level and T' is evaluated is checked against the parsed flags by the runner)."""
-    path = study.path
-
-    def fail(problem: str) -> StudyError:
-        return StudyError(f"study {path}: {problem}", "study")
-
+def _declarations(study: Study, data: dict, fail) -> dict:
+    """variant_evaluation, primary, family, exploratory and figure, checked against the study's methods, variants
+    and seeds (that each level and T' is evaluated is checked against the parsed flags by the plan)."""
     by_variant = data.get("variant_evaluation") or {}
-    if not isinstance(by_variant, dict) or not set(by_variant) <= set(study.variants):
+    if not set(by_variant) <= set(study.variants):
         raise fail(f"variant_evaluation must map variants of the study ({', '.join(study.variants)}) to flags")
-    for variant, flags in by_variant.items():
-        _check_flags(path, f"variant_evaluation.{variant}", flags)
-    declared = {"variant_evaluation": {v: tuple(map(str, flags)) for v, flags in by_variant.items()}}
+    declared = {"variant_evaluation": {v: _flags(flags) for v, flags in by_variant.items()}}
     if data.get("primary") is None and (data.get("family") or data.get("exploratory")):
         raise fail("family and exploratory claims need a primary endpoint: name one under primary")
     if data.get("primary") is not None:
-        declared["primary"] = _claim_specs(study, "primary", data["primary"])
-        if len(declared["primary"]) != 1:
+        primary = _claim_specs(study, "primary", data["primary"], fail)
+        if len(primary) != 1:
             raise fail("primary must be one claim: a single treated method and level")
-        declared["primary"] = declared["primary"][0]
+        declared["primary"] = primary[0]
         for key in ("family", "exploratory"):
-            specs = data.get(key) or []
-            if not isinstance(specs, list):
-                raise fail(f"{key} must be a list of claims")
-            declared[key] = tuple(
-                spec for i, item in enumerate(specs) for spec in _claim_specs(study, f"{key}[{i}]", item)
-            )
+            items = enumerate(data.get(key) or [])
+            declared[key] = tuple(spec for i, item in items for spec in _claim_specs(study, f"{key}[{i}]", item, fail))
         every = [declared["primary"], *declared["family"], *declared["exploratory"]]
         repeated = next((spec for i, spec in enumerate(every) if spec in every[:i]), None)
         if repeated:
@@ -728,91 +607,55 @@ def _load_declarations(study: Study, data: dict) -> dict:
             raise fail(f"the claim {repeated.measure} of {repeated.treated} ({where}) is declared twice")
     figure = data.get("figure")
     if figure is not None:
-        declared["figure"] = _figure_spec(study, figure)
+        if not set(figure["rows"]) <= set(study.methods):
+            raise fail(f"figure.rows must list methods of the study ({', '.join(study.methods)})")
+        if figure["variant"] not in study.variants:
+            raise fail(
+                f"figure.variant must be one of the study's variants ({', '.join(study.variants)}), got "
+                f"{figure['variant']}"
+            )
+        if not set(figure["seeds"]) <= set(study.seeds):
+            raise fail(f"figure.seeds must list seeds of the study ({', '.join(map(str, study.seeds))})")
+        declared["figure"] = FigureSpec(
+            tuple(figure["rows"]),
+            figure["variant"],
+            str(figure["level"]),
+            tuple(figure["seeds"]),
+            figure.get("sampler", "ddim"),
+            figure.get("steps", 50),
+            figure.get("noises", 8),
+        )
     return declared
 
 
-def _claim_specs(study: Study, key: str, item) -> tuple[ClaimSpec, ...]:
+def _claim_specs(study: Study, key: str, item: dict, fail) -> tuple[ClaimSpec, ...]:
     """One declared claim, or one per treated method and level where those are lists."""
-
-    def fail(problem: str) -> StudyError:
-        return StudyError(f"study {study.path}: {key}.{problem}", "study")
-
-    if not isinstance(item, dict) or not {"measure", "base", "treated", "variant"} <= set(item) <= set(CLAIM_KEYS):
-        raise StudyError(
-            f"study {study.path}: {key} must map measure, base, treated, variant (and level, steps if needed)", "study"
-        )
     measure = MEASURES.get(item["measure"])
     if measure is None:
-        raise fail(f"measure must be one of {', '.join(MEASURES)}, got {item['measure']}")
+        raise fail(f"{key}.measure must be one of {', '.join(MEASURES)}, got {item['measure']}")
     treated = item["treated"] if isinstance(item["treated"], list) else [item["treated"]]
     levels = item.get("level") if isinstance(item.get("level"), list) else [item.get("level")]
     for method in [item["base"], *treated]:
         if method not in study.methods:
-            raise fail(f"base and treated must be methods of the study ({', '.join(study.methods)}), got {method}")
+            choices = ", ".join(study.methods)
+            raise fail(f"{key}.base and treated must be methods of the study ({choices}), got {method}")
     if item["base"] in treated:
-        raise fail(f"treated must differ from base {item['base']}")
+        raise fail(f"{key}.treated must differ from base {item['base']}")
     if item["variant"] not in study.variants:
-        raise fail(f"variant must be one of the study's variants ({', '.join(study.variants)}), got {item['variant']}")
+        raise fail(
+            f"{key}.variant must be one of the study's variants ({', '.join(study.variants)}), got {item['variant']}"
+        )
     for level in levels:
         if level is None and measure.level == "required":
-            raise fail(f'level: {item["measure"]} is measured at a quantized level; name it, e.g. "4:per_channel"')
+            example = '"4:per_channel"'
+            raise fail(f"{key}.level: {item['measure']} is measured at a quantized level; name it, e.g. {example}")
         if level is not None and measure.level == "none":
-            raise fail(f"level: {item['measure']} has no quantized level; leave level out")
-        if level is not None and not _is_level(level):
-            raise fail(f'level must be B:granularity, e.g. "4:per_channel", got {level}')
-    steps = item.get("steps")
-    if steps is not None and (type(steps) is not int or steps < 1):
-        raise fail(f"steps must be a whole number >= 1 (a T' the evaluation measures), got {steps}")
+            raise fail(f"{key}.level: {item['measure']} has no quantized level; leave level out")
     return tuple(
-        ClaimSpec(item["measure"], item["base"], method, item["variant"], level, steps)
+        ClaimSpec(item["measure"], item["base"], method, item["variant"], level, item.get("steps"))
         for level in levels
         for method in treated
     )
-
-
-def _is_level(level) -> bool:
-    bits, _, granularity = str(level).partition(":")
-    return bits.isdigit() and granularity in ("per_tensor", "per_channel")
-
-
-def _figure_spec(study: Study, data) -> FigureSpec:
-    def fail(problem: str) -> StudyError:
-        return StudyError(f"study {study.path}: figure.{problem}", "study")
-
-    if not isinstance(data, dict) or not {"rows", "variant", "level", "seeds"} <= set(data) <= set(FIGURE_KEYS):
-        raise StudyError(
-            f"study {study.path}: figure must map rows, variant, level, seeds (and sampler, steps, noises)", "study"
-        )
-    rows, seeds = data["rows"], data["seeds"]
-    if not isinstance(rows, list) or not rows or not set(rows) <= set(study.methods):
-        raise fail(f"rows must list methods of the study ({', '.join(study.methods)})")
-    if data["variant"] not in study.variants:
-        raise fail(f"variant must be one of the study's variants ({', '.join(study.variants)}), got {data['variant']}")
-    if not _is_level(data["level"]):
-        raise fail(f'level must be B:granularity, e.g. "4:per_channel", got {data["level"]}')
-    if not isinstance(seeds, list) or not seeds or not set(seeds) <= set(study.seeds):
-        raise fail(f"seeds must list seeds of the study ({', '.join(map(str, study.seeds))})")
-    sampler = data.get("sampler", "ddim")
-    if sampler not in ("ddim", "ddpm"):
-        raise fail(f"sampler must be ddim or ddpm, got {sampler}")
-    for key in ("steps", "noises"):
-        if key in data and (type(data[key]) is not int or data[key] < 1):
-            raise fail(f"{key} must be a whole number >= 1, got {data[key]}")
-    return FigureSpec(
-        tuple(rows),
-        data["variant"],
-        str(data["level"]),
-        tuple(seeds),
-        sampler,
-        data.get("steps", 50),
-        data.get("noises", 8),
-    )
-
-
-def _check_flags(path: Path, key: str, flags) -> None:
-    if not isinstance(flags, list) or not all(isinstance(f, (str, int, float)) for f in flags):
-        raise StudyError(f"study {path}: {key} must be a list of flags and values", "study")
 
 
 def parse_shard(shard: str) -> tuple[int, int]:
