@@ -28,7 +28,8 @@ EVALUATION += ["--exposure_samples", "4"]
 
 
 def study_file(tmp_path, **overrides):
-    return write_study(tmp_path / "study.yaml", tuning=None, variants=["raw", "ema"], evaluation=EVALUATION, **overrides)
+    settings = {"tuning": None, "variants": ["raw", "ema"], "evaluation": EVALUATION} | overrides
+    return write_study(tmp_path / "study.yaml", **settings)
 
 
 def evaluations(out) -> dict:
