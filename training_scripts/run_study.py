@@ -29,6 +29,7 @@ from pathlib import Path
 from diffusers_flat.studies.config import Study, parse_shard
 from diffusers_flat.studies.directory import StudyDirectory
 from diffusers_flat.studies.plan import StudyPlan, read_rates
+from diffusers_flat.studies.ray_executor import RayStudyRunner
 from diffusers_flat.studies.results import StudyResults, report_from_json
 from diffusers_flat.studies.runner import StudyRunner
 from diffusers_flat.utils.cli import OneLineArgumentParser, UsageError, run_main
@@ -41,6 +42,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--study", required=True, help="A study file (YAML), e.g. studies/digits.yaml.")
     parser.add_argument("--output_dir", required=True, help="Where the runs, evaluations and the report go.")
     parser.add_argument("--shard", default="1/1", help="I/N: do every N-th run, from the I-th.")
+    parser.add_argument(
+        "--executor",
+        default="local",
+        choices=("local", "ray"),
+        help="local: one task after another here; ray: every task on a Ray cluster, as many at once as it allows.",
+    )
+    parser.add_argument(
+        "--ray_address",
+        default=None,
+        help="With --executor ray: the cluster (auto: the one this node belongs to); default: this machine alone.",
+    )
     parser.add_argument("--report_only", action="store_true", help="Only aggregate what is finished.")
     parser.add_argument("--dry_run", action="store_true", help="List the runs and evaluations; do none.")
     parser.add_argument(
@@ -72,7 +84,13 @@ def main(args: argparse.Namespace) -> None:
         tuned, _ = StudyResults(plan).tuning_table()
         print(plan.dry_run(index, count, tuned, read_rates(args.rates, study) if args.rates else None))
         return
-    if not args.report_only:
+    if args.executor == "ray" and (count != 1 or args.report_only):
+        raise UsageError("--executor ray runs the whole study on the cluster: leave out --shard and --report_only")
+    if args.ray_address and args.executor != "ray":
+        raise UsageError("--ray_address names the cluster of --executor ray: add --executor ray")
+    if args.executor == "ray":
+        RayStudyRunner(plan, TRAIN_SCRIPT, args.ray_address, study.resources).run()
+    elif not args.report_only:
         StudyRunner(plan, TRAIN_SCRIPT).run(index, count)
     if args.export:
         plan = StudyPlan(study, plan.directory.export(args.export))

@@ -43,6 +43,7 @@ METHOD-TAG, e.g. SAM-rho0.01 and SAM-rho0.001 (rows +SAM-rho0.01, +SAM-rho0.001+
     exploratory: []                        # claims reported uncorrected, as exploratory
     figure: {rows: [ADM, SAM], variant: ema, level: "4:per_channel", seeds: [1, 2], sampler: ddim, steps: 50,
              noises: 8}                    # the picture: each seed's rows, fp32 beside the level, the same noises
+    resources: {num_cpus: 4, num_gpus: 1}  # optional: each task's share of a Ray cluster (--executor ray)
 
 A study without primary and family is one family of every claim its report pre-registers (the paper's or each
 comparison's), corrected together. Checking a study file loads no model.
@@ -307,6 +308,7 @@ class Study:
         family: the secondary claims, corrected together by Holm's procedure.
         exploratory: claims reported without correction, as exploratory.
         figure: the study's picture, or None.
+        resources: the Ray resources of each task under `--executor ray` (num_cpus, num_gpus), or None: a node's.
 
     Example:
         >>> study = Study(Path("s.yaml"), (1, 2), {"ADM": (), "SAM": ("--sam_rho", "0.1")})
@@ -330,6 +332,7 @@ class Study:
     family: tuple[ClaimSpec, ...] = ()
     exploratory: tuple[ClaimSpec, ...] = ()
     figure: FigureSpec | None = None
+    resources: dict[str, float] | None = None
 
     def evaluation_of(self, variant: str) -> tuple[str, ...]:
         """The evaluation flags of `variant`'s pipelines."""
@@ -387,7 +390,7 @@ class Study:
         study = cls(path, seeds, methods, recipe, training, evaluation, tuning, variants, generalization)
         fraction = _fraction_kept(data.get("fraction_kept"), methods, fail)
         study = replace(study, reuse=_reuse(study, data.get("reuse"), fail), fraction_kept=fraction)
-        return replace(study, **_declarations(study, data, fail))
+        return replace(study, resources=data.get("resources"), **_declarations(study, data, fail))
 
     def _run(self, method: str, seed: int, extra: tuple[str, ...] = (), tag: str = "") -> Run:
         common = ((f"@{self.recipe}",) if self.recipe else ()) + self.training

@@ -5,6 +5,8 @@ its command line.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +27,26 @@ from diffusers_flat.studies.config import Run
 from diffusers_flat.studies.plan import EMPIRICAL, TRAIN, EvaluationPlan, StudyPlan, Task
 from diffusers_flat.studies.results import StudyResults
 from diffusers_flat.training.config import training_config
+
+
+class TaskFailed(FlatError):
+    """A training whose process failed (or was killed): running the task again resumes it from its checkpoint."""
+
+
+PROCESS_GROUP = "training.pgid"  # in a run directory: the process group of the training running there
+
+
+def stop_stale_training(target: Path) -> None:
+    """Stop what is left of a training of `target` whose runner died (killed with its worker, say): its process
+    group, by the id it recorded, so that the run is not written by two trainings at once."""
+    record = target / PROCESS_GROUP
+    if not record.is_file():
+        return
+    try:
+        os.killpg(int(record.read_text()), signal.SIGKILL)
+    except (ValueError, ProcessLookupError, PermissionError):
+        pass  # gone already (or the id was reused by another user's process, which is not ours to stop)
+    record.unlink(missing_ok=True)
 
 
 class StudyRunner:
@@ -56,16 +78,26 @@ class StudyRunner:
                     "output_dir",
                 )
             return
+        stop_stale_training(target)
         checkpoints = RunDirectory(target).checkpoints() if target.is_dir() else []
         again = ["--resume_from_checkpoint", "latest"] if checkpoints else ["--overwrite_output_dir"]
         command = [sys.executable, "-m", "accelerate.commands.launch", str(self.train_script), *run.flags]
         command += ["--output_dir", str(target), *again]
         tqdm.write(f"training {run.name}{' (resumed)' if checkpoints else ''}: log {log}")
         log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "a") as stream:
-            status = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT).returncode
+        target.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as stream:  # in a process group of its own, recorded: what a retry stops first
+            process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True)
+            (target / PROCESS_GROUP).write_text(str(process.pid))
+            try:
+                status = process.wait()
+            except BaseException:  # Ctrl-C or the executor stopping: the training stops with its runner
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                raise
+        (target / PROCESS_GROUP).unlink(missing_ok=True)
         if status != 0:
-            raise FlatError(f"study: training {run.name} failed (exit status {status}); see {log}", "study")
+            raise TaskFailed(f"study: training {run.name} failed (exit status {status}); see {log}", "study")
         self.directory.finish(target, run.flags)
 
     def evaluate(self, run: Run, variant: str, plan: EvaluationPlan, against_teacher: bool = False) -> None:

@@ -155,6 +155,12 @@ STUDY = Section(
             required=("of", "granularity", "bits"),
         ),
         "variant_evaluation": flags_by("variants"),
+        "resources": Section(
+            {
+                "num_cpus": Value("a number > 0", lambda v: isinstance(v, (int, float)) and v > 0),
+                "num_gpus": Value("a number >= 0", lambda v: isinstance(v, (int, float)) and v >= 0),
+            }
+        ),
         "primary": CLAIM,
         "family": Items(CLAIM),
         "exploratory": Items(CLAIM),

@@ -1,0 +1,100 @@
+"""The Ray executor on a real local Ray cluster of this machine: a micro study run by Ray writes what the local
+executor writes; a training whose Ray worker is killed mid-run is retried and resumes exactly; a failing run fails
+the study in one line naming it and its log; a node that does not see the study directory refuses to run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import run_study
+import torch
+from conftest import REPO, TREE_MARKER, kill_tree
+from helpers import write_study
+from safetensors.torch import load_file
+
+from diffusers_flat.errors import FlatError
+from diffusers_flat.studies.ray_executor import TOKEN, StudyContext
+
+pytest.importorskip("ray")
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+
+EVALUATION = ["--metrics", "lpf", "exposure_bias", "--inference_steps", "2", "--lpf_draws", "2", "--loss_samples", "8"]
+EVALUATION += ["--exposure_samples", "4"]
+
+
+def study_file(tmp_path, **overrides):
+    settings = {"tuning": None, "variants": ["raw", "ema"], "evaluation": EVALUATION} | overrides
+    return write_study(tmp_path / "study.yaml", **settings)
+
+
+def evaluations(out) -> dict:
+    """Every evaluation result of a study directory, less where its model was read from."""
+    found = {}
+    for path in sorted((out / "eval").glob("*/eval_results.json")):
+        (result,) = json.loads(path.read_text()).values()
+        found[path.parent.name] = {k: v for k, v in result.items() if k not in ("path", "sampling_seconds")}
+    return found
+
+
+def test_a_micro_study_on_ray_writes_what_the_local_executor_writes(tmp_path):
+    path = study_file(tmp_path)
+    run_study.main(run_study.parse_args(["--study", str(path), "--output_dir", str(tmp_path / "local")]))
+    argv = ["--study", str(path), "--output_dir", str(tmp_path / "ray"), "--executor", "ray"]
+    run_study.main(run_study.parse_args(argv))
+    local, ray = evaluations(tmp_path / "local"), evaluations(tmp_path / "ray")
+    assert len(local) == 8 and local == ray  # 2 methods x 2 seeds x 2 pipelines, identical
+    assert sorted(p.name for p in (tmp_path / "ray" / "done").iterdir()) == sorted(
+        p.name for p in (tmp_path / "local" / "done").iterdir()
+    )
+    reports = [json.loads((tmp_path / d / "report.json").read_text()) for d in ("local", "ray")]
+    assert reports[0]["claims"] == reports[1]["claims"]
+    # run again: everything is finished, nothing is redone
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "ray").rglob("eval_results.json")}
+    run_study.main(run_study.parse_args(argv))
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_a_training_whose_worker_is_killed_is_retried_and_resumes_exactly(tmp_path):
+    training = ["--checkpointing_steps", "5", "--max_train_steps", "30"]
+    path = study_file(tmp_path, seeds=[1], methods={"ADM": training})
+    out, marker = tmp_path / "ray", "ray-kill-test"
+    command = [sys.executable, str(REPO / "training_scripts" / "run_study.py"), "--study", str(path)]
+    command += ["--output_dir", str(out), "--executor", "ray"]
+    process = subprocess.Popen(command, env={**os.environ, TREE_MARKER: marker}, cwd=REPO, start_new_session=True)
+    try:
+        run = out / "runs" / "adm-seed1"
+        deadline = time.monotonic() + 300
+        while not (run / "checkpoint-10").is_dir() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (run / "checkpoint-10").is_dir(), "the training never reached its second checkpoint"
+        group = int((run / "training.pgid").read_text())
+        worker = psutil.Process(group).parent()  # the Ray worker running the training task
+        os.kill(worker.pid, signal.SIGKILL)
+        assert process.wait(timeout=600) == 0
+    finally:
+        kill_tree(marker)
+    assert "Resumed from" in (out / "logs" / "adm-seed1.log").read_text()  # the retry went on from a checkpoint
+    # the same run trained by the local executor, never interrupted
+    run_study.main(run_study.parse_args(["--study", str(path), "--output_dir", str(tmp_path / "local")]))
+    killed = load_file(run / "unet" / "diffusion_pytorch_model.safetensors")
+    whole = load_file(tmp_path / "local" / "runs" / "adm-seed1" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert killed.keys() == whole.keys() and all(torch.equal(killed[k], whole[k]) for k in whole)
+
+
+def test_a_failing_run_fails_the_study_in_one_line_naming_its_log(tmp_path):
+    path = study_file(tmp_path, seeds=[1], methods={"ADM": ["--dataset_name", str(tmp_path / "no-such-folder")]})
+    with pytest.raises(FlatError, match=r"study: train adm-seed1 failed after 2 retries .*see .*adm-seed1\.log"):
+        argv = ["--study", str(path), "--output_dir", str(tmp_path / "ray"), "--executor", "ray"]
+        run_study.main(run_study.parse_args(argv))
+
+
+def test_a_task_that_does_not_see_the_study_directory_refuses(tmp_path):
+    (tmp_path / TOKEN).write_text("the driver's")
+    context = StudyContext("s.yaml", str(tmp_path), "train.py", str(tmp_path), token="another driver's")
+    with pytest.raises(FlatError, match="does not see the study directory the driver wrote"):
+        context.runner()
