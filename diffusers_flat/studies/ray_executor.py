@@ -139,7 +139,7 @@ class RayStudyRunner:
                 raise FlatError(f"study: {describe(refs[done[0]])} failed: {err}", "study") from None
             progress.update(1)
 
-    def _submit(self, ray, execute, context: StudyContext, tasks: list[Task], trained: dict) -> dict:
+    def _submit(self, execute, context: StudyContext, tasks: list[Task], trained: dict) -> dict:
         """Submit `tasks` in order; each evaluation waits for its training (`trained`: run name -> its training's
         ObjectRef, grown here), E_gen and the empirical sweep for the teacher's."""
         refs = {}
@@ -169,9 +169,9 @@ class RayStudyRunner:
             tuning = plan.tuning_tasks(1, 1)
             grid, _ = plan.grid_tasks(1, 1, self.study.tuning.values[0] if self.study.tuning else None)
             with tqdm(total=len(tuning) + len(grid), desc="Study (Ray)") as progress:
-                self._wait(ray, self._submit(ray, execute, context, tuning, trained), progress)
+                self._wait(ray, self._submit(execute, context, tuning, trained), progress)
                 tuned, _ = StudyResults(plan).tuning_table()
                 grid, _ = plan.grid_tasks(1, 1, tuned)
-                self._wait(ray, self._submit(ray, execute, context, grid, trained), progress)
+                self._wait(ray, self._submit(execute, context, grid, trained), progress)
         finally:
             ray.shutdown()
