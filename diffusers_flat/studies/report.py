@@ -292,13 +292,14 @@ def _figure_section(figure: dict | None) -> list[str]:
         return []
     moved = ", ".join(f"{label} {value:.1f}" for label, value in figure["displacement"].items())
     if "seeds" in figure:
+        level = Level.parse(figure["level"]).words
         return [
             "## The study's picture",
             f"Named in the study file before any run: seeds {', '.join(map(str, figure['seeds']))}, the "
             f"{figure['variant']} pipelines of {', '.join(figure['rows'])}, {figure['noises']} samples each from the "
-            f"same noises at fp32 and with {Level.parse(figure['level']).words} weights ({_figure_sampler(figure)}). "
+            f"same noises at fp32 and with {level} weights ({_figure_sampler(figure)}). "
             f"Pixels moved (mean absolute change, 0-255): {moved}.",
-            f"![the same noises at fp32 and {Level.parse(figure['level']).words}]({figure['path']})",
+            f"![the same noises at fp32 and {level}]({figure['path']})",
         ]
     return [
         "## The answer in one picture (picked after the results)",
@@ -482,10 +483,11 @@ def _reuse_section(reuse: dict) -> list[str]:
     lines.append("|---|---|" + "---|---|" * len(measures))
     for check in reuse["reproduction"]:
         cells = []
+        here, there = (None if r is None else Measurements.from_json(r) for r in (check["here"], check["there"]))
         for measure in measures.values():
-            for result in (check["here"], check["there"]):
+            for result in (here, there):
                 try:
-                    cells.append(f"{measure(Measurements.from_json(result)):.6g}")
+                    cells.append(f"{measure(result):.6g}")
                 except NOT_MEASURED:
                     cells.append("not finished" if result is None else "-")
         lines.append(f"| {check['row']} | {check['seed']} | " + " | ".join(cells) + " |")

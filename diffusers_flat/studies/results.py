@@ -13,7 +13,7 @@ import numpy as np
 from diffusers import DDPMPipeline
 
 from diffusers_flat.errors import FlatError
-from diffusers_flat.evaluation.measurements import Measurements, Results, read_results
+from diffusers_flat.evaluation.measurements import Level, Measurements, Results, read_results
 from diffusers_flat.metrics.flatness_log import FLATNESS_LOG
 from diffusers_flat.quantization import DEPLOYMENT_BITS, deployment_check
 from diffusers_flat.run_directory import RunDirectory
@@ -162,7 +162,7 @@ class StudyResults:
         spec, kept = self.study.figure, self.directory.record("figure")
         if spec is None or (kept and all(kept.get(k) == v for k, v in _json_ready(spec).items())):
             return kept
-        bits, granularity = spec.level.split(":")
+        level = Level.parse(spec.level)
         rows, waiting = {}, False
         for seed in spec.seeds:
             for method in spec.rows:
@@ -179,7 +179,7 @@ class StudyResults:
                             "samples were never kept; train it again into this folder (training is deterministic)"
                         )
                     fp32, moved = figure_samples(
-                        pipeline, granularity, int(bits), spec.noises, spec.steps, sampler=spec.sampler
+                        pipeline, level.granularity, level.bits, spec.noises, spec.steps, sampler=spec.sampler
                     )
                     stored.parent.mkdir(parents=True, exist_ok=True)
                     np.savez_compressed(stored, fp32=fp32, quantized=moved)
@@ -188,7 +188,7 @@ class StudyResults:
         if waiting:
             return None
         path = self.directory.path / "study_figure.png"
-        displacement = write_quantization_figure(rows, granularity, int(bits), path, spec.steps, spec.sampler)
+        displacement = write_quantization_figure(rows, level.granularity, level.bits, path, spec.steps, spec.sampler)
         self.directory.keep("figure", {"path": path.name, **_json_ready(spec), "displacement": displacement})
         return self.directory.record("figure")
 
@@ -200,8 +200,8 @@ class StudyResults:
         spec = self.study.primary
         if spec is None or spec.level is None:
             return None
-        bits, granularity = spec.level.split(":")
-        if granularity != "per_channel" or int(bits) not in DEPLOYMENT_BITS:
+        level = Level.parse(spec.level)
+        if level.granularity != "per_channel" or level.bits not in DEPLOYMENT_BITS:
             return None
         seed, row = self.study.seeds[0], row_name(spec.treated, spec.variant)
         kept = self.directory.record("deployment")
@@ -213,7 +213,7 @@ class StudyResults:
         settings = self.plan.plans[spec.variant].settings
         pipeline = DDPMPipeline.from_pretrained(RunDirectory(self.directory.run(run)).pipeline_path(spec.variant))
         steps = min(settings.inference_steps)
-        check = deployment_check(pipeline.unet, pipeline.scheduler, int(bits), 8, steps, settings.sampler)
+        check = deployment_check(pipeline.unet, pipeline.scheduler, level.bits, 8, steps, settings.sampler)
         self.directory.keep("deployment", {"row": row, "seed": seed, "level": spec.level, **check})
         return self.directory.record("deployment")
 
