@@ -127,7 +127,7 @@ def main() -> None:
         "inception_images_per_s": features,
     }
     Path(args.output).write_text(json.dumps(rates, indent=2) + "\n")
-    work = plan.workload(study.tuning_runs(), study.teacher_runs(), grid, sweep=True)
+    work = plan.workload(plan.tasks(1, 1))  # the whole study, as its --dry_run costs it
     print(work.describe())
     print(work.projection(rates))
     print(f"rates written to {args.output}")

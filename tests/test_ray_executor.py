@@ -41,11 +41,28 @@ def evaluations(out) -> dict:
     return found
 
 
-def test_a_micro_study_on_ray_writes_what_the_local_executor_writes(tmp_path):
+def test_a_micro_study_on_ray_writes_what_the_local_executor_writes(tmp_path, capsys):
     path = study_file(tmp_path)
     run_study.main(run_study.parse_args(["--study", str(path), "--output_dir", str(tmp_path / "local")]))
+    rates = {"study": "study.yaml", "device": "cpu", "plain_steps_per_s": 1.0, "sam_steps_per_s": 1.0}
+    (tmp_path / "rates.json").write_text(
+        json.dumps(rates | {"unet_image_forwards_per_s": 1.0, "inception_images_per_s": 1.0})
+    )
     argv = ["--study", str(path), "--output_dir", str(tmp_path / "ray"), "--executor", "ray"]
-    run_study.main(run_study.parse_args(argv))
+    run_study.main(run_study.parse_args([*argv, "--rates", str(tmp_path / "rates.json")]))
+    # one bar for the study: 4 trainings of 3 steps and 8 evaluations of 8 x (1 + 2) loss terms and 2 x 4 x 2 exposure
+    # forwards = 12 + 8 x 40 = 332 s at one a second, shared by one task at a time (each takes the node's 2 CPUs)
+    bar = capsys.readouterr().err
+    assert (
+        "Study (Ray):   0%|          | 0/12" in bar and "0.1 h left" in bar and "12/12" in bar and "0.0 h left" in bar
+    )
+    for seed in (1, 2):  # each training's torch threads: its task's CPUs
+        assert (
+            json.loads((tmp_path / "ray" / "runs" / f"adm-seed{seed}" / "training_args.json").read_text())[
+                "num_cpu_threads"
+            ]
+            == 2
+        )
     local, ray = evaluations(tmp_path / "local"), evaluations(tmp_path / "ray")
     assert len(local) == 8 and local == ray  # 2 methods x 2 seeds x 2 pipelines, identical
     assert sorted(p.name for p in (tmp_path / "ray" / "done").iterdir()) == sorted(
@@ -88,7 +105,7 @@ def test_a_training_whose_worker_is_killed_is_retried_and_resumes_exactly(tmp_pa
 
 def test_a_failing_run_fails_the_study_in_one_line_naming_its_log(tmp_path):
     path = study_file(tmp_path, seeds=[1], methods={"ADM": ["--dataset_name", str(tmp_path / "no-such-folder")]})
-    with pytest.raises(FlatError, match=r"study: train adm-seed1 failed after 2 retries .*see .*adm-seed1\.log"):
+    with pytest.raises(FlatError, match=r"study: train adm-seed1 failed after 2 retries; see .*adm-seed1\.log"):
         argv = ["--study", str(path), "--output_dir", str(tmp_path / "ray"), "--executor", "ray"]
         run_study.main(run_study.parse_args(argv))
 

@@ -29,6 +29,7 @@ from diffusers_flat.studies.claims import (
 from diffusers_flat.studies.config import Study, Tuning, Work, shard_of
 from diffusers_flat.studies.directory import StudyDirectory
 from diffusers_flat.studies.plan import StudyPlan
+from diffusers_flat.studies.progress import StudyProgress
 from diffusers_flat.studies.report import write_report
 from diffusers_flat.studies.results import StudyResults
 
@@ -225,6 +226,31 @@ def test_bad_study_is_one_line_and_writes_nothing(case, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--executor", "ray", "--shard", "2/3"],
+            "--executor ray runs the whole study on the cluster: leave out --shard",
+        ),
+        (
+            ["--executor", "ray", "--report_only"],
+            "--executor ray runs the whole study on the cluster: leave out --shard",
+        ),
+        (["--ray_address", "auto"], "--ray_address names the cluster of --executor ray: add --executor ray"),
+        (["--executor", "dask"], "argument --executor: invalid choice: 'dask' (choose from 'local', 'ray')"),
+        (["--executor", "ray"], 'Ray is not installed; pip install -e ".[cluster]"'),
+    ],
+)
+def test_a_bad_executor_is_one_line_and_writes_nothing(flags, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as without the cluster extra: `import ray` fails
+    path = write_study(tmp_path / "study.yaml", tuning=None)
+    status, err = run_cli(run_study, ["--study", path, "--output_dir", tmp_path / "out", *flags], capsys)
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert status != 0 and len(errors) == 1 and message in errors[0], err
+    assert not (tmp_path / "out").exists()
+
+
 def test_dry_run_lists_every_run_and_evaluation(tmp_path, capsys):
     path = write_study(tmp_path / "study.yaml", tuning=tuning(baseline="ADM"))
     run_study.main(run_study.parse_args(["--study", str(path), "--output_dir", str(tmp_path / "out"), "--dry_run"]))
@@ -264,6 +290,31 @@ def test_dry_run_lists_every_run_and_evaluation(tmp_path, capsys):
     )
     assert printed.rstrip().endswith("= 4.7 h")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_progress_bar_counts_down_the_hours_of_the_unfinished_tasks(tmp_path):
+    # the dry run's study and rates above: training 9 / 0.0025 + 12 / 0.002 = 3,600 + 6,000 s, evaluation 3,600 s of
+    # forwards + 3,600 s of images: 16,800 s = 4.67 h
+    path = write_study(tmp_path / "study.yaml", tuning=tuning(baseline="ADM"))
+    rates = {"study": "study.yaml", "device": "a GPU", "plain_steps_per_s": 0.0025, "sam_steps_per_s": 0.002}
+    rates |= {"unet_image_forwards_per_s": 2328 / 3600, "inception_images_per_s": 300 / 3600}
+    plan = StudyPlan(Study.load(path), StudyDirectory(tmp_path / "out"))
+    tasks = plan.tasks(1, 1)
+    assert len(tasks) == 7 + 15
+    with StudyProgress(plan, tasks, rates) as progress:
+        assert progress.bar.postfix == "4.7 h left" and progress.bar.total == 22
+        progress.done(tasks[0])  # tune sam-rho0.1-seed0: 3 SAM steps / 0.002 = 1,500 s
+        assert progress.seconds_left == pytest.approx(16800 - 1500)
+        progress.done(tasks[1])  # its evaluation: 200 forwards and 100 images at T'=2 = 309.28 + 1,200 s
+        assert progress.seconds_left == pytest.approx(16800 - 1500 - 200 * 3600 / 2328 - 1200)
+        assert progress.bar.postfix == "3.8 h left" and progress.bar.n == 2
+        for task in tasks[2:]:
+            progress.done(task)
+        assert progress.seconds_left == pytest.approx(0, abs=1e-6) and progress.bar.postfix == "0.0 h left"
+    with StudyProgress(plan, tasks, rates, parallel=2) as progress:  # two tasks at once: half the hours
+        assert progress.bar.postfix == "2.3 h left"
+    with StudyProgress(plan, tasks, None) as progress:  # without rates: tasks only
+        assert not progress.bar.postfix
 
 
 @pytest.mark.parametrize(
@@ -331,6 +382,15 @@ def test_rates_of_another_study_are_refused(tmp_path, capsys):
     assert (
         status != 0 and f"--rates {tmp_path / 'rates.json'}: measured for study studies/digits.yaml, not {path}" in err
     )
+
+
+def test_rates_with_report_only_are_refused(tmp_path, capsys):
+    path = write_study(tmp_path / "study.yaml")
+    argv = ["--study", path, "--output_dir", tmp_path / "out", "--report_only", "--rates", tmp_path / "rates.json"]
+    status, err = run_cli(run_study, argv, capsys)
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert status != 0 and len(errors) == 1 and "--rates costs a --dry_run or a run" in errors[0]
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

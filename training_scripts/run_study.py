@@ -66,7 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--rates",
         default=None,
-        help="With --dry_run: the JSON benchmarks/study_cost.py wrote for this study on your device; projects hours.",
+        help="The JSON benchmarks/study_cost.py wrote for this study on your device: --dry_run projects the hours, a "
+        "run shows the hours left.",
     )
     return parser.parse_args(argv)
 
@@ -78,20 +79,21 @@ def main(args: argparse.Namespace) -> None:
         return
     index, count = parse_shard(args.shard)
     plan = StudyPlan(study, StudyDirectory(args.output_dir))
-    if args.rates and not args.dry_run:
-        raise UsageError("--rates projects the cost of a --dry_run: add --dry_run")
+    if args.rates and args.report_only:
+        raise UsageError("--rates costs a --dry_run or a run: leave out --report_only")
+    rates = read_rates(args.rates, study) if args.rates else None
     if args.dry_run:
         tuned, _ = StudyResults(plan).tuning_table()
-        print(plan.dry_run(index, count, tuned, read_rates(args.rates, study) if args.rates else None))
+        print(plan.dry_run(index, count, tuned, rates))
         return
     if args.executor == "ray" and (count != 1 or args.report_only):
         raise UsageError("--executor ray runs the whole study on the cluster: leave out --shard and --report_only")
     if args.ray_address and args.executor != "ray":
         raise UsageError("--ray_address names the cluster of --executor ray: add --executor ray")
     if args.executor == "ray":
-        RayStudyRunner(plan, TRAIN_SCRIPT, args.ray_address, study.resources).run()
+        RayStudyRunner(plan, TRAIN_SCRIPT, args.ray_address, study.resources, rates).run()
     elif not args.report_only:
-        StudyRunner(plan, TRAIN_SCRIPT).run(index, count)
+        StudyRunner(plan, TRAIN_SCRIPT).run(index, count, rates)
     if args.export:
         plan = StudyPlan(study, plan.directory.export(args.export))
     print(StudyResults(plan).report())

@@ -96,6 +96,7 @@ def evaluate_runs(
     cache_dir: str | os.PathLike | None = None,
     pfd_reference_variant: str = "raw",
     data_overrides: dict | None = None,
+    cpu_threads: int | None = None,
 ) -> dict[str, EvaluationResult]:
     """Evaluate the `variant` pipeline of each run directory in `paths` and write the reports.
 
@@ -113,6 +114,7 @@ def evaluate_runs(
         cache_dir: where the real images' FID statistics are cached (default: `<output_dir>/fid_cache`).
         pfd_reference_variant: which weights of a `settings.pfd_reference` directory.
         data_overrides: DataSource fields replacing those the runs recorded (e.g. another `dataset_name`).
+        cpu_threads: torch threads of each process on the CPU (default: the cores divided among the processes).
 
     Returns:
         Each model's result, by the name it is reported under.
@@ -127,7 +129,7 @@ def evaluate_runs(
             raise FlatError(f"device {device}: several processes take a GPU each; use auto or cuda", "device")
         device = processes.device
     if device.type == "cpu":
-        share_cpu_threads(processes.num_processes)
+        share_cpu_threads(processes.num_processes, cpu_threads)
     main_process = processes.is_main_process
     runs: dict[str, RunDirectory] = {}
     for path in paths:

@@ -52,7 +52,7 @@ comparison's), corrected together. Checking a study file loads no model.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import astuple, dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -467,12 +467,19 @@ class Work:
             f"{self.inception_images:,} generated images through InceptionV3, plus the real ones once"
         )
 
-    def projection(self, rates: dict) -> str:
-        """The hours this work takes at `rates` (the JSON `benchmarks/study_cost.py` writes)."""
+    def __add__(self, other: Work) -> Work:
+        return Work(*(mine + theirs for mine, theirs in zip(astuple(self), astuple(other))))
+
+    def seconds(self, rates: dict) -> tuple[float, float]:
+        """The (training, evaluation) seconds this work takes at `rates` (the JSON `benchmarks/study_cost.py`
+        writes)."""
         training = self.plain_steps / rates["plain_steps_per_s"] + self.sam_steps / rates["sam_steps_per_s"]
         sampling = self.unet_image_forwards / rates["unet_image_forwards_per_s"]
-        features = self.inception_images / rates["inception_images_per_s"]
-        hours = [seconds / 3600 for seconds in (training, sampling + features)]
+        return training, sampling + self.inception_images / rates["inception_images_per_s"]
+
+    def projection(self, rates: dict) -> str:
+        """The hours this work takes at `rates`, training and evaluation."""
+        hours = [seconds / 3600 for seconds in self.seconds(rates)]
         return (
             f"projected on {rates['device']}: training {hours[0]:.1f} h ({self.plain_steps:,} steps at "
             f"{rates['plain_steps_per_s']:.3g} /s, {self.sam_steps:,} SAM steps at {rates['sam_steps_per_s']:.3g} /s) "

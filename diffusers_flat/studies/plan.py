@@ -203,29 +203,30 @@ class StudyPlan:
                     tasks.append(Task(EVALUATE, run, v, self.teacher_evaluation, against_teacher=True))
         return tasks + ([Task(EMPIRICAL)] if sweep else []), waiting
 
-    def workload(self, tuning_runs: list[Run], teachers: list[Run], grid: list[Run], sweep: bool) -> Work:
-        """The work of these runs and their evaluations (tuning runs: one pipeline each, with the tuning's settings;
-        a generalization study's students: E_gen too; `sweep`: the empirical denoiser's temperatures)."""
-        steps = {False: 0, True: 0}  # SAM or not -> optimizer steps
-        for run in tuning_runs + teachers + grid:
-            args = self._training_flags(run.flags, f"the {run.name} training's flags")
+    def task_work(self, task: Task) -> Work:
+        """The work of one task: a training's optimizer steps, an evaluation's UNet forwards and InceptionV3 images
+        (the empirical sweep: each of its denoisers')."""
+        if task.kind == TRAIN:
+            args = self._training_flags(task.run.flags, f"the {task.run.name} training's flags")
             if args.max_train_steps is None:
                 raise self._error("set --max_train_steps in its training flags to cost it")
-            steps[args.uses_sam] += args.max_train_steps
-        pipelines = len(self.study.variants)
-        evaluations = [(self.plans[v], len(teachers) + len(grid)) for v in self.study.variants]
-        if self.tuning_evaluation:
-            evaluations.append((self.tuning_evaluation, len(tuning_runs)))
-        if self.study.generalization:
-            students = sum(self.against_teacher(run) for run in teachers + grid)
-            evaluations.append((self.teacher_evaluation, students * pipelines))
-            if self.empirical_evaluation and sweep:
-                evaluations.append((self.empirical_evaluation, len(self.empirical_sweep())))
-        forwards = images = 0
-        for plan, count in evaluations:
-            unet, inception = evaluation_work(plan.settings)
-            forwards, images = forwards + count * unet, images + count * inception
-        return Work(steps[False], steps[True], forwards, images)
+            steps = args.max_train_steps
+            return Work(0, steps, 0, 0) if args.uses_sam else Work(steps, 0, 0, 0)
+        if task.kind == EMPIRICAL:  # each denoiser of the sweep, with the same settings
+            forwards, images = evaluation_work(self.empirical_evaluation.settings)
+            sweep = len(self.empirical_sweep())
+            return Work(0, 0, sweep * forwards, sweep * images)
+        return Work(0, 0, *evaluation_work(task.plan.settings))
+
+    def tasks(self, index: int, count: int, tuned: str | None = None) -> list[Task]:
+        """Every task of shard `index` of `count`, the grid's with the tuned value (`tuned`, or the first candidate
+        until the tuning has finished: the work does not depend on which candidate wins)."""
+        candidate = tuned or (self.study.tuning.values[0] if self.study.tuning else None)
+        return self.tuning_tasks(index, count) + self.grid_tasks(index, count, candidate)[0]
+
+    def workload(self, tasks: list[Task]) -> Work:
+        """The work of these tasks."""
+        return sum((self.task_work(task) for task in tasks), Work(0, 0, 0, 0))
 
     def dry_run(self, index: int, count: int, tuned: str | None = None, rates: dict | None = None) -> str:
         """What the shard would do, run by run and evaluation by evaluation, with its work (and hours at `rates`);
@@ -258,11 +259,7 @@ class StudyPlan:
         if study.reuse and index == 1:
             reused = ", ".join(f"{m} seeds {', '.join(map(str, seeds))}" for m, seeds in study.reuse.runs.items())
             lines.append(f"reused from {study.reuse.report} (not trained): {reused}")
-        # the work does not depend on which candidate wins: cost the grid with the first
-        candidate = tuned or (study.tuning.values[0] if study.tuning else None)
-        work = self.workload(
-            tuning_runs, teachers, [run for run in study.to_train(candidate) if run.name in mine], sweep
-        )
+        work = self.workload(self.tasks(index, count, tuned))
         lines.append(work.describe())
         lines.append(work.projection(rates) if rates else PROJECT_HINT)
         return "\n".join(lines)

@@ -16,12 +16,11 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from diffusers_flat.errors import FlatError
 from diffusers_flat.studies.config import Study
 from diffusers_flat.studies.directory import StudyDirectory
 from diffusers_flat.studies.plan import EMPIRICAL, TRAIN, StudyPlan, Task
+from diffusers_flat.studies.progress import StudyProgress
 from diffusers_flat.studies.results import StudyResults
 from diffusers_flat.studies.runner import StudyRunner, TaskFailed
 
@@ -49,8 +48,9 @@ class StudyContext:
     cwd: str
     token: str
 
-    def runner(self) -> StudyRunner:
-        """This node's runner of the driver's plan, after checking that this node sees the driver's study directory."""
+    def runner(self, cpu_threads: int | None = None) -> StudyRunner:
+        """This node's runner of the driver's plan (`cpu_threads`: the task's CPUs), after checking that this node
+        sees the driver's study directory."""
         token = Path(self.output_dir) / TOKEN
         try:
             seen = token.read_text()
@@ -64,13 +64,16 @@ class StudyContext:
             )
         os.chdir(self.cwd)
         plan = StudyPlan(Study.load(self.study), StudyDirectory(self.output_dir))
-        return StudyRunner(plan, Path(self.train_script))
+        return StudyRunner(plan, Path(self.train_script), cpu_threads)
 
 
 def _execute(context: StudyContext, task: Task, *waits_for: str) -> str:
     """Do one task of the plan on this node (skipped when finished before); `waits_for`: the names of the tasks it
     depends on, which Ray has finished before it starts."""
-    context.runner().execute(task)
+    # the task's CPUs become its trainings' and evaluations' torch threads: each would otherwise spin all the node's
+    # cores, and tasks sharing a node would slow one another down many times over
+    cpus = _ray().get_runtime_context().get_assigned_resources().get("CPU")
+    context.runner(max(1, int(cpus)) if cpus else None).execute(task)
     return describe(task)
 
 
@@ -93,14 +96,29 @@ class RayStudyRunner:
             alone, started for the study and stopped after it.
         resources: Ray resources of each task, e.g. {"num_cpus": 2, "num_gpus": 1}; None: a whole node's CPUs (one
             GPU where the node has any).
+        rates: rates `benchmarks/study_cost.py` measured for the study (`read_rates`): the bar shows the hours left
+            while the cluster runs as many tasks at once as its resources allow; None: tasks only.
 
     Example:
         >>> plan = StudyPlan(Study.load("studies/digits.yaml"), StudyDirectory("out"))  # doctest: +SKIP
         >>> RayStudyRunner(plan, Path("train.py"), address="auto").run()  # doctest: +SKIP
     """
 
-    def __init__(self, plan: StudyPlan, train_script: Path, address: str | None = None, resources: dict | None = None):
-        self.plan, self.train_script, self.address, self.resources = plan, train_script, address, resources
+    def __init__(
+        self,
+        plan: StudyPlan,
+        train_script: Path,
+        address: str | None = None,
+        resources: dict | None = None,
+        rates: dict | None = None,
+    ):
+        self.plan, self.train_script, self.address, self.resources, self.rates = (
+            plan,
+            train_script,
+            address,
+            resources,
+            rates,
+        )
         self.study, self.directory = plan.study, plan.directory
 
     def _context(self) -> StudyContext:
@@ -112,32 +130,42 @@ class RayStudyRunner:
             absolute(self.study.path), absolute(self.directory.path), absolute(self.train_script), os.getcwd(), token
         )
 
-    def _options(self, ray) -> dict:
-        resources = self.resources
-        if resources is None:
-            nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-            gpus = min(node.get("GPU", 0) for node in nodes)
-            resources = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": min(n["CPU"] for n in nodes)}
-        # a training that failed (its worker killed, its process crashed) is run again: it resumes from its checkpoint
-        return {**resources, "max_retries": RETRIES, "retry_exceptions": [TaskFailed]}
+    def _resources(self, ray) -> dict:
+        """Each task's resources: the study file's, or a whole node's CPUs (one GPU where every node has one)."""
+        if self.resources is not None:
+            return self.resources
+        nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+        gpus = min(node.get("GPU", 0) for node in nodes)
+        return {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": min(n["CPU"] for n in nodes)}
 
-    def _wait(self, ray, refs: dict, progress: tqdm) -> None:
+    @staticmethod
+    def _slots(ray, resources: dict) -> int:
+        """About how many tasks of `resources` the cluster runs at once (its resources summed over its nodes)."""
+        cluster = ray.cluster_resources()
+        kinds = (("CPU", "num_cpus"), ("GPU", "num_gpus"))
+        fits = [cluster.get(key, 0) // resources[name] for key, name in kinds if resources.get(name)]
+        return max(1, int(min(fits, default=1)))
+
+    def _wait(self, ray, refs: dict, progress: StudyProgress) -> None:
         """Wait for every task of `refs` (ObjectRef -> its task); the first that fails after its retries fails the
         study, in one line naming the run and its log."""
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
+            task = refs[done[0]]
             try:
                 ray.get(done[0])
             except ray.exceptions.RayTaskError as err:
-                task = refs[done[0]]
-                why = err.cause if isinstance(err.cause, FlatError) else type(err.cause).__name__
-                log = f"; see {self.directory.log(task.run)}" if task.run is not None else ""
-                message = f"study: {describe(task)} failed after {RETRIES} retries ({why}){log}"
-                raise FlatError(message, "study") from None
-            except ray.exceptions.RayError as err:
-                raise FlatError(f"study: {describe(refs[done[0]])} failed: {err}", "study") from None
-            progress.update(1)
+                if isinstance(err.cause, TaskFailed):  # retried RETRIES times; its log says why
+                    log = self.directory.log(task.run)
+                    raise FlatError(
+                        f"study: {describe(task)} failed after {RETRIES} retries; see {log}", "study"
+                    ) from None
+                why = err.cause if isinstance(err.cause, FlatError) else f"{type(err.cause).__name__}: {err.cause}"
+                raise FlatError(f"study: {describe(task)} failed: {why}", "study") from None
+            except ray.exceptions.RayError as err:  # its worker died on every try
+                raise FlatError(f"study: {describe(task)} failed after {RETRIES} retries: {err}", "study") from None
+            progress.done(task)
 
     def _submit(self, execute, context: StudyContext, tasks: list[Task], trained: dict) -> dict:
         """Submit `tasks` in order; each evaluation waits for its training (`trained`: run name -> its training's
@@ -164,11 +192,13 @@ class RayStudyRunner:
         ray.init(address=self.address, log_to_driver=False, include_dashboard=False)
         try:
             context = self._context()
-            execute = ray.remote(_execute).options(**self._options(ray))
+            resources = self._resources(ray)
+            # a training that failed (its worker killed, its process crashed) runs again, from its checkpoint
+            execute = ray.remote(_execute).options(**resources, max_retries=RETRIES, retry_exceptions=[TaskFailed])
             plan, trained = self.plan, {}
             tuning = plan.tuning_tasks(1, 1)
-            grid, _ = plan.grid_tasks(1, 1, self.study.tuning.values[0] if self.study.tuning else None)
-            with tqdm(total=len(tuning) + len(grid), desc="Study (Ray)") as progress:
+            slots = self._slots(ray, resources)
+            with StudyProgress(plan, plan.tasks(1, 1), self.rates, slots, desc="Study (Ray)") as progress:
                 self._wait(ray, self._submit(execute, context, tuning, trained), progress)
                 tuned, _ = StudyResults(plan).tuning_table()
                 grid, _ = plan.grid_tasks(1, 1, tuned)

@@ -25,6 +25,7 @@ from diffusers_flat.metrics.fid import FID, feature_network
 from diffusers_flat.run_directory import RunDirectory
 from diffusers_flat.studies.config import Run
 from diffusers_flat.studies.plan import EMPIRICAL, TRAIN, EvaluationPlan, StudyPlan, Task
+from diffusers_flat.studies.progress import StudyProgress
 from diffusers_flat.studies.results import StudyResults
 from diffusers_flat.training.config import training_config
 
@@ -56,14 +57,16 @@ class StudyRunner:
     Args:
         plan: the study's plan (`StudyPlan`).
         train_script: the training script each training launches.
+        cpu_threads: torch threads of each training and evaluation on the CPU (a cluster task's share of its node;
+            a run's own `--num_cpu_threads` wins); None: each takes this machine's cores.
 
     Example:
         >>> plan = StudyPlan(Study.load("studies/digits.yaml"), StudyDirectory("out"))  # doctest: +SKIP
         >>> StudyRunner(plan, Path("train.py")).run(1, 3)  # doctest: +SKIP
     """
 
-    def __init__(self, plan: StudyPlan, train_script: Path):
-        self.plan, self.train_script = plan, train_script
+    def __init__(self, plan: StudyPlan, train_script: Path, cpu_threads: int | None = None):
+        self.plan, self.train_script, self.cpu_threads = plan, train_script, cpu_threads
         self.study, self.directory = plan.study, plan.directory
 
     def train(self, run: Run) -> None:
@@ -81,7 +84,8 @@ class StudyRunner:
         stop_stale_training(target)
         checkpoints = RunDirectory(target).checkpoints() if target.is_dir() else []
         again = ["--resume_from_checkpoint", "latest"] if checkpoints else ["--overwrite_output_dir"]
-        command = [sys.executable, "-m", "accelerate.commands.launch", str(self.train_script), *run.flags]
+        threads = ["--num_cpu_threads", str(self.cpu_threads)] if self.cpu_threads else []
+        command = [sys.executable, "-m", "accelerate.commands.launch", str(self.train_script), *threads, *run.flags]
         command += ["--output_dir", str(target), *again]
         tqdm.write(f"training {run.name}{' (resumed)' if checkpoints else ''}: log {log}")
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -106,7 +110,15 @@ class StudyRunner:
         if self.directory.made_with(target) == list(plan.flags):
             return
         cache = self.directory.fid_cache
-        evaluate_runs([self.directory.run(run)], variant, plan.settings, target, cache_dir=cache, **plan.options)
+        evaluate_runs(
+            [self.directory.run(run)],
+            variant,
+            plan.settings,
+            target,
+            cache_dir=cache,
+            cpu_threads=self.cpu_threads,
+            **plan.options,
+        )
         write_model_card(self.directory.run(run))  # the card shows the run's latest evaluation
         self.directory.finish(target, plan.flags)
 
@@ -157,26 +169,25 @@ class StudyRunner:
         else:
             self.evaluate(task.run, task.variant, task.plan, task.against_teacher)
 
-    def run(self, index: int = 1, count: int = 1) -> None:
+    def run(self, index: int = 1, count: int = 1, rates: dict | None = None) -> None:
         """Do what shard `index` of `count` holds, skipping what is finished: the tuning's tasks first, then the grid's
-        with the tuned value. Raises a FlatError naming `shard` when some of its work waits for another shard (run it
-        again when that one has finished)."""
+        with the tuned value; `rates` (`read_rates`): the bar shows the hours left. Raises a FlatError naming `shard`
+        when some of its work waits for another shard (run it again when that one has finished)."""
         plan, study = self.plan, self.study
         tuning = plan.tuning_tasks(index, count)
-        grid, _ = plan.grid_tasks(index, count, study.tuning.values[0] if study.tuning else None)  # counted only
         egen_waiting = None
-        with tqdm(total=len(tuning) + len(grid), desc="Study") as progress:
+        with StudyProgress(plan, plan.tasks(index, count), rates) as progress:
             for task in tuning:
                 self.execute(task)
-                progress.update(1)
+                progress.done(task)
             tuned, _ = StudyResults(plan).tuning_table()
             grid, waiting = plan.grid_tasks(index, count, tuned)
             for task in grid:
                 if task.against_teacher and (egen_waiting := self.teacher_missing()) is not None:
-                    progress.update(1)  # E_gen waits for the teacher another shard trains
+                    progress.done(task)  # E_gen waits for the teacher another shard trains
                     continue
                 self.execute(task)
-                progress.update(1)
+                progress.done(task)
         if waiting:
             raise FlatError(
                 f"shard {index}/{count}: the {study.tuning.method} runs take the tuned {study.tuning.flag}, and the "
