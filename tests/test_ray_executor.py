@@ -1,6 +1,7 @@
 """The Ray executor on a real local Ray cluster of this machine: a micro study run by Ray writes what the local
-executor writes; a training whose Ray worker is killed mid-run is retried and resumes exactly; a failing run fails
-the study in one line naming it and its log; a node that does not see the study directory refuses to run."""
+executor writes; a training whose Ray worker is killed mid-run is retried and resumes exactly; a failing run is
+retried, then fails the study in one line naming it and its log; a node that does not see the study directory
+refuses to run."""
 
 import json
 import os
@@ -18,7 +19,10 @@ from helpers import write_study
 from safetensors.torch import load_file
 
 from diffusers_flat.errors import FlatError
-from diffusers_flat.studies.ray_executor import TOKEN, StudyContext
+from diffusers_flat.studies.config import Study
+from diffusers_flat.studies.directory import StudyDirectory
+from diffusers_flat.studies.plan import StudyPlan
+from diffusers_flat.studies.ray_executor import RETRIES, TOKEN, RayStudyRunner, StudyContext
 
 pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
@@ -42,29 +46,23 @@ def evaluations(out) -> dict:
 
 
 def test_a_micro_study_on_ray_writes_what_the_local_executor_writes(tmp_path, capsys):
-    path = study_file(tmp_path)
+    path = study_file(tmp_path, seeds=[1])
     run_study.main(run_study.parse_args(["--study", str(path), "--output_dir", str(tmp_path / "local")]))
-    rates = {"study": "study.yaml", "device": "cpu", "plain_steps_per_s": 1.0, "sam_steps_per_s": 1.0}
-    (tmp_path / "rates.json").write_text(
-        json.dumps(rates | {"unet_image_forwards_per_s": 1.0, "inception_images_per_s": 1.0})
-    )
+    rates = {"study": "study.yaml", "device": "cpu", "plain_steps_per_s": 0.05, "sam_steps_per_s": 0.05}
+    rates |= {"unet_image_forwards_per_s": 0.05, "inception_images_per_s": 0.05}
+    (tmp_path / "rates.json").write_text(json.dumps(rates))
     argv = ["--study", str(path), "--output_dir", str(tmp_path / "ray"), "--executor", "ray"]
     run_study.main(run_study.parse_args([*argv, "--rates", str(tmp_path / "rates.json")]))
-    # one bar for the study: 4 trainings of 3 steps and 8 evaluations of 8 x (1 + 2) loss terms and 2 x 4 x 2 exposure
-    # forwards = 12 + 8 x 40 = 332 s at one a second, shared by one task at a time (each takes the node's 2 CPUs)
+    # one bar for the study: 2 trainings of 3 steps and 4 evaluations of 8 x (1 + 2) loss terms and 2 x 4 x 2 exposure
+    # forwards: 6 + 4 x 40 = 166 at 0.05 a second = 0.92 h, one task at a time (each takes the node's 2 CPUs)
     bar = capsys.readouterr().err
-    assert (
-        "Study (Ray):   0%|          | 0/12" in bar and "0.1 h left" in bar and "12/12" in bar and "0.0 h left" in bar
-    )
-    for seed in (1, 2):  # each training's torch threads: its task's CPUs
-        assert (
-            json.loads((tmp_path / "ray" / "runs" / f"adm-seed{seed}" / "training_args.json").read_text())[
-                "num_cpu_threads"
-            ]
-            == 2
-        )
+    assert "Study (Ray):   0%|          | 0/6" in bar and "0.9 h left" in bar
+    assert "6/6" in bar and "0.0 h left" in bar
+    for run in ("adm-seed1", "sam-seed1"):  # each training's torch threads: its task's CPUs
+        trained_with = json.loads((tmp_path / "ray" / "runs" / run / "training_args.json").read_text())
+        assert trained_with["num_cpu_threads"] == 2
     local, ray = evaluations(tmp_path / "local"), evaluations(tmp_path / "ray")
-    assert len(local) == 8 and local == ray  # 2 methods x 2 seeds x 2 pipelines, identical
+    assert len(local) == 4 and local == ray  # 2 methods x 2 pipelines, identical
     assert sorted(p.name for p in (tmp_path / "ray" / "done").iterdir()) == sorted(
         p.name for p in (tmp_path / "local" / "done").iterdir()
     )
@@ -103,11 +101,16 @@ def test_a_training_whose_worker_is_killed_is_retried_and_resumes_exactly(tmp_pa
     assert killed.keys() == whole.keys() and all(torch.equal(killed[k], whole[k]) for k in whole)
 
 
-def test_a_failing_run_fails_the_study_in_one_line_naming_its_log(tmp_path):
-    path = study_file(tmp_path, seeds=[1], methods={"ADM": ["--dataset_name", str(tmp_path / "no-such-folder")]})
-    with pytest.raises(FlatError, match=r"study: train adm-seed1 failed after 2 retries; see .*adm-seed1\.log"):
-        argv = ["--study", str(path), "--output_dir", str(tmp_path / "ray"), "--executor", "ray"]
-        run_study.main(run_study.parse_args(argv))
+def test_a_failing_run_is_retried_then_fails_the_study_in_one_line_naming_its_log(tmp_path):
+    path = study_file(tmp_path, seeds=[1], methods={"ADM": []})
+    failing = tmp_path / "failing_train.py"  # a training script that fails at once, every time
+    failing.write_text("import sys\nprint('this training fails')\nsys.exit(3)\n")
+    plan = StudyPlan(Study.load(path), StudyDirectory(tmp_path / "ray"))
+    with pytest.raises(FlatError, match=r"^study: train adm-seed1 failed after 2 retries; see .*adm-seed1\.log$"):
+        RayStudyRunner(plan, failing).run()
+    log = (tmp_path / "ray" / "logs" / "adm-seed1.log").read_text()
+    assert log.count("this training fails") == 1 + RETRIES  # Ray ran it again, twice
+    assert not (tmp_path / "ray" / "done").exists()
 
 
 def test_a_task_that_does_not_see_the_study_directory_refuses(tmp_path):

@@ -112,13 +112,8 @@ class RayStudyRunner:
         resources: dict | None = None,
         rates: dict | None = None,
     ):
-        self.plan, self.train_script, self.address, self.resources, self.rates = (
-            plan,
-            train_script,
-            address,
-            resources,
-            rates,
-        )
+        self.plan, self.train_script, self.address = plan, train_script, address
+        self.resources, self.rates = resources, rates
         self.study, self.directory = plan.study, plan.directory
 
     def _context(self) -> StudyContext:
