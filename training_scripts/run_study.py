@@ -6,11 +6,13 @@ Each training is an `accelerate launch` subprocess of train_flat_ddpm.py (your a
 to `<output_dir>/logs/<run>.log`; each of its pipelines (raw, EMA, SWA) is then evaluated with the study file's
 evaluation settings, all with the same real images, (x0, t, eps) triples and sampling noise. Re-running the command
 skips what is finished and resumes an interrupted training from its latest checkpoint; `--shard I/N` does every
-N-th run (the shards 1..N partition the grid); `--report_only` reports what is finished; `--dry_run` lists the runs
-and evaluations without doing any; `--from_report REPORT_JSON` writes a finished study's report again into
---output_dir from its report.json alone (after a change of the analysis, without the runs). `--export DIR` then
-copies what the report reads (done records, evaluation JSON, training curves, the picture) into DIR and writes the
-report there: DIR is what you commit (a few MB, no weights), and `--report_only --output_dir DIR` regenerates it.
+N-th run (the shards 1..N partition the grid); `--executor ray` runs every task on a Ray cluster instead;
+`--report_only` reports what is finished; `--dry_run` lists the runs and evaluations without doing any; `--rates`
+(what benchmarks/study_cost.py measured) projects a dry run's hours and shows a run's hours left; `--from_report
+REPORT_JSON` writes a finished study's report again into --output_dir from its report.json alone (after a change of
+the analysis, without the runs). `--export DIR` then copies what the report reads (done records, evaluation JSON,
+training curves, the picture) into DIR and writes the report there: DIR is what you commit (a few MB, no weights),
+and `--report_only --output_dir DIR` regenerates it.
 
 A study with `tuning` first trains the tuned method at each candidate value on
 the tuning seed, evaluates the pipeline the selection reads, and gives the grid's runs of that method the value with
