@@ -379,12 +379,17 @@ def test_script_help_lists_diffusers_flags(capsys):
 
 def test_asam_eta_zero_is_honoured_not_replaced_by_the_default(tmp_path, micro_unet_config):
     # ASAM's T_w = |w| + eta: eta 0 leaves zero-initialised weights unperturbed, the default 0.01 does not, so one
-    # step of each ends in other weights; an explicit 0.01 is the default itself.
+    # step of each ends in other weights; an explicit 0.01 is the default itself. The script's own main, in this
+    # process (the flag's path from the command line to SAM; the launch itself is tested elsewhere).
     weights = {}
     for eta in ("0", "0.01", None):
         out = tmp_path / f"eta-{eta}"
         flags = ["--max_train_steps", "1", "--sam_rho", "0.5", "--sam_adaptive"]
-        run_training(*micro_args(out, micro_unet_config, *flags, *(["--asam_eta", eta] if eta else [])))
+        train_flat_ddpm.main(
+            train_flat_ddpm.parse_args(
+                micro_args(out, micro_unet_config, *flags, *(["--asam_eta", eta] if eta else []))
+            )
+        )
         weights[eta] = unet_weights(out)
     differs = lambda a, b: any(not torch.equal(weights[a][k], weights[b][k]) for k in weights[a])  # noqa: E731
     assert differs("0", None) and not differs("0.01", None)
