@@ -23,6 +23,22 @@ sys.path.insert(0, str(REPO / "training_scripts"))
 os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", GRADIO_ANALYTICS_ENABLED="False")
 
 
+def pin_xdist_worker() -> None:
+    """Under pytest-xdist (`-n`, in the pytest configuration), pin worker gwK to core K (mod the cores) with one torch
+    thread: the processes it starts inherit the pin, and every script takes its share of the cores from it
+    (`share_cpu_threads`), so two workers never spin threads on one another's core (which slows both many times over).
+    Most of the suite is single-threaded (interpreters starting, imports): two workers run it about twice as fast."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw") or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[int(worker[2:]) % len(cores)]})
+    torch.set_num_threads(1)
+
+
+pin_xdist_worker()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_caches(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
@@ -147,6 +163,14 @@ def run_training(*args: str, two_processes: bool = False, check: bool = True) ->
     return result
 
 
+def train_here(*args: str) -> None:
+    """The training script's own main, in this process: what a launch runs, less the seconds a fresh interpreter takes
+    to import torch and diffusers (the launch itself is tested by the runs in fresh processes)."""
+    import train_flat_ddpm
+
+    train_flat_ddpm.main(train_flat_ddpm.parse_args(list(args)))
+
+
 def micro_args(output_dir: Path, config: Path, *extra: str) -> list[str]:
     """Flags for a seconds-long run of the micro UNet on the embedded digits at 8x8."""
     return [
@@ -201,13 +225,13 @@ GRID_STEPS = {"ADM": 4, "+IP": 4, "+SAM": 6, "plain": 2}
 
 @pytest.fixture(scope="session")
 def grid_runs(tmp_path_factory, micro_unet_config) -> dict[str, Path]:
-    """The grid's micro runs (GRID), each trained once per session in a fresh process: tests read them, never
-    write into them."""
+    """The grid's micro runs (GRID), each trained once per session (in this process): tests read them, never write
+    into them."""
     root = tmp_path_factory.mktemp("grid")
     runs = {}
     for name, flags in GRID.items():
         runs[name] = root / name.lstrip("+").lower()  # adm, ip, sam, plain
-        run_training(*micro_args(runs[name], micro_unet_config, "--max_train_steps", str(GRID_STEPS[name]), *flags))
+        train_here(*micro_args(runs[name], micro_unet_config, "--max_train_steps", str(GRID_STEPS[name]), *flags))
     return runs
 
 

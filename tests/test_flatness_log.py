@@ -8,7 +8,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import micro_args, run_training
+import train_flat_ddpm
+from conftest import micro_args, run_cli, run_training, train_here
 from diffusers import DDPMScheduler, UNet2DModel
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -22,7 +23,7 @@ FLAGS = "--max_train_steps 4 --checkpointing_steps 2 --flatness_every 2 --flatne
 
 def test_the_logged_lpf_is_that_of_the_saved_model_and_resumes_exactly(tmp_path, micro_unet_config):
     straight = tmp_path / "straight"
-    run_training(*micro_args(straight, micro_unet_config, *FLAGS.split(), "--sam_rho", "0.05"))
+    train_here(*micro_args(straight, micro_unet_config, *FLAGS.split(), "--sam_rho", "0.05"))
     series = json.loads((straight / "flatness.json").read_text())
     assert [entry["step"] for entry in series] == [2, 4] and all("sam_sharpness" in entry for entry in series)
 
@@ -47,11 +48,13 @@ def test_the_logged_lpf_is_that_of_the_saved_model_and_resumes_exactly(tmp_path,
     shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
     (resumed / "flatness.json").write_text(json.dumps(series[:1] + [{"step": 4, "lpf": -1.0}]))  # a stale entry
     args = micro_args(resumed, micro_unet_config, *FLAGS.split(), "--sam_rho", "0.05", "--resume_from_checkpoint")
-    run_training(*args, "latest")
+    run_training(*args, "latest")  # in a fresh process
     assert json.loads((resumed / "flatness.json").read_text()) == series
 
 
-def test_bad_flatness_flags_are_one_line(tmp_path, micro_unet_config):
-    result = run_training(*micro_args(tmp_path / "out", micro_unet_config, "--flatness_every", "-1"), check=False)
-    assert result.returncode != 0 and "--flatness_every must be >= 0 (0: off), got -1" in result.stderr
+def test_bad_flatness_flags_are_one_line(tmp_path, micro_unet_config, capsys):
+    argv = micro_args(tmp_path / "out", micro_unet_config, "--flatness_every", "-1")
+    status, err = run_cli(train_flat_ddpm, argv, capsys)
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert status != 0 and len(errors) == 1 and "--flatness_every must be >= 0 (0: off), got -1" in errors[0]
     assert not (tmp_path / "out").exists()

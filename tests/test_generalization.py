@@ -209,14 +209,15 @@ def test_a_sweep_of_one_seed_per_row_states_it_tests_no_claim(tmp_path):
 
 @pytest.mark.slow
 def test_a_micro_generalization_study_end_to_end(tmp_path, pooled_inception):
-    path = write_generalization_study(tmp_path / "study.yaml")
+    # one subset size (6 trainings, not 10): several sizes are covered by the plan's and the report's tests above
+    path = write_generalization_study(tmp_path / "study.yaml", subsets=[16])
     out = tmp_path / "out"
     run_study.main(run_study.parse_args(["--study", str(path), "--output_dir", str(out)]))
     data = json.loads((out / "report.json").read_text())
     students = data["students"]
-    assert set(students) == {"ADM", "+SAM"} and all(set(s) == {"16", "64"} for s in students.values())
+    assert set(students) == {"ADM", "+SAM"} and all(set(s) == {"16"} for s in students.values())
     for method, row in (("adm", "ADM"), ("sam", "+SAM")):
-        for size in (16, 64):
+        for size in (16,):
             for seed in (1, 2):
                 record = json.loads((out / "runs" / f"{method}-n{size}-seed{seed}" / "training_args.json").read_text())
                 assert record["train_subset"] == record["dataset_size"] == size
@@ -231,8 +232,8 @@ def test_a_micro_generalization_study_end_to_end(tmp_path, pooled_inception):
     teacher_record = json.loads((out / "runs" / "adm-teacher-seed0" / "training_args.json").read_text())
     assert teacher_record["dataset_size"] == 1797 and teacher_record["max_train_steps"] == 4
 
-    # the claims: E_gen of +SAM minus ADM, paired by seed, read back from the evaluations by hand
-    for size in ("16", "64"):
+    # the claim: E_gen of +SAM minus ADM, paired by seed, read back from the evaluations by hand
+    for size in ("16",):
         claim = next(c for c in data["claims"] if "lower E_gen" in c["claim"] and str(c["training_images"]) == size)
         differences = [
             students["+SAM"][size][s]["pfd_teacher"]["pfd"] - students["ADM"][size][s]["pfd_teacher"]["pfd"]
@@ -262,7 +263,7 @@ def test_a_micro_generalization_study_end_to_end(tmp_path, pooled_inception):
     # run again: everything is found finished, nothing is trained or evaluated again
     finished = {p: p.stat().st_mtime_ns for p in (out / "eval").glob("*/eval_results.json")}
     run_study.main(run_study.parse_args(["--study", str(path), "--output_dir", str(out)]))
-    assert {p: p.stat().st_mtime_ns for p in finished} == finished and len(finished) == 2 * 8 + 2 + 3 + 1
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished and len(finished) == 2 * 4 + 2 + 3 + 1
 
 
 @pytest.mark.parametrize(

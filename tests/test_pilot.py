@@ -7,7 +7,7 @@ import pytest
 import run_pilot
 import torch
 import yaml
-from conftest import REPO, micro_args, run_cli, run_training
+from conftest import REPO, micro_args, run_cli, train_here
 from safetensors.torch import load_file
 
 from diffusers_flat.studies.pilot import Pilot
@@ -108,7 +108,7 @@ def test_a_micro_pilot_is_one_run_stopped_at_each_length(tmp_path, micro_unet_co
         assert record["stages"][stage]["kid"] == evaluated["kid"]["2"]["mean"]
     # one run: the stages' end equals four steps trained at once, EMA weights included
     straight = tmp_path / "straight"
-    run_training(
+    train_here(
         *micro_args(straight, micro_unet_config, "--use_ema", *constant, "--seed", "1", "--max_train_steps", "4")
     )
     for sub in ("unet", "ema/unet"):

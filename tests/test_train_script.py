@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import train_flat_ddpm
-from conftest import GRID, GRID_STEPS, micro_args, run_cli, run_command, run_training
+from conftest import GRID, GRID_STEPS, micro_args, run_cli, run_command, run_training, train_here
 from safetensors.torch import load_file
 
 LOAD_IN_PLAIN_DIFFUSERS = """
@@ -133,7 +133,7 @@ def assert_resume_is_exact(tmp_path: Path, config: Path, flags: list[str], pipel
     """A 4-step run with a checkpoint at step 2, and a second one resumed from that checkpoint alone in a fresh
     process, end with the same weights bit for bit in each of `pipelines` ("" the model, "ema", "swa")."""
     straight = tmp_path / "straight"
-    run_training(*micro_args(straight, config, *flags))
+    train_here(*micro_args(straight, config, *flags))
     # A second run that stops after step 2: only checkpoint-2 survives; it is resumed in a fresh process.
     resumed = tmp_path / "resumed"
     resumed.mkdir()
@@ -168,7 +168,7 @@ def test_gradient_accumulation_matches_the_large_batch(tmp_path, micro_unet_conf
     # A large Adam epsilon keeps Adam from blowing float rounding in near-zero gradients up to a full step.
     common = ["--max_train_steps", "3", "--sam_rho", "0.1", "--max_grad_norm", "0", "--adam_epsilon", "1e-3"]
     big, small = tmp_path / "big", tmp_path / "accumulated"
-    run_training(*micro_args(big, micro_unet_config, *common), "--train_batch_size", "12")
+    train_here(*micro_args(big, micro_unet_config, *common), "--train_batch_size", "12")
     run_training(
         *micro_args(small, micro_unet_config, *common), "--train_batch_size", "4", "--gradient_accumulation_steps", "3"
     )
@@ -379,17 +379,13 @@ def test_script_help_lists_diffusers_flags(capsys):
 
 def test_asam_eta_zero_is_honoured_not_replaced_by_the_default(tmp_path, micro_unet_config):
     # ASAM's T_w = |w| + eta: eta 0 leaves zero-initialised weights unperturbed, the default 0.01 does not, so one
-    # step of each ends in other weights; an explicit 0.01 is the default itself. The script's own main, in this
-    # process (the flag's path from the command line to SAM; the launch itself is tested elsewhere).
+    # step of each ends in other weights; an explicit 0.01 is the default itself. Trained in this process: the flag's
+    # path from the command line to SAM.
     weights = {}
     for eta in ("0", "0.01", None):
         out = tmp_path / f"eta-{eta}"
         flags = ["--max_train_steps", "1", "--sam_rho", "0.5", "--sam_adaptive"]
-        train_flat_ddpm.main(
-            train_flat_ddpm.parse_args(
-                micro_args(out, micro_unet_config, *flags, *(["--asam_eta", eta] if eta else []))
-            )
-        )
+        train_here(*micro_args(out, micro_unet_config, *flags, *(["--asam_eta", eta] if eta else [])))
         weights[eta] = unet_weights(out)
     differs = lambda a, b: any(not torch.equal(weights[a][k], weights[b][k]) for k in weights[a])  # noqa: E731
     assert differs("0", None) and not differs("0.01", None)

@@ -23,6 +23,7 @@ from diffusers_flat.studies.plan import EMPIRICAL, TRAIN, StudyPlan, Task
 from diffusers_flat.studies.progress import StudyProgress
 from diffusers_flat.studies.results import StudyResults
 from diffusers_flat.studies.runner import StudyRunner, TaskFailed
+from diffusers_flat.utils.processes import usable_cores
 
 RETRIES = 2  # a task Ray runs again after its worker died or its training failed, before the study fails
 TOKEN = ".ray-token"  # the driver's mark in the study directory: what a task reads to know it sees the same folder
@@ -184,7 +185,10 @@ class RayStudyRunner:
     def run(self) -> None:
         """Run every task of the study on the cluster, skipping what is finished (each task checks for itself)."""
         ray = _ray()
-        ray.init(address=self.address, log_to_driver=False, include_dashboard=False)
+        # a cluster started here gets the cores this process may use (Ray counts the machine's, ignoring a pin)
+        starts_one = self.address is None and "RAY_ADDRESS" not in os.environ
+        here = {"num_cpus": usable_cores()} if starts_one else {}
+        ray.init(address=self.address, log_to_driver=False, include_dashboard=False, **here)
         try:
             context = self._context()
             resources = self._resources(ray)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from diffusers_flat.errors import FlatError
+from diffusers_flat.utils.processes import usable_cores
 
 
 class UsageError(FlatError):
@@ -93,8 +94,7 @@ def parse_flags(parser: argparse.ArgumentParser, flags: list[str] | tuple[str, .
 def share_cpu_threads(num_processes: int, threads: int | None = None) -> None:
     """Give this process `threads` torch threads, by default its share of the cores: processes that each spin all the
     cores slow one another down many times over (`accelerate launch` would otherwise leave one)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(threads or max(1, cores // num_processes))
+    torch.set_num_threads(threads or max(1, usable_cores() // num_processes))
 
 
 def flag_message(err: FlatError, flags: dict[str, str] | None = None) -> str:

@@ -1,4 +1,4 @@
-"""How a process of a multi-process run ends."""
+"""Processes: the cores one may run on, and how a process of a multi-process run ends."""
 
 from __future__ import annotations
 
@@ -7,6 +7,12 @@ import os
 import sys
 
 from accelerate import Accelerator, PartialState
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on: its affinity (`taskset`, a cpuset, a pinned test worker) where the
+    system has one, else the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def leave_without_teardown(accelerator: Accelerator | PartialState) -> None:
