@@ -280,3 +280,20 @@ def test_a_micro_study_on_fashion_mnist_runs_end_to_end(tmp_path, monkeypatch):
     (kept / "figure.json").unlink()
     run_study.main(run_study.parse_args(["--study", str(path), "--output_dir", str(kept), "--report_only"]))
     assert json.loads((kept / "report.json").read_text())["figure"] == data["figure"]
+
+
+def test_a_report_with_fewer_seeds_than_the_study_fixes_says_it_is_interim(tmp_path):
+    results = comparison_results()  # six seeds in every row
+    settings = {
+        "study": "s.yaml",
+        "evaluation": [],
+        "comparisons": [("ADM", "+SAM-rho0.01"), ("ADM", "+SAM-rho0.001")],
+    }
+    complete = write_report(results, settings | {"seeds": [1, 2, 3, 4, 5, 6]}, tmp_path / "complete")
+    assert "Interim" not in complete
+    del results["+SAM-rho0.001"][6], results["+SAM-rho0.001"][5], results["ADM"][6]  # two rows short of 8 seeds
+    interim = write_report(results, settings | {"seeds": list(range(1, 9))}, tmp_path / "interim")
+    first = interim.split("\n\n")[1]
+    assert first.startswith("Seeds per row: ADM 5, +SAM-rho0.01 6, +SAM-rho0.001 4.")
+    assert "**Interim: the study fixes 8 seeds per row and 3 of its 3 rows have fewer;" in first
+    assert "decide nothing" in first

@@ -518,6 +518,18 @@ def _training_section(loss_curves: dict[str, tuple[list[int], list[float]]]) -> 
     ]
 
 
+def _interim(results: Results, seeds: list[int] | None) -> str:
+    """The warning a report carries while rows have fewer seeds than the study fixes (`seeds`: the study's)."""
+    short = {row: len(done) for row, done in results.items() if seeds and len(done) < len(seeds)}
+    if not short:
+        return ""
+    return (
+        f" **Interim: the study fixes {len(seeds)} seeds per row and {len(short)} of its {len(results)} rows have "
+        "fewer; the verdicts below are computed on the seeds finished so far and decide nothing: the study is read "
+        "once, when every run has finished.**"
+    )
+
+
 def write_report(
     results: Results,
     settings: dict,
@@ -569,7 +581,8 @@ def write_report(
             if any_result.fid_num_generated is not None
             else ""
         )
-        + ".",
+        + "."
+        + _interim(results, settings.get("seeds")),
         family_summary(claims, bool(settings.get("primary"))),
         *_deployment_line(deployment),
         *(_tuning_section(settings["tuning"], tuning_rows or []) if "tuning" in settings else []),

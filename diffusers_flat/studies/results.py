@@ -112,6 +112,7 @@ class StudyResults:
         """What the report records of the study's settings."""
         study = self.study
         settings = {"study": str(study.path), "evaluation": list(study.evaluation), "variants": list(study.variants)}
+        settings["seeds"] = list(study.seeds)
         if study.tuning:
             t = study.tuning
             settings["tuning"] = {"method": t.method, "flag": t.flag, "values": list(t.values), "seed": t.seed}
