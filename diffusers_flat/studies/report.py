@@ -520,11 +520,11 @@ def _training_section(loss_curves: dict[str, tuple[list[int], list[float]]]) -> 
 
 def _interim(results: Results, seeds: list[int] | None) -> str:
     """The warning a report carries while rows have fewer seeds than the study fixes (`seeds`: the study's)."""
-    short = {row: len(done) for row, done in results.items() if seeds and len(done) < len(seeds)}
+    short = sum(len(done) < len(seeds) for done in results.values()) if seeds else 0
     if not short:
         return ""
     return (
-        f" **Interim: the study fixes {len(seeds)} seeds per row and {len(short)} of its {len(results)} rows have "
+        f" **Interim: the study fixes {len(seeds)} seeds per row and {short} of its {len(results)} rows have "
         "fewer; the verdicts below are computed on the seeds finished so far and decide nothing: the study is read "
         "once, when every run has finished.**"
     )
