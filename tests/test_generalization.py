@@ -210,36 +210,35 @@ def test_a_sweep_of_one_seed_per_row_states_it_tests_no_claim(tmp_path):
 @pytest.mark.slow
 def test_a_micro_generalization_study_end_to_end(tmp_path, pooled_inception):
     # one subset size (6 trainings, not 10): several sizes are covered by the plan's and the report's tests above
-    path = write_generalization_study(tmp_path / "study.yaml", subsets=[16])
+    size = 16
+    path = write_generalization_study(tmp_path / "study.yaml", subsets=[size])
     out = tmp_path / "out"
     run_study.main(run_study.parse_args(["--study", str(path), "--output_dir", str(out)]))
     data = json.loads((out / "report.json").read_text())
     students = data["students"]
-    assert set(students) == {"ADM", "+SAM"} and all(set(s) == {"16"} for s in students.values())
+    assert set(students) == {"ADM", "+SAM"} and all(set(s) == {str(size)} for s in students.values())
     for method, row in (("adm", "ADM"), ("sam", "+SAM")):
-        for size in (16,):
-            for seed in (1, 2):
-                record = json.loads((out / "runs" / f"{method}-n{size}-seed{seed}" / "training_args.json").read_text())
-                assert record["train_subset"] == record["dataset_size"] == size
-                result = students[row][str(size)][str(seed)]
-                # memorization is counted against the student's own subset; KID against 100 of all the digits
-                assert result["memorization"]["num_training"] == size and result["fid_num_real"] == 100
-                teacher_eval = out / "eval" / f"{method}-n{size}-seed{seed}-raw-teacher" / "eval_results.json"
-                against_teacher = next(iter(json.loads(teacher_eval.read_text()).values()))
-                assert result["pfd_teacher"] == against_teacher["pfd"]
-                assert against_teacher["pfd_reference"] == str(out / "runs" / "adm-teacher-seed0")
-                assert result["pfd_reference"] == "empirical" and result["pfd"]["pfd"] > 0
+        for seed in (1, 2):
+            record = json.loads((out / "runs" / f"{method}-n{size}-seed{seed}" / "training_args.json").read_text())
+            assert record["train_subset"] == record["dataset_size"] == size
+            result = students[row][str(size)][str(seed)]
+            # memorization is counted against the student's own subset; KID against 100 of all the digits
+            assert result["memorization"]["num_training"] == size and result["fid_num_real"] == 100
+            teacher_eval = out / "eval" / f"{method}-n{size}-seed{seed}-raw-teacher" / "eval_results.json"
+            against_teacher = next(iter(json.loads(teacher_eval.read_text()).values()))
+            assert result["pfd_teacher"] == against_teacher["pfd"]
+            assert against_teacher["pfd_reference"] == str(out / "runs" / "adm-teacher-seed0")
+            assert result["pfd_reference"] == "empirical" and result["pfd"]["pfd"] > 0
     teacher_record = json.loads((out / "runs" / "adm-teacher-seed0" / "training_args.json").read_text())
     assert teacher_record["dataset_size"] == 1797 and teacher_record["max_train_steps"] == 4
 
     # the claim: E_gen of +SAM minus ADM, paired by seed, read back from the evaluations by hand
-    for size in ("16",):
-        claim = next(c for c in data["claims"] if "lower E_gen" in c["claim"] and str(c["training_images"]) == size)
-        differences = [
-            students["+SAM"][size][s]["pfd_teacher"]["pfd"] - students["ADM"][size][s]["pfd_teacher"]["pfd"]
-            for s in ("1", "2")
-        ]
-        assert claim["interval"]["mean"] == pytest.approx(np.mean(differences)) and claim["interval"]["n"] == 2
+    claim = next(c for c in data["claims"] if "lower E_gen" in c["claim"] and str(c["training_images"]) == str(size))
+    differences = [
+        students["+SAM"][str(size)][s]["pfd_teacher"]["pfd"] - students["ADM"][str(size)][s]["pfd_teacher"]["pfd"]
+        for s in ("1", "2")
+    ]
+    assert claim["interval"]["mean"] == pytest.approx(np.mean(differences)) and claim["interval"]["n"] == 2
 
     # the noise-unconditional student: blind to t in plain diffusers, compared with the noise-unconditional
     # empirical denoiser of the same 16 images
