@@ -24,7 +24,8 @@ def _figure(figsize: tuple[float, float], rows: int = 1, cols: int = 1):
 
 
 def _save(fig, path: str | os.PathLike) -> None:
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
@@ -289,6 +290,7 @@ def plot_quantized_samples(
     quantized weights, the pixel displacement under the quantized panel. `panels`: label -> (fp32 grid, quantized
     grid, displacement); `sampling` says how they were drawn, e.g. "DDIM, 50 steps"."""
     fig, axes = _figure((6.4, 2.6 * len(panels) + 0.4), len(panels), 2)
+    fig.set_layout_engine("constrained")  # tight_layout lets a tall figure's suptitle run into its first titles
     for (label, (fp32, quantized, moved)), (fp32_ax, quantized_ax) in zip(panels.items(), axes):
         for ax, grid, title in ((fp32_ax, fp32, f"{label}, fp32"), (quantized_ax, quantized, f"{label}, {level}")):
             ax.imshow(grid, cmap="gray", vmin=0, vmax=255)
