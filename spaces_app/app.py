@@ -45,7 +45,8 @@ VERDICT = (
     "increase from fp32 to 4-bit per-channel weights was x0.59 of a plain model's [x0.27, x1.28], p = 0.15: "
     "inconclusive (the design would have seen x0.35). "
     "SAM-trained models' samples move less at 4 bits (x0.54, Holm p 0.10: not established after correcting for 15 "
-    "claims); they are flatter (LPF) and sample worse at fp32 (KID), both established. "
+    "claims); they are flatter (LPF, SAM and momentum SAM) and full SAM samples worse at fp32 (KID), both "
+    "established. "
     "The two models here are the Fashion-MNIST study's raw seed-1 pair: one look, not evidence."
 )
 
